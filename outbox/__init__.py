@@ -1,0 +1,136 @@
+"""outbox: write events into the transactional outbox, inside your own transaction.
+
+    import outbox
+
+    with Session(engine) as session, session.begin():
+        session.add(order)
+        outbox.add(session, "orders", {"id": order.id}, key=str(order.id))
+
+The event is committed if and only if your transaction commits. A separate relay
+(``outbox-relay run``) publishes it to Kafka.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from outbox.envelope import (
+    EVENT_ID_HEADER,
+    Envelope,
+    Event,
+    Headers,
+    Key,
+    Serializer,
+    json_serializer,
+)
+from outbox.errors import (
+    ConfigurationError,
+    InvalidEventError,
+    InvalidHeaderError,
+    InvalidIdentifierError,
+    InvalidKeyError,
+    InvalidTopicError,
+    OutboxError,
+    PayloadSerializationError,
+    PayloadTooLargeError,
+    SchemaError,
+    SchemaMismatchError,
+    SchemaMissingError,
+    SchemaOutdatedError,
+    TransactionRequiredError,
+    UnsupportedConnectionError,
+)
+from outbox.settings import SHARD_COUNT, OutboxSettings
+from outbox.writer import Outbox
+
+if TYPE_CHECKING:
+    from outbox.connections import AsyncDB, SyncDB
+
+__all__ = [
+    "EVENT_ID_HEADER",
+    "SHARD_COUNT",
+    "ConfigurationError",
+    "Envelope",
+    "Event",
+    "InvalidEventError",
+    "InvalidHeaderError",
+    "InvalidIdentifierError",
+    "InvalidKeyError",
+    "InvalidTopicError",
+    "Outbox",
+    "OutboxError",
+    "OutboxSettings",
+    "PayloadSerializationError",
+    "PayloadTooLargeError",
+    "SchemaError",
+    "SchemaMismatchError",
+    "SchemaMissingError",
+    "SchemaOutdatedError",
+    "TransactionRequiredError",
+    "UnsupportedConnectionError",
+    "add",
+    "add_async",
+    "add_many",
+    "add_many_async",
+    "configure",
+    "json_serializer",
+]
+
+_default = Outbox()
+
+
+def configure(
+    settings: OutboxSettings | None = None, *, serializer: Serializer = json_serializer
+) -> Outbox:
+    """Replace the settings and serializer used by the module-level functions; call at start-up."""
+    global _default
+    _default = Outbox(settings, serializer=serializer)
+    return _default
+
+
+def add(
+    db: SyncDB,
+    topic: str,
+    payload: Any,
+    *,
+    key: Key | None = None,
+    headers: Headers | None = None,
+    serializer: Serializer | None = None,
+) -> uuid.UUID:
+    """Write one event in ``db``'s current transaction and return its event id.
+
+    ``db`` is a SQLAlchemy ``Session`` or ``Connection``, or a psycopg ``Connection``. ``payload``
+    is sent as is when ``bytes``, as UTF-8 when ``str``, and JSON-encoded otherwise. Never commits.
+    """
+    return _default.add(db, topic, payload, key=key, headers=headers, serializer=serializer)
+
+
+def add_many(
+    db: SyncDB, events: Iterable[Event], *, serializer: Serializer | None = None
+) -> list[uuid.UUID]:
+    """Write many events in one round trip (per 5,000 events), in order; returns their ids."""
+    return _default.add_many(db, events, serializer=serializer)
+
+
+async def add_async(
+    db: AsyncDB,
+    topic: str,
+    payload: Any,
+    *,
+    key: Key | None = None,
+    headers: Headers | None = None,
+    serializer: Serializer | None = None,
+) -> uuid.UUID:
+    """Async :func:`add` for ``AsyncSession``, ``AsyncConnection`` and psycopg ``AsyncConnection``."""
+    return await _default.add_async(
+        db, topic, payload, key=key, headers=headers, serializer=serializer
+    )
+
+
+async def add_many_async(
+    db: AsyncDB, events: Iterable[Event], *, serializer: Serializer | None = None
+) -> list[uuid.UUID]:
+    """Async :func:`add_many`."""
+    return await _default.add_many_async(db, events, serializer=serializer)

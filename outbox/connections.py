@@ -1,0 +1,144 @@
+"""Run one statement on whatever connection the caller holds, inside the caller's transaction.
+
+The writer and the dedup helper accept a SQLAlchemy ``Session``/``Connection`` or a psycopg 3
+``Connection`` (and their async twins). This module is the only place that knows those types.
+It never commits, never opens a connection, and refuses a connection that is in autocommit mode
+with no transaction open, because a row written there would escape the caller's transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, LiteralString, TypeAlias, cast
+
+import psycopg
+import sqlalchemy.exc
+from psycopg.pq import TransactionStatus
+from sqlalchemy.engine import Connection as SAConnection
+from sqlalchemy.orm import Session, scoped_session
+
+from outbox.errors import (
+    SchemaMissingError,
+    TransactionRequiredError,
+    UnsupportedConnectionError,
+)
+
+if TYPE_CHECKING:
+    # SQLAlchemy's asyncio extension needs greenlet; it is imported only when an async call is
+    # made, so sync-only applications don't need it installed.
+    from sqlalchemy.ext.asyncio import AsyncConnection as SAAsyncConnection
+    from sqlalchemy.ext.asyncio import AsyncSession, async_scoped_session
+
+SyncDB: TypeAlias = "Session | scoped_session[Any] | SAConnection | psycopg.Connection[Any]"
+AsyncDB: TypeAlias = (
+    "AsyncSession | async_scoped_session[Any] | SAAsyncConnection | psycopg.AsyncConnection[Any]"
+)
+Params = Sequence[object]
+
+_SYNC_NAMES = "a SQLAlchemy Session or Connection, or a psycopg Connection"
+_ASYNC_NAMES = "a SQLAlchemy AsyncSession or AsyncConnection, or a psycopg AsyncConnection"
+
+
+def execute(db: SyncDB, sql: str, params: Params) -> None:
+    """Execute ``sql`` on ``db`` in its current transaction (starting one if it has none)."""
+    try:
+        if isinstance(db, psycopg.Connection):
+            require_transaction(db)
+            db.execute(cast(LiteralString, sql), params)
+            return
+        conn = _sa_connection(db)
+        require_transaction(_psycopg_of(conn.connection.driver_connection, conn))
+        conn.exec_driver_sql(sql, tuple(params))
+    except (psycopg.Error, sqlalchemy.exc.DBAPIError) as exc:
+        raise translate(exc) from exc
+
+
+async def execute_async(db: AsyncDB, sql: str, params: Params) -> None:
+    """The async twin of :func:`execute`."""
+    try:
+        if isinstance(db, psycopg.AsyncConnection):
+            require_transaction(db)
+            await db.execute(cast(LiteralString, sql), params)
+            return
+        conn = await _sa_async_connection(db)
+        raw = await conn.get_raw_connection()
+        require_transaction(_psycopg_of(raw.driver_connection, conn))
+        await conn.exec_driver_sql(sql, tuple(params))
+    except (psycopg.Error, sqlalchemy.exc.DBAPIError) as exc:
+        raise translate(exc) from exc
+
+
+def require_transaction(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> None:
+    """Refuse a connection whose next statement would commit on its own."""
+    if conn.autocommit and conn.info.transaction_status == TransactionStatus.IDLE:
+        raise TransactionRequiredError(
+            "the connection is in autocommit mode and no transaction is open, so the event would "
+            "be committed on its own, apart from your business change; open a transaction first "
+            "(psycopg: `with conn.transaction():`, SQLAlchemy: `with conn.begin():` without "
+            "isolation_level='AUTOCOMMIT')"
+        )
+
+
+def _sa_connection(db: object) -> SAConnection:
+    if isinstance(db, scoped_session):
+        db = db()
+    if isinstance(db, Session):
+        return db.connection()
+    if isinstance(db, SAConnection):
+        return db
+    raise _unsupported(db, expected=_SYNC_NAMES, other=_ASYNC_NAMES, other_call="add_async")
+
+
+async def _sa_async_connection(db: object) -> SAAsyncConnection:
+    from sqlalchemy.ext.asyncio import AsyncConnection as SAAsyncConnection
+    from sqlalchemy.ext.asyncio import AsyncSession, async_scoped_session
+
+    if isinstance(db, async_scoped_session):
+        db = db()
+    if isinstance(db, AsyncSession):
+        return await db.connection()
+    if isinstance(db, SAAsyncConnection):
+        return db
+    raise _unsupported(db, expected=_ASYNC_NAMES, other=_SYNC_NAMES, other_call="add")
+
+
+def _unsupported(db: object, *, expected: str, other: str, other_call: str) -> Exception:
+    kind = type(db).__name__
+    if _is_async(db) == (other_call == "add_async"):
+        return UnsupportedConnectionError(
+            f"{kind} is {other}: use the {other_call}() variant of this call"
+        )
+    return UnsupportedConnectionError(f"db must be {expected}, got {kind}")
+
+
+def _is_async(db: object) -> bool | None:
+    """True for an async connection type, False for a sync one, None for anything else."""
+    if isinstance(db, psycopg.AsyncConnection) or type(db).__module__.startswith(
+        "sqlalchemy.ext.asyncio"
+    ):
+        return True
+    if isinstance(db, psycopg.Connection | Session | SAConnection | scoped_session):
+        return False
+    return None
+
+
+def _psycopg_of(
+    driver_connection: object, conn: SAConnection | SAAsyncConnection
+) -> psycopg.Connection[Any] | psycopg.AsyncConnection[Any]:
+    if isinstance(driver_connection, psycopg.Connection | psycopg.AsyncConnection):
+        return driver_connection
+    raise UnsupportedConnectionError(
+        f"outbox needs the psycopg 3 driver; this engine uses {conn.dialect.driver!r}: "
+        "use a URL starting with postgresql+psycopg://"
+    )
+
+
+def translate(exc: psycopg.Error | sqlalchemy.exc.DBAPIError) -> Exception:
+    """Turn driver errors that have a known cause into the library's own errors."""
+    orig = exc.orig if isinstance(exc, sqlalchemy.exc.DBAPIError) else exc
+    if isinstance(orig, psycopg.errors.UndefinedTable):
+        return SchemaMissingError(
+            f"{orig.diag.message_primary}: the outbox schema is not installed in this database "
+            "(run `outbox-relay schema apply`); the current transaction is aborted"
+        )
+    return exc

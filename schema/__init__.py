@@ -1,0 +1,138 @@
+"""The outbox's SQL schema: numbered, append-only migrations shipped inside the package.
+
+Pure code: loading the migration files, rendering them for given settings, and producing the
+script that ``outbox-relay schema show`` prints. Applying them to a database is in
+:mod:`schema.migrator`.
+
+Migration files are named ``NNNN_slug.sql`` and numbered from 1 without gaps. They refer to
+database objects only through placeholders (``{{schema}}``, ``{{p:events}}``), which are replaced
+by identifiers validated and quoted by :class:`outbox.OutboxSettings`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+
+from outbox.settings import OutboxSettings, quote_identifier
+
+_FILE_NAME = re.compile(r"(\d{4})_([a-z0-9_]+)\.sql")
+_PLACEHOLDER = re.compile(r"\{\{(schema|p:[a-z0-9_]+)\}\}")
+_LOCK_CLASS = "outbox-relay schema"
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """One migration file: its number, its name and its SQL template."""
+
+    version: int
+    name: str
+    template: str = field(repr=False)
+
+    @property
+    def checksum(self) -> str:
+        """SHA-256 of the template; applied migrations must never change."""
+        return hashlib.sha256(self.template.encode("utf-8")).hexdigest()
+
+    @property
+    def label(self) -> str:
+        return f"{self.version:04d}_{self.name}"
+
+    def render(self, settings: OutboxSettings) -> str:
+        """The migration's SQL with every placeholder replaced by a quoted identifier."""
+        return render(self.template, settings)
+
+
+class MigrationFileError(Exception):
+    """The migration files shipped with the package are inconsistent (a packaging bug)."""
+
+
+def render(template: str, settings: OutboxSettings) -> str:
+    """Replace ``{{schema}}`` and ``{{p:suffix}}`` by validated, quoted identifiers."""
+
+    def replace(match: re.Match[str]) -> str:
+        token = match.group(1)
+        if token == "schema":
+            return quote_identifier(settings.schema)
+        return quote_identifier(settings.name(token.removeprefix("p:")))
+
+    rendered = _PLACEHOLDER.sub(replace, template)
+    if "{{" in rendered:
+        raise MigrationFileError(f"unknown placeholder in migration: {rendered!r:.200}")
+    return rendered
+
+
+@cache
+def all_migrations() -> tuple[Migration, ...]:
+    """All migrations shipped with this version, in order."""
+    files = [f for f in (resources.files("schema") / "migrations").iterdir() if f.name.endswith(".sql")]
+    found = []
+    for file in files:
+        match = _FILE_NAME.fullmatch(file.name)
+        if not match:
+            raise MigrationFileError(f"migration file {file.name!r} is not named NNNN_slug.sql")
+        found.append(Migration(int(match.group(1)), match.group(2), file.read_text("utf-8")))
+    found.sort(key=lambda m: m.version)
+    versions = [m.version for m in found]
+    if versions != list(range(1, len(found) + 1)):
+        raise MigrationFileError(f"migrations must be numbered 1, 2, 3... without gaps: {versions}")
+    return tuple(found)
+
+
+def latest_version() -> int:
+    return all_migrations()[-1].version
+
+
+def lock_statement(settings: OutboxSettings) -> str:
+    """Serialises concurrent appliers of the same outbox (same schema and prefix)."""
+    namespace = f"{settings.schema}.{settings.table_prefix}"
+    return f"SELECT pg_advisory_xact_lock(hashtext('{_LOCK_CLASS}'), hashtext('{namespace}'))"
+
+
+def bootstrap_statements(settings: OutboxSettings) -> list[str]:
+    """Create the schema (namespace) if needed and the table recording applied migrations."""
+    statements = []
+    if settings.schema != "public":
+        statements.append(f"CREATE SCHEMA IF NOT EXISTS {quote_identifier(settings.schema)}")
+    statements.append(
+        f"CREATE TABLE IF NOT EXISTS {settings.migrations_table} (\n"
+        "    version    integer PRIMARY KEY,\n"
+        "    name       text NOT NULL,\n"
+        "    checksum   text NOT NULL,\n"
+        "    applied_at timestamptz NOT NULL DEFAULT now()\n"
+        ")"
+    )
+    return statements
+
+
+def record_statement(settings: OutboxSettings, migration: Migration) -> str:
+    """The bookkeeping INSERT run in the same transaction as the migration itself."""
+    return (
+        f"INSERT INTO {settings.migrations_table} (version, name, checksum) "
+        f"VALUES ({migration.version:d}, '{migration.name}', '{migration.checksum}')"
+    )
+
+
+def script(settings: OutboxSettings) -> str:
+    """The full SQL of every migration, in one transaction, for ``psql`` or a migration tool.
+
+    It records each migration like ``schema apply`` does, so ``schema check`` passes afterwards.
+    """
+    parts = [
+        f"-- outbox-relay schema: PostgreSQL schema {settings.schema!r}, "
+        f"table prefix {settings.table_prefix!r}, migrations 1..{latest_version()}",
+        "BEGIN;",
+        lock_statement(settings) + ";",
+        *(statement + ";" for statement in bootstrap_statements(settings)),
+    ]
+    for migration in all_migrations():
+        parts += [
+            f"\n-- {migration.label}",
+            migration.render(settings).strip(),
+            record_statement(settings, migration) + ";",
+        ]
+    parts.append("COMMIT;")
+    return "\n".join(parts) + "\n"

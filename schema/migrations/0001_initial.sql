@@ -1,0 +1,41 @@
+-- The outbox table: one row per event, written in the application's own transaction.
+CREATE TABLE {{schema}}.{{p:events}} (
+    id              bigint GENERATED ALWAYS AS IDENTITY,
+    event_id        uuid NOT NULL,
+    topic           text NOT NULL,
+    key             bytea,
+    payload         bytea NOT NULL,
+    header_names    text[] NOT NULL DEFAULT '{}',
+    header_values   bytea[] NOT NULL DEFAULT '{}',
+    -- Rows with one key always share a shard, so a relay owning the shard sees all of them in
+    -- order; rows without a key are spread over the shards by id. 256 = outbox.SHARD_COUNT.
+    shard           smallint NOT NULL GENERATED ALWAYS AS (
+                        CASE WHEN key IS NULL THEN (id % 256)::smallint
+                             ELSE get_byte(sha256(key), 0)::smallint END
+                    ) STORED,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    attempts        integer NOT NULL DEFAULT 0,
+    last_error      text,
+    next_attempt_at timestamptz,
+    published_at    timestamptz,
+    CONSTRAINT {{p:events_pkey}} PRIMARY KEY (id),
+    CONSTRAINT {{p:events_event_id_key}} UNIQUE (event_id),
+    CONSTRAINT {{p:events_topic_check}}
+        CHECK (topic ~ '^[a-zA-Z0-9._-]{1,249}$' AND topic NOT IN ('.', '..')),
+    CONSTRAINT {{p:events_headers_check}}
+        CHECK (cardinality(header_names) = cardinality(header_values)),
+    CONSTRAINT {{p:events_attempts_check}} CHECK (attempts >= 0)
+);
+
+-- Serves "unpublished rows of these shards, oldest first"; published rows drop out of it.
+CREATE INDEX {{p:events_unpublished_idx}}
+    ON {{schema}}.{{p:events}} (shard, id)
+    WHERE published_at IS NULL;
+
+-- Consumers record each message id here in the same transaction as their side effects.
+CREATE TABLE {{schema}}.{{p:dedup}} (
+    consumer        text NOT NULL,
+    message_id      text NOT NULL,
+    processed_at    timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT {{p:dedup_pkey}} PRIMARY KEY (consumer, message_id)
+);
