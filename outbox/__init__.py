@@ -123,7 +123,7 @@ async def add_async(
     headers: Headers | None = None,
     serializer: Serializer | None = None,
 ) -> uuid.UUID:
-    """Async :func:`add` for ``AsyncSession``, ``AsyncConnection`` and psycopg ``AsyncConnection``."""
+    """Async :func:`add`, for SQLAlchemy ``AsyncSession``/``AsyncConnection`` and psycopg's."""
     return await _default.add_async(
         db, topic, payload, key=key, headers=headers, serializer=serializer
     )

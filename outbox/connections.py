@@ -9,7 +9,7 @@ with no transaction open, because a row written there would escape the caller's 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, LiteralString, TypeAlias, cast
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import psycopg
 import sqlalchemy.exc
@@ -44,7 +44,7 @@ def execute(db: SyncDB, sql: str, params: Params) -> None:
     try:
         if isinstance(db, psycopg.Connection):
             require_transaction(db)
-            db.execute(cast(LiteralString, sql), params)
+            db.execute(sql, params)
             return
         conn = _sa_connection(db)
         require_transaction(_psycopg_of(conn.connection.driver_connection, conn))
@@ -58,7 +58,7 @@ async def execute_async(db: AsyncDB, sql: str, params: Params) -> None:
     try:
         if isinstance(db, psycopg.AsyncConnection):
             require_transaction(db)
-            await db.execute(cast(LiteralString, sql), params)
+            await db.execute(sql, params)
             return
         conn = await _sa_async_connection(db)
         raw = await conn.get_raw_connection()

@@ -54,10 +54,10 @@ def render(template: str, settings: OutboxSettings) -> str:
     """Replace ``{{schema}}`` and ``{{p:suffix}}`` by validated, quoted identifiers."""
 
     def replace(match: re.Match[str]) -> str:
-        token = match.group(1)
-        if token == "schema":
+        placeholder = match.group(1)
+        if placeholder == "schema":
             return quote_identifier(settings.schema)
-        return quote_identifier(settings.name(token.removeprefix("p:")))
+        return quote_identifier(settings.name(placeholder.removeprefix("p:")))
 
     rendered = _PLACEHOLDER.sub(replace, template)
     if "{{" in rendered:
@@ -68,7 +68,9 @@ def render(template: str, settings: OutboxSettings) -> str:
 @cache
 def all_migrations() -> tuple[Migration, ...]:
     """All migrations shipped with this version, in order."""
-    files = [f for f in (resources.files("schema") / "migrations").iterdir() if f.name.endswith(".sql")]
+    files = [
+        f for f in (resources.files("schema") / "migrations").iterdir() if f.name.endswith(".sql")
+    ]
     found = []
     for file in files:
         match = _FILE_NAME.fullmatch(file.name)

@@ -8,7 +8,7 @@ recorded (version, name, checksum) in the same transaction that runs it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, LiteralString, cast
+from typing import Any
 
 import psycopg
 
@@ -41,7 +41,7 @@ class SchemaStatus:
 
 
 def _run(conn: psycopg.Connection[Any], sql: str, params: tuple[object, ...] = ()) -> Any:
-    return conn.execute(cast(LiteralString, sql), params or None)
+    return conn.execute(sql, params or None)
 
 
 def status(conn: psycopg.Connection[Any], settings: OutboxSettings) -> SchemaStatus:
@@ -59,9 +59,7 @@ def status(conn: psycopg.Connection[Any], settings: OutboxSettings) -> SchemaSta
         applied=tuple(recorded),
         pending=tuple(m for v, m in shipped.items() if v not in recorded),
         unknown=tuple(v for v in recorded if v not in shipped),
-        changed=tuple(
-            v for v, c in recorded.items() if v in shipped and shipped[v].checksum != c
-        ),
+        changed=tuple(v for v, c in recorded.items() if v in shipped and shipped[v].checksum != c),
     )
 
 

