@@ -15,7 +15,8 @@ def test_each_test_gets_its_own_database_with_the_schema(database_url: str) -> N
         name, count = conn.execute(
             "SELECT current_database(), (SELECT count(*) FROM outbox_events)"
         ).fetchone() or (None, None)
-    assert name is not None and name.startswith("outbox_test_")
+    assert name is not None
+    assert name.startswith("outbox_test_")
     assert count == 0
 
 
@@ -44,7 +45,8 @@ def test_broker_round_trips_key_value_and_headers(kafka_bootstrap: str, topic: s
             msg = consumer.poll(0.5)
             if msg is not None and msg.error() is None:
                 break
-        assert msg is not None and msg.error() is None
+        assert msg is not None
+        assert msg.error() is None
         assert (msg.key(), msg.value(), msg.headers()) == (b"k", marker, [("h", b"v")])
     finally:
         consumer.close()
