@@ -107,3 +107,8 @@ class OutboxSettings:
     def migrations_table(self) -> str:
         """Quoted, qualified name of the table recording applied migrations."""
         return self.qualified("schema_migrations")
+
+    @property
+    def notify_channel(self) -> str:
+        """The LISTEN/NOTIFY channel woken when events are committed (unquoted)."""
+        return self.name("events")

@@ -10,11 +10,12 @@ from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
 
 import click
+import psycopg
 import structlog
 
 from outbox.errors import ConfigurationError, SchemaError
 from outbox.settings import OutboxSettings
-from relay import db, logs
+from relay import logs, pg
 from relay.exit_codes import ExitCode
 from schema import latest_version, migrator, script
 
@@ -81,8 +82,17 @@ def _handle_errors(func: F) -> F:
             _fail(str(exc), ExitCode.USAGE)
         except SchemaError as exc:
             _fail(str(exc), ExitCode.SCHEMA_NOT_CURRENT)
-        except db.DatabaseUnavailableError as exc:
+        except pg.DatabaseUnavailableError as exc:
             _fail(str(exc), ExitCode.DATABASE_UNAVAILABLE)
+        except psycopg.errors.LockNotAvailable as exc:
+            _fail(
+                f"gave up waiting for a lock ({exc.diag.message_primary}): another `schema apply` "
+                "or a long transaction on the outbox tables holds it; retry, or raise "
+                "--lock-timeout",
+                ExitCode.FAILURE,
+            )
+        except psycopg.Error as exc:
+            _fail(f"PostgreSQL refused: {' '.join(str(exc).split())}", ExitCode.FAILURE)
 
     return wrapper  # type: ignore[return-value]
 
@@ -165,7 +175,7 @@ def schema_apply(
 ) -> None:
     """Apply pending migrations, all in one transaction. Running it again changes nothing."""
     settings = _settings(schema_name, table_prefix)
-    with db.connect(database_url or "", connect_timeout=connect_timeout) as conn:
+    with pg.connect(database_url or "", connect_timeout=connect_timeout) as conn:
         applied = migrator.apply(conn, settings, lock_timeout_ms=round(lock_timeout * 1000))
     for migration in applied:
         log.info("schema.migration_applied", migration=migration.label, schema=settings.schema)
@@ -185,7 +195,7 @@ def schema_check(
 ) -> None:
     """Exit 0 if every migration is applied; else exit 3 and say what is missing."""
     settings = _settings(schema_name, table_prefix)
-    with db.connect(database_url or "", connect_timeout=connect_timeout) as conn:
+    with pg.connect(database_url or "", connect_timeout=connect_timeout) as conn:
         migrator.require_current(conn, settings)
     click.echo(f"schema is current (version {latest_version()})")
 

@@ -20,7 +20,7 @@ from importlib import resources
 from outbox.settings import OutboxSettings, quote_identifier, quote_literal
 
 _FILE_NAME = re.compile(r"(\d{4})_([a-z0-9_]+)\.sql")
-_PLACEHOLDER = re.compile(r"\{\{(schema|p:[a-z0-9_]+)\}\}")
+_PLACEHOLDER = re.compile(r"\{\{(schema|channel|p:[a-z0-9_]+)\}\}")
 _LOCK_CLASS = "outbox-relay schema"
 
 
@@ -51,12 +51,15 @@ class MigrationFileError(Exception):
 
 
 def render(template: str, settings: OutboxSettings) -> str:
-    """Replace ``{{schema}}`` and ``{{p:suffix}}`` by validated, quoted identifiers."""
+    """Replace ``{{schema}}`` and ``{{p:suffix}}`` by validated, quoted identifiers, and
+    ``{{channel}}`` by the NOTIFY channel as a string literal."""
 
     def replace(match: re.Match[str]) -> str:
         placeholder = match.group(1)
         if placeholder == "schema":
             return quote_identifier(settings.schema)
+        if placeholder == "channel":
+            return quote_literal(settings.notify_channel)
         return quote_identifier(settings.name(placeholder.removeprefix("p:")))
 
     rendered = _PLACEHOLDER.sub(replace, template)

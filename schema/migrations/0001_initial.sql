@@ -18,6 +18,8 @@ CREATE TABLE {{schema}}.{{p:events}} (
     last_error      text,
     next_attempt_at timestamptz,
     published_at    timestamptz,
+    -- Set when the relay gives up on the row: kept, visible, never silently dropped.
+    dead_lettered_at timestamptz,
     CONSTRAINT {{p:events_pkey}} PRIMARY KEY (id),
     CONSTRAINT {{p:events_event_id_key}} UNIQUE (event_id),
     CONSTRAINT {{p:events_topic_check}}
@@ -27,10 +29,30 @@ CREATE TABLE {{schema}}.{{p:events}} (
     CONSTRAINT {{p:events_attempts_check}} CHECK (attempts >= 0)
 );
 
--- Serves "unpublished rows of these shards, oldest first"; published rows drop out of it.
+-- Serves the relay's claim, "unpublished rows of these shards, oldest first": scanned in id
+-- order with the shard filtered from the index; published and dead-lettered rows drop out.
 CREATE INDEX {{p:events_unpublished_idx}}
-    ON {{schema}}.{{p:events}} (shard, id)
-    WHERE published_at IS NULL;
+    ON {{schema}}.{{p:events}} (id) INCLUDE (shard)
+    WHERE published_at IS NULL AND dead_lettered_at IS NULL;
+
+-- Serves the per-key order check: "is an earlier row of this key still unpublished?"
+CREATE INDEX {{p:events_key_idx}}
+    ON {{schema}}.{{p:events}} (key, id)
+    WHERE published_at IS NULL AND key IS NOT NULL;
+
+-- Wakes idle relays when events commit: one notification per INSERT statement (PostgreSQL
+-- folds identical notifications of one transaction into one), none per row.
+CREATE FUNCTION {{schema}}.{{p:notify_events}}() RETURNS trigger
+    LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify({{channel}}, '');
+    RETURN NULL;
+END;
+$$;
+
+CREATE TRIGGER {{p:events_notify}}
+    AFTER INSERT ON {{schema}}.{{p:events}}
+    FOR EACH STATEMENT EXECUTE FUNCTION {{schema}}.{{p:notify_events}}();
 
 -- Consumers record each message id here in the same transaction as their side effects.
 CREATE TABLE {{schema}}.{{p:dedup}} (

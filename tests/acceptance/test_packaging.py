@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -13,14 +14,19 @@ import pytest
 import schema
 
 ROOT = Path(__file__).resolve().parents[2]
+_NOT_SOURCE = (".venv", ".git", "build", "dist", "*.egg-info", "__pycache__", ".*_cache")
 
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A wheel built from the working tree, as `pip install .` would build it."""
     out = tmp_path_factory.mktemp("wheel")
+    # Build from a copy: an in-tree build leaves build/lib behind, whose stale modules would
+    # end up in later wheels.
+    source = tmp_path_factory.mktemp("source") / "outbox-relay"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(*_NOT_SOURCE))
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(out), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(out), str(source)],
         check=True,
         capture_output=True,
     )

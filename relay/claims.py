@@ -1,0 +1,209 @@
+"""Claiming outbox rows, and recording what became of them: the relay's PostgreSQL side.
+
+One batch is one transaction on the work connection: ``claim`` locks due rows of the shards this
+relay owns (``FOR UPDATE SKIP LOCKED``, oldest first) and ``finish`` records every outcome and
+commits. The row locks are held while the batch is published, so no other relay can send the
+same rows meanwhile; if this relay dies, PostgreSQL aborts the transaction and the rows are
+simply unpublished again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from outbox.settings import OutboxSettings
+from relay.config import RelaySettings
+from relay.pg import relay_connect
+from relay.ports import ClaimedRow, Outcome, Result
+
+# Ownership is checked inside the claiming transaction: only shards whose advisory lock is held
+# right now by this relay's ownership session qualify, so a relay that lost a shard (its
+# ownership connection died, or it let the shard go) claims no further row of it.
+#
+# Per-key order: a row is claimed only if no earlier unpublished row of its key exists outside
+# this batch (locked by another relay, waiting for a retry, or, when dead letters block their
+# key, dead-lettered). Rows are sent in id order, so a key's rows reach Kafka in the order they
+# became visible, whatever the shard ownership does meanwhile.
+_CLAIM = """
+WITH owned AS (
+    SELECT objid::int AS shard FROM pg_locks
+    WHERE locktype = 'advisory' AND classid = %(shard_class)s AND objsubid = 2
+      AND pid = %(owner_pid)s AND granted
+      AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+), batch AS (
+    SELECT e.id FROM {events} AS e
+    WHERE e.published_at IS NULL AND e.dead_lettered_at IS NULL
+      AND (e.next_attempt_at IS NULL OR e.next_attempt_at <= now())
+      AND e.shard IN (SELECT shard FROM owned)
+    ORDER BY e.id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+SELECT e.id, e.event_id::text, e.topic, e.key, e.payload, e.header_names, e.header_values,
+       e.attempts
+FROM {events} AS e
+WHERE e.id IN (SELECT id FROM batch)
+  AND (e.key IS NULL OR NOT EXISTS (
+        SELECT 1 FROM {events} AS b
+        WHERE b.key = e.key AND b.id < e.id AND b.published_at IS NULL
+          AND (%(dead_letters_block)s OR b.dead_lettered_at IS NULL)
+          AND b.id NOT IN (SELECT id FROM batch)))
+ORDER BY e.id
+"""
+_DELETE_PUBLISHED = "DELETE FROM {events} WHERE id = ANY(%s)"
+_MARK_PUBLISHED = "UPDATE {events} SET published_at = now() WHERE id = ANY(%s)"
+_RECORD_FAILURES = """
+UPDATE {events} AS e
+SET attempts = e.attempts + 1,
+    last_error = f.error,
+    next_attempt_at = clock_timestamp() + make_interval(secs => f.delay),
+    dead_lettered_at = CASE WHEN f.dead THEN clock_timestamp() END
+FROM unnest(%s::bigint[], %s::text[], %s::float8[], %s::bool[]) AS f(id, error, delay, dead)
+WHERE e.id = f.id
+"""
+_PURGE = """
+DELETE FROM {events} WHERE id IN (
+    SELECT id FROM {events}
+    WHERE published_at < now() - make_interval(secs => %s)
+    ORDER BY id LIMIT %s)
+"""
+_DELIVERABLE = """
+SELECT EXISTS (
+    SELECT 1 FROM {events} AS e
+    WHERE e.published_at IS NULL AND e.dead_lettered_at IS NULL
+      AND NOT (%(dead_letters_block)s AND e.key IS NOT NULL AND EXISTS (
+            SELECT 1 FROM {events} AS d
+            WHERE d.key = e.key AND d.id < e.id
+              AND d.published_at IS NULL AND d.dead_lettered_at IS NOT NULL)))
+"""
+
+
+def _sql(template: str, settings: OutboxSettings) -> str:
+    return template.replace("{events}", settings.events_table)
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """A failed row as it will be recorded: error text, retry delay, dead-lettered or not."""
+
+    row_id: int
+    error: str
+    delay: float
+    dead: bool
+
+
+def plan_failures(
+    rows: Sequence[ClaimedRow],
+    outcomes: Sequence[Outcome],
+    *,
+    max_attempts: int,
+    delay_for: Callable[[int], float],
+) -> list[Failure]:
+    """Which rows count a failed attempt, when each is retried, and which are dead-lettered."""
+    by_id = {row.id: row for row in rows}
+    failures = []
+    for outcome in outcomes:
+        if outcome.result not in (Result.RETRY, Result.PERMANENT):
+            continue
+        attempts = by_id[outcome.row_id].attempts + 1
+        dead = outcome.result is Result.PERMANENT or attempts >= max_attempts
+        failures.append(Failure(outcome.row_id, outcome.error, delay_for(attempts - 1), dead))
+    return failures
+
+
+class OutboxSource:
+    """The work connection: claims batches and records their outcomes."""
+
+    def __init__(self, settings: RelaySettings) -> None:
+        self._settings = settings
+        events = settings.outbox
+        self._claim_sql = _sql(_CLAIM, events)
+        self._published_sql = _sql(
+            _DELETE_PUBLISHED if settings.retention == 0 else _MARK_PUBLISHED, events
+        )
+        self._failures_sql = _sql(_RECORD_FAILURES, events)
+        self._purge_sql = _sql(_PURGE, events)
+        self._deliverable_sql = _sql(_DELIVERABLE, events)
+        self._conn: psycopg.Connection[Any] | None = None
+
+    @property
+    def connection(self) -> psycopg.Connection[Any]:
+        if self._conn is None:
+            raise RuntimeError("OutboxSource is not connected")
+        return self._conn
+
+    def connect(self) -> psycopg.Connection[Any]:
+        self._conn = relay_connect(self._settings, role="work", autocommit=False)
+        return self._conn
+
+    def claim(self, limit: int, *, owner_pid: int, shard_class: int) -> list[ClaimedRow]:
+        """Lock and return up to ``limit`` due rows of owned shards; the transaction stays open."""
+        params = {
+            "shard_class": shard_class,
+            "owner_pid": owner_pid,
+            "limit": limit,
+            "dead_letters_block": self._settings.dead_letter_blocks_key,
+        }
+        rows = self.connection.execute(self._claim_sql, params).fetchall()
+        return [
+            ClaimedRow(
+                id=r[0],
+                event_id=r[1],
+                topic=r[2],
+                key=r[3],
+                payload=r[4],
+                headers=tuple(zip(r[5], r[6], strict=True)),
+                attempts=r[7],
+            )
+            for r in rows
+        ]
+
+    def finish(self, delivered: Sequence[int], failures: Sequence[Failure]) -> None:
+        """Mark exactly the delivered rows published, record the failures, and commit."""
+        conn = self.connection
+        if delivered:
+            conn.execute(self._published_sql, (list(delivered),))
+        if failures:
+            conn.execute(
+                self._failures_sql,
+                (
+                    [f.row_id for f in failures],
+                    [f.error for f in failures],
+                    [f.delay for f in failures],
+                    [f.dead for f in failures],
+                ),
+            )
+        conn.commit()
+
+    def release(self) -> None:
+        """End the claim transaction without changes (nothing was claimed, or we give up)."""
+        if self._conn is not None and not self._conn.closed:
+            self._conn.rollback()
+
+    def deliverable(self) -> bool:
+        """Whether any row is still waiting to be published (in any shard)."""
+        row = self.connection.execute(
+            self._deliverable_sql, {"dead_letters_block": self._settings.dead_letter_blocks_key}
+        ).fetchone()
+        self.connection.rollback()
+        return bool(row and row[0])
+
+    def purge(self, retention: float, *, batch: int = 1000, max_batches: int = 10) -> int:
+        """Delete published rows older than ``retention`` seconds, in small transactions."""
+        removed = 0
+        for _ in range(max_batches):
+            count = self.connection.execute(self._purge_sql, (retention, batch)).rowcount
+            self.connection.commit()
+            removed += max(count, 0)
+            if count < batch:
+                break
+        return removed
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()

@@ -1,0 +1,191 @@
+"""Publishing claimed rows with confluent-kafka, and classifying what went wrong.
+
+The producer always runs with ``enable.idempotence=true`` and ``acks=all`` (a broker retry can
+neither duplicate nor reorder a partition's messages, and an acknowledged message survives a
+leader failure) and the ``murmur2_random`` partitioner, so a key lands on the partition a Java
+producer would choose. ``message.timeout.ms`` bounds every message's delivery.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import structlog
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
+
+from outbox.envelope import EVENT_ID_HEADER
+from relay.config import GUARANTEED_KAFKA_SETTINGS, RelaySettings
+from relay.ports import ClaimedRow, Outcome, Result
+
+log = structlog.get_logger("relay.kafka")
+
+# The broker or the network failed, not the row: counting an attempt against the row would
+# dead-letter healthy events during an outage.
+_BROKER_ERRORS = frozenset(
+    {
+        KafkaError._MSG_TIMED_OUT, KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN,
+        KafkaError._TIMED_OUT, KafkaError._QUEUE_FULL, KafkaError._RESOLVE,
+        KafkaError.REQUEST_TIMED_OUT, KafkaError.NOT_ENOUGH_REPLICAS,
+        KafkaError.NOT_ENOUGH_REPLICAS_AFTER_APPEND, KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.BROKER_NOT_AVAILABLE,
+        KafkaError.NETWORK_EXCEPTION, KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT,
+        KafkaError._FATAL, KafkaError._DESTROY, KafkaError._AUTHENTICATION, KafkaError._SSL,
+        KafkaError.SASL_AUTHENTICATION_FAILED, KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+    }
+)  # fmt: skip
+# Retrying the same bytes to the same topic can never succeed.
+_PERMANENT_ERRORS = frozenset(
+    {
+        KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE,
+        KafkaError.TOPIC_EXCEPTION, KafkaError.INVALID_RECORD, KafkaError._INVALID_ARG,
+        KafkaError._BAD_MSG,
+    }
+)  # fmt: skip
+
+
+class BrokerUnavailableError(Exception):
+    """Kafka could not be reached when the relay started."""
+
+
+def classify(error: KafkaError) -> Result:
+    """What a failed delivery means for its row."""
+    if error.code() in _BROKER_ERRORS or error.fatal():
+        return Result.BROKER
+    if error.code() in _PERMANENT_ERRORS:
+        return Result.PERMANENT
+    return Result.RETRY
+
+
+def describe(error: KafkaError) -> str:
+    return f"{error.name()}: {error.str()}"
+
+
+def producer_config(settings: RelaySettings) -> dict[str, Any]:
+    """librdkafka settings: the user's pass-through settings, then the ones we guarantee."""
+    timeout_ms = round(settings.delivery_timeout * 1000)
+    return {
+        "client.id": f"outbox-relay-{settings.relay_id}",
+        "linger.ms": 5,
+        # Kafka brokers accept 1 MiB (+ overhead) by default; librdkafka's own default is lower.
+        "message.max.bytes": 1_100_000,
+        "topic.metadata.propagation.max.ms": min(timeout_ms, 30_000),
+        "socket.connection.setup.timeout.ms": round(settings.connect_timeout * 1000),
+        **settings.kafka_config,
+        "bootstrap.servers": settings.kafka_bootstrap_servers,
+        "partitioner": settings.kafka_config.get("partitioner", "murmur2_random"),
+        "message.timeout.ms": timeout_ms,
+        **GUARANTEED_KAFKA_SETTINGS,
+    }
+
+
+class KafkaPublisher:
+    """Sends a batch and waits for every message's own delivery report, within bounds."""
+
+    def __init__(self, settings: RelaySettings) -> None:
+        self._settings = settings
+        self._last_global_error: int | None = None
+        self._fatal = False
+        self._producer = self._new_producer()
+
+    def _new_producer(self) -> Producer:
+        config = producer_config(self._settings)
+        config["error_cb"] = self._on_error
+        config["logger"] = logging.getLogger("librdkafka")
+        return Producer(config)
+
+    def check_reachable(self, timeout: float) -> None:
+        """Fail fast with a clear message when no broker answers at start."""
+        try:
+            self._producer.list_topics(timeout=timeout)
+        except KafkaException as exc:
+            raise BrokerUnavailableError(
+                f"cannot reach Kafka at {self._settings.kafka_bootstrap_servers} within "
+                f"{timeout:g} s: {describe(exc.args[0])}"
+            ) from exc
+
+    def publish(
+        self, rows: Sequence[ClaimedRow], *, should_abort: Callable[[], bool]
+    ) -> list[Outcome]:
+        """Produce every row, then flush until each has its delivery report or time runs out.
+
+        A row whose earlier same-key row could not even be enqueued is held back (NOT_SENT), so
+        a key's rows never overtake each other. A row with no report in time is NOT_SENT too:
+        it stays unpublished and is sent again later (a possible duplicate, never a loss).
+        """
+        if self._fatal:
+            self._replace_producer()
+        outcomes: dict[int, Outcome] = {}
+        held_keys: set[bytes] = set()
+        deadline = time.monotonic() + self._settings.delivery_timeout + 5.0
+        for row in rows:
+            if row.key is not None and row.key in held_keys:
+                outcomes[row.id] = Outcome(
+                    row.id, Result.NOT_SENT, "an earlier row of its key failed"
+                )
+                continue
+            failure = self._produce(row, outcomes, deadline)
+            if failure is not None:
+                outcomes[row.id] = failure
+                if row.key is not None:
+                    held_keys.add(row.key)
+        while len(outcomes) < len(rows) and time.monotonic() < deadline and not should_abort():
+            self._producer.flush(0.1)
+        return [
+            outcomes.get(row.id) or Outcome(row.id, Result.NOT_SENT, "no delivery report in time")
+            for row in rows
+        ]
+
+    def _produce(
+        self, row: ClaimedRow, outcomes: dict[int, Outcome], deadline: float
+    ) -> Outcome | None:
+        headers: list[tuple[str, str | bytes | None]] = [
+            *row.headers,
+            (EVENT_ID_HEADER, row.event_id.encode()),
+        ]
+        report = functools.partial(self._on_delivery, outcomes, row.id)
+        while True:
+            try:
+                self._producer.produce(
+                    row.topic, value=row.payload, key=row.key, headers=headers, on_delivery=report
+                )
+                self._producer.poll(0)
+                return None
+            except BufferError:  # the local queue is full: serve reports, then try again
+                if time.monotonic() > deadline:
+                    return Outcome(row.id, Result.BROKER, "local producer queue stayed full")
+                self._producer.poll(0.05)
+            except KafkaException as exc:
+                error: KafkaError = exc.args[0]
+                return Outcome(row.id, classify(error), describe(error))
+
+    @staticmethod
+    def _on_delivery(
+        outcomes: dict[int, Outcome], row_id: int, error: KafkaError | None, _msg: Message
+    ) -> None:
+        if error is None:
+            outcomes[row_id] = Outcome(row_id, Result.DELIVERED)
+        else:
+            outcomes[row_id] = Outcome(row_id, classify(error), describe(error))
+
+    def _on_error(self, error: KafkaError) -> None:
+        if error.fatal():
+            self._fatal = True
+            log.error("kafka.fatal_error", error=describe(error))
+        elif error.code() != self._last_global_error:
+            log.warning("kafka.error", error=describe(error))
+        self._last_global_error = error.code()
+
+    def _replace_producer(self) -> None:
+        log.warning("kafka.producer_replaced", reason="fatal error")
+        self._producer.purge()
+        self._producer.flush(0)
+        self._producer = self._new_producer()
+        self._fatal = False
+
+    def close(self, timeout: float) -> int:
+        """Wait up to ``timeout`` for queued messages; returns how many were still queued."""
+        return int(self._producer.flush(timeout))

@@ -1,0 +1,72 @@
+"""The relay's PostgreSQL connections: every wait bounded, passwords kept out of messages."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+
+from outbox import urls
+from outbox.errors import ConfigurationError
+from relay.config import RelaySettings
+
+APPLICATION_NAME = "outbox-relay"
+
+
+class DatabaseUnavailableError(Exception):
+    """PostgreSQL could not be reached or refused the connection."""
+
+
+def connect(
+    url: str, *, connect_timeout: float = 10.0, autocommit: bool = False, **params: Any
+) -> psycopg.Connection[Any]:
+    """Connect with a bounded wait; the error names the server (never the password)."""
+    try:
+        return psycopg.connect(
+            urls.to_libpq(url),
+            connect_timeout=max(1, round(connect_timeout)),
+            autocommit=autocommit,
+            **{"application_name": APPLICATION_NAME, **params},
+        )
+    except psycopg.OperationalError as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise DatabaseUnavailableError(
+            f"cannot connect to PostgreSQL at {urls.redact(url)}: {reason}"
+        ) from exc
+    except psycopg.ProgrammingError as exc:
+        raise ConfigurationError(
+            f"invalid connection settings in {urls.redact(url)}: {exc}"
+        ) from exc
+
+
+def relay_connect(
+    settings: RelaySettings, *, role: str, autocommit: bool
+) -> psycopg.Connection[Any]:
+    """A connection for one of the relay's roles, with server-side timeouts and TCP keepalives.
+
+    ``idle_in_transaction_session_timeout`` is longer than a batch may take (delivery timeout plus
+    grace), so a relay that hangs mid-batch loses its transaction and its row locks, and other
+    relays can take the rows over.
+    """
+    idle_limit = settings.delivery_timeout + settings.grace_period + settings.statement_timeout
+
+    def ms(seconds: float) -> int:
+        return round(seconds * 1000)
+
+    options = (
+        f"-c statement_timeout={ms(settings.statement_timeout)} "
+        f"-c lock_timeout={ms(settings.lock_timeout)} "
+        f"-c idle_in_transaction_session_timeout={ms(idle_limit)}"
+    )
+    return connect(
+        settings.database_url,
+        connect_timeout=settings.connect_timeout,
+        autocommit=autocommit,
+        application_name=f"{APPLICATION_NAME} {role} {settings.relay_id}"[:63],
+        options=options,
+        keepalives=1,
+        keepalives_idle=10,
+        keepalives_interval=5,
+        keepalives_count=3,
+        tcp_user_timeout=ms(settings.statement_timeout),
+    )

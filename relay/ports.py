@@ -1,0 +1,48 @@
+"""What the relay loop talks to: rows claimed from the outbox, outcomes of their delivery.
+
+The loop (``relay.loop``) sees only these types and Protocols; the PostgreSQL and Kafka adapters
+(``relay.claims``, ``relay.shards``, ``relay.kafka``) implement them.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedRow:
+    """An outbox row locked by the current claim transaction."""
+
+    id: int
+    event_id: str
+    topic: str
+    key: bytes | None
+    payload: bytes
+    headers: tuple[tuple[str, bytes], ...]
+    attempts: int
+
+
+class Result(enum.Enum):
+    DELIVERED = "delivered"  # its own delivery report said so: mark it published
+    RETRY = "retry"  # the row failed (e.g. unknown topic): count an attempt, back off
+    PERMANENT = "permanent"  # retrying cannot help (too large, invalid topic): dead-letter now
+    BROKER = "broker"  # the broker, not the row, failed: no attempt counted, the breaker decides
+    NOT_SENT = "not_sent"  # held back (an earlier row of its key failed) or no report in time
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    row_id: int
+    result: Result
+    error: str = ""
+
+
+class Publisher(Protocol):
+    def publish(
+        self, rows: Sequence[ClaimedRow], *, should_abort: Callable[[], bool]
+    ) -> list[Outcome]:
+        """Send every row, wait for each one's delivery report (bounded), one outcome per row."""
+        ...
