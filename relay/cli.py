@@ -16,7 +16,10 @@ import structlog
 from outbox.errors import ConfigurationError, SchemaError
 from outbox.settings import OutboxSettings
 from relay import logs, pg
+from relay.config import RelaySettings, default_relay_id, parse_kafka_config
 from relay.exit_codes import ExitCode
+from relay.kafka import BrokerUnavailableError, KafkaPublisher
+from relay.loop import serve
 from schema import latest_version, migrator, script
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -84,6 +87,8 @@ def _handle_errors(func: F) -> F:
             _fail(str(exc), ExitCode.SCHEMA_NOT_CURRENT)
         except pg.DatabaseUnavailableError as exc:
             _fail(str(exc), ExitCode.DATABASE_UNAVAILABLE)
+        except BrokerUnavailableError as exc:
+            _fail(str(exc), ExitCode.BROKER_UNAVAILABLE)
         except psycopg.errors.LockNotAvailable as exc:
             _fail(
                 f"gave up waiting for a lock ({exc.diag.message_primary}): another `schema apply` "
@@ -198,6 +203,181 @@ def schema_check(
     with pg.connect(database_url or "", connect_timeout=connect_timeout) as conn:
         migrator.require_current(conn, settings)
     click.echo(f"schema is current (version {latest_version()})")
+
+
+def _option(name: str, env: str, help: str, **kwargs: Any) -> Callable[[F], F]:
+    """A relay option: always with an environment variable and its default shown."""
+    return click.option(name, envvar=env, show_envvar=True, show_default=True, help=help, **kwargs)
+
+
+_defaults = RelaySettings.__dataclass_fields__
+
+
+def _default(name: str) -> Any:
+    field = _defaults[name]
+    return field.default
+
+
+@cli.command("run")
+@_database_options
+@_option(
+    "--kafka-bootstrap-servers", "OUTBOX_KAFKA_BOOTSTRAP_SERVERS", "Kafka brokers, host:port[,...]."
+)
+@_option(
+    "--kafka-config",
+    "OUTBOX_KAFKA_CONFIG",
+    "Extra librdkafka producer setting, key=value (repeatable; whitespace-separated in the "
+    "variable), e.g. security.protocol=SASL_SSL. Idempotence and acks=all cannot be turned off.",
+    multiple=True,
+)
+@_location_options
+@_option("--relay-id", "OUTBOX_RELAY_ID", "Name of this relay in logs [default: host-pid-random].")
+@_option(
+    "--batch-size",
+    "OUTBOX_BATCH_SIZE",
+    "Rows per batch (one transaction, one flush).",
+    type=click.IntRange(min=1),
+    default=_default("batch_size"),
+)
+@_option(
+    "--poll-interval",
+    "OUTBOX_POLL_INTERVAL",
+    "Seconds between polls when no NOTIFY arrives.",
+    type=click.FloatRange(min=0.01),
+    default=_default("poll_interval"),
+)
+@_option(
+    "--backoff-base",
+    "OUTBOX_BACKOFF_BASE",
+    "Retry delay of a failed row: random(0, min(cap, base * 2**attempt)) seconds.",
+    type=click.FloatRange(min=0.001),
+    default=_default("backoff_base"),
+)
+@_option(
+    "--backoff-cap",
+    "OUTBOX_BACKOFF_CAP",
+    "Longest retry delay of a failed row, seconds.",
+    type=click.FloatRange(min=0.001),
+    default=_default("backoff_cap"),
+)
+@_option(
+    "--max-attempts",
+    "OUTBOX_MAX_ATTEMPTS",
+    "Failed deliveries before a row is dead-lettered.",
+    type=click.IntRange(min=1),
+    default=_default("max_attempts"),
+)
+@_option(
+    "--on-dead-letter",
+    "OUTBOX_ON_DEAD_LETTER",
+    "After a row of a key is dead-lettered: later rows of the key proceed, or stay blocked "
+    "until an operator acts.",
+    type=click.Choice(["proceed", "block"]),
+    default="proceed",
+)
+@_option(
+    "--rebalance-interval",
+    "OUTBOX_REBALANCE_INTERVAL",
+    "Seconds between shard rebalances; bounds the takeover of a dead relay's shards.",
+    type=click.FloatRange(min=0.05),
+    default=_default("rebalance_interval"),
+)
+@_option(
+    "--retention",
+    "OUTBOX_RETENTION",
+    "Seconds to keep published rows (purged in small batches); 0 deletes on publish.",
+    type=click.FloatRange(min=0),
+    default=_default("retention"),
+)
+@_option(
+    "--statement-timeout",
+    "OUTBOX_STATEMENT_TIMEOUT",
+    "PostgreSQL statement_timeout of the relay's sessions, seconds.",
+    type=click.FloatRange(min=0.1),
+    default=_default("statement_timeout"),
+)
+@_option(
+    "--lock-timeout",
+    "OUTBOX_LOCK_TIMEOUT",
+    "PostgreSQL lock_timeout of the relay's sessions, seconds.",
+    type=click.FloatRange(min=0.1),
+    default=_default("lock_timeout"),
+)
+@_option(
+    "--delivery-timeout",
+    "OUTBOX_DELIVERY_TIMEOUT",
+    "Bound on one message's delivery (librdkafka message.timeout.ms), seconds.",
+    type=click.FloatRange(min=0.1),
+    default=_default("delivery_timeout"),
+)
+@_option(
+    "--grace-period",
+    "OUTBOX_GRACE_PERIOD",
+    "Seconds to finish the in-flight batch after SIGTERM/SIGINT.",
+    type=click.FloatRange(min=0),
+    default=_default("grace_period"),
+)
+@_option(
+    "--breaker-threshold",
+    "OUTBOX_BREAKER_THRESHOLD",
+    "Consecutive failed batches that stop claiming (circuit breaker).",
+    type=click.IntRange(min=1),
+    default=_default("breaker_threshold"),
+)
+@_option(
+    "--breaker-cooldown",
+    "OUTBOX_BREAKER_COOLDOWN",
+    "Seconds before a small probe batch once the breaker opened (grows with jitter).",
+    type=click.FloatRange(min=0.01),
+    default=_default("breaker_cooldown"),
+)
+@_option(
+    "--probe-size",
+    "OUTBOX_PROBE_SIZE",
+    "Rows in a probe batch.",
+    type=click.IntRange(min=1),
+    default=_default("probe_size"),
+)
+@_option(
+    "--exit-when-idle",
+    "OUTBOX_EXIT_WHEN_IDLE",
+    "Exit 0 once no deliverable row is left (for scripts and tests).",
+    is_flag=True,
+)
+@_handle_errors
+def run(
+    database_url: str | None,
+    connect_timeout: float,
+    kafka_bootstrap_servers: str | None,
+    kafka_config: tuple[str, ...],
+    schema_name: str,
+    table_prefix: str,
+    relay_id: str | None,
+    on_dead_letter: str,
+    **tuning: Any,
+) -> None:
+    """Publish outbox rows to Kafka until SIGTERM or SIGINT.
+
+    Run two or more for availability: they share the shards, and a dead relay's shards are taken
+    over within about --rebalance-interval. Events of one key are published in order; a relay
+    that dies mid-batch causes duplicates of that batch, never a loss.
+    """
+    from outbox import urls
+
+    urls.parse(database_url or "")
+    settings = RelaySettings(
+        database_url=database_url or "",
+        kafka_bootstrap_servers=kafka_bootstrap_servers or "",
+        kafka_config=parse_kafka_config(kafka_config),
+        outbox=_settings(schema_name, table_prefix),
+        connect_timeout=connect_timeout,
+        dead_letter_blocks_key=on_dead_letter == "block",
+        relay_id=relay_id or default_relay_id(),
+        **tuning,
+    )
+    structlog.contextvars.bind_contextvars(relay_id=settings.relay_id)
+    publisher = KafkaPublisher(settings)
+    serve(settings, publisher, check_broker=lambda: publisher.check_reachable(connect_timeout))
 
 
 def main() -> None:

@@ -15,3 +15,5 @@ class ExitCode(IntEnum):
     SCHEMA_NOT_CURRENT = 3
     #: PostgreSQL could not be reached (or refused the connection).
     DATABASE_UNAVAILABLE = 4
+    #: Kafka could not be reached when the relay started.
+    BROKER_UNAVAILABLE = 5

@@ -1,0 +1,237 @@
+"""The relay loop: claim a batch, publish it, record the outcomes; wait when there is nothing.
+
+Why a row is marked published only after its own delivery report: marking first and publishing
+second would lose the event whenever the process dies in between. Marking after the report
+means the worst case is the opposite one: if the batch's final transaction fails (the database
+connection drops, the relay is killed), the rows that did reach Kafka stay unpublished in the
+table, their locks vanish with the transaction, and they are sent again. Duplicates, never loss;
+the duplicates are exactly the rows of the batch in flight at the failure, and consumers
+recognise them by their ``event_id`` header.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import select
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+import structlog
+
+from relay.backoff import BreakerState, CircuitBreaker, full_jitter
+from relay.claims import OutboxSource, plan_failures
+from relay.config import RelaySettings
+from relay.pg import DatabaseUnavailableError
+from relay.ports import Outcome, Publisher, Result
+from relay.shards import ShardOwner
+from relay.signals import StopSignal
+
+log = structlog.get_logger("relay.loop")
+
+#: How often published rows past their retention are purged, and progress is logged (seconds).
+PURGE_EVERY = 10.0
+PROGRESS_EVERY = 10.0
+
+
+class Relay:
+    """One relay process: owns shards, claims their rows, publishes them, records outcomes."""
+
+    def __init__(
+        self,
+        settings: RelaySettings,
+        publisher: Publisher,
+        stop: StopSignal,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.publisher = publisher
+        self.stop = stop
+        self.clock = clock
+        self.source = OutboxSource(settings)
+        self.shards = ShardOwner(settings)
+        self.breaker = CircuitBreaker(
+            threshold=settings.breaker_threshold,
+            cooldown=settings.breaker_cooldown,
+            max_cooldown=settings.breaker_max_cooldown,
+            probe_size=settings.probe_size,
+            clock=clock,
+        )
+        self.published = 0
+        self.dead_lettered = 0
+        self._next_rebalance = 0.0
+        self._next_purge = 0.0
+        self._next_progress = 0.0
+        self._published_at_progress = 0
+
+    def connect(self) -> None:
+        """Open both connections; raises when PostgreSQL is unreachable."""
+        self.source.connect()
+        self.shards.connect()
+        self._next_rebalance = 0.0
+
+    def run(self) -> None:
+        """Loop until a stop is requested (signal, or idle with ``exit_when_idle``)."""
+        log.info("relay.started", batch_size=self.settings.batch_size, member=self.shards.member_id)
+        while not self.stop.requested:
+            try:
+                self.step()
+            except psycopg.Error as exc:
+                self._recover_database(exc)
+        log.info("relay.stopping", reason=self.stop.reason, published=self.published)
+
+    def step(self) -> None:
+        """One pass: rebalance and purge when due, then one batch or one wait."""
+        now = self.clock()
+        if now >= self._next_rebalance:
+            self._rebalance()
+            self._next_rebalance = now + self.settings.rebalance_interval
+        if self.settings.retention and now >= self._next_purge:
+            removed = self.source.purge(self.settings.retention)
+            if removed:
+                log.info("relay.purged", rows=removed, retention_s=self.settings.retention)
+            self._next_purge = now + PURGE_EVERY
+        self._log_progress(now)
+        if not self.breaker.allow():
+            self._wait(min(self.breaker.seconds_until_probe(), self.settings.poll_interval))
+            return
+        limit = self.breaker.batch_limit(self.settings.batch_size)
+        rows = self.source.claim(
+            limit, owner_pid=self.shards.pid, shard_class=self.shards.shard_class
+        )
+        if not rows:
+            self.source.release()
+            if self.settings.exit_when_idle and not self.source.deliverable():
+                self.stop.request("idle")
+                return
+            self._wait(self.settings.poll_interval)
+            return
+        outcomes = self.publisher.publish(rows, should_abort=self._grace_expired)
+        self._finish(rows, outcomes)
+
+    def _finish(self, rows: list[Any], outcomes: list[Outcome]) -> None:
+        delivered = [o.row_id for o in outcomes if o.result is Result.DELIVERED]
+        failures = plan_failures(
+            rows,
+            outcomes,
+            max_attempts=self.settings.max_attempts,
+            delay_for=lambda attempt: full_jitter(
+                attempt, base=self.settings.backoff_base, cap=self.settings.backoff_cap
+            ),
+        )
+        self.source.finish(delivered, failures)
+        self.published += len(delivered)
+        for failure in failures:
+            if failure.dead:
+                self.dead_lettered += 1
+                log.warning("event.dead_lettered", row_id=failure.row_id, error=failure.error)
+        broker_failures = [o for o in outcomes if o.result is Result.BROKER]
+        self._record_batch(ok=bool(delivered) or not broker_failures, outcomes=broker_failures)
+
+    def _record_batch(self, *, ok: bool, outcomes: list[Outcome]) -> None:
+        before = self.breaker.state
+        self.breaker.record(ok)
+        after = self.breaker.state
+        if after is before:
+            return
+        if after is BreakerState.OPEN:
+            log.error(
+                "kafka.unavailable",
+                breaker=after.value,
+                error=outcomes[0].error if outcomes else "",
+                probe_in_s=round(self.breaker.seconds_until_probe(), 1),
+            )
+        elif after is BreakerState.CLOSED:
+            log.info("kafka.available", breaker=after.value)
+
+    def _rebalance(self) -> None:
+        acquired, released = self.shards.rebalance()
+        if acquired or released:
+            log.info(
+                "shards.rebalanced",
+                owned=len(self.shards.owned),
+                acquired=len(acquired),
+                released=len(released),
+            )
+
+    def _wait(self, timeout: float) -> None:
+        until_rebalance = max(0.0, self._next_rebalance - self.clock())
+        self.shards.wait(min(timeout, until_rebalance), self.stop.fd)
+
+    def _grace_expired(self) -> bool:
+        started = self.stop.requested_at
+        return started is not None and self.clock() - started > self.settings.grace_period
+
+    def _log_progress(self, now: float) -> None:
+        if now < self._next_progress:
+            return
+        if self.published != self._published_at_progress:
+            log.info(
+                "relay.progress",
+                published=self.published,
+                published_since_last=self.published - self._published_at_progress,
+                dead_lettered=self.dead_lettered,
+                shards=len(self.shards.owned),
+            )
+            self._published_at_progress = self.published
+        self._next_progress = now + PROGRESS_EVERY
+
+    def _recover_database(self, exc: psycopg.Error) -> None:
+        """Drop both connections (and so our shards), then reconnect with backoff until it works.
+
+        A batch interrupted here stays unpublished in the table (its transaction is gone) and is
+        sent again after the reconnection: duplicates, never loss.
+        """
+        log.error("database.unavailable", error=" ".join(str(exc).split()) or type(exc).__name__)
+        self.close_connections()
+        attempt = 0
+        while not self.stop.requested:
+            delay = full_jitter(attempt, base=0.5, cap=30.0)
+            self._sleep(delay)
+            if self.stop.requested:
+                return
+            try:
+                self.connect()
+            except (psycopg.Error, DatabaseUnavailableError) as retry_exc:
+                self.close_connections()
+                attempt += 1
+                log.debug("database.reconnect_failed", attempt=attempt, error=str(retry_exc))
+                continue
+            log.info("database.reconnected", attempts=attempt + 1)
+            return
+
+    def _sleep(self, seconds: float) -> None:
+        select.select([self.stop.fd], [], [], seconds)
+
+    def close_connections(self) -> None:
+        for close in (self.source.release, self.source.close, self.shards.close):
+            with contextlib.suppress(psycopg.Error):  # already gone
+                close()
+
+
+def serve(
+    settings: RelaySettings, publisher: Publisher, *, check_broker: Callable[[], None]
+) -> None:
+    """Start a relay, run it until stopped, and shut it down cleanly.
+
+    Raises (before running) when PostgreSQL is unreachable, the schema is not current, or the
+    broker does not answer: the CLI turns each into one message and its exit code.
+    """
+    from schema import migrator
+
+    stop = StopSignal()
+    stop.install()
+    relay = Relay(settings, publisher, stop)
+    try:
+        relay.connect()
+        migrator.require_current(relay.source.connection, settings.outbox)
+        relay.source.release()
+        check_broker()
+        relay.run()
+    finally:
+        relay.close_connections()
+        stop.restore()
+        stop.close()
+    log.info("relay.stopped", reason=stop.reason, published=relay.published)
