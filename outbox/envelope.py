@@ -64,7 +64,8 @@ class Envelope:
 
 
 def new_event_id() -> uuid.UUID:
-    """A UUIDv7 (RFC 9562): unique, and ordered by creation time, which keeps the index compact."""
+    """A UUIDv7 (RFC 9562): unique, ordered by creation time to the millisecond (random within
+    one), which keeps the unique index compact. Rows are ordered by ``id``, not by this."""
     millis = time.time_ns() // 1_000_000
     rand = int.from_bytes(os.urandom(10), "big")
     value = (millis & (2**48 - 1)) << 80
@@ -166,7 +167,7 @@ def encode_payload(payload: object, serializer: Serializer) -> bytes:
         return _utf8(payload, PayloadSerializationError, "payload")
     try:
         encoded = serializer(payload)
-    except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+    except Exception as exc:  # a custom serializer may raise anything: name the payload's type
         raise PayloadSerializationError(
             f"cannot serialize payload of type {type(payload).__name__}: {exc}"
         ) from exc

@@ -136,9 +136,21 @@ def unique_name(prefix: str) -> str:
 
 
 def create_database(server_url: str, name: str, *, template: str = "template0") -> str:
-    """Create database ``name`` (a copy of ``template``) and return its libpq URL."""
-    _admin(server_url, f"CREATE DATABASE {_ident(name)} TEMPLATE {_ident(template)}")
-    return urls.with_database(server_url, name)
+    """Create database ``name`` (a copy of ``template``) and return its libpq URL.
+
+    PostgreSQL refuses to copy a template while anyone (an autovacuum worker, say) is connected
+    to it, so that refusal is retried for a few seconds.
+    """
+    sql = f"CREATE DATABASE {_ident(name)} TEMPLATE {_ident(template)}"
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            _admin(server_url, sql)
+            return urls.with_database(server_url, name)
+        except psycopg.errors.ObjectInUse:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 
 
 def drop_database(server_url: str, name: str) -> None:
