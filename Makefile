@@ -36,8 +36,9 @@ pytest: $(STAMP)
 demo: $(STAMP) ## Write events with outbox.add on embedded PostgreSQL and show the outbox
 	$(BIN)/python examples/quickstart.py
 
-bench: $(STAMP) ## Measure outbox.add against a bare INSERT of the same row
+bench: $(STAMP) ## Benchmarks: outbox.add vs a bare INSERT; relay drain vs the raw producer
 	$(BIN)/python bench/writer.py
+	$(BIN)/python bench/relay_drain.py
 
 format: $(STAMP) ## Reformat the code
 	$(BIN)/ruff format .
