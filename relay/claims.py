@@ -29,16 +29,18 @@ from relay.ports import ClaimedRow, Outcome, Result
 # key, dead-lettered). Rows are sent in id order, so a key's rows reach Kafka in the order they
 # became visible, whatever the shard ownership does meanwhile.
 _CLAIM = """
-WITH owned AS (
-    SELECT objid::int AS shard FROM pg_locks
-    WHERE locktype = 'advisory' AND classid = %(shard_class)s AND objsubid = 2
-      AND pid = %(owner_pid)s AND granted
-      AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
-), batch AS (
+WITH batch AS (
     SELECT e.id FROM {events} AS e
     WHERE e.published_at IS NULL AND e.dead_lettered_at IS NULL
       AND (e.next_attempt_at IS NULL OR e.next_attempt_at <= now())
-      AND e.shard IN (SELECT shard FROM owned)
+      -- An array computed once (not a join), so the planner walks the claim index in id order
+      -- and stops after the limit, whatever the backlog.
+      AND e.shard = ANY ((
+            SELECT array_agg(objid::int) FROM pg_locks
+            WHERE locktype = 'advisory' AND classid = %(shard_class)s AND objsubid = 2
+              AND pid = %(owner_pid)s AND granted
+              AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+          )::int[])
     ORDER BY e.id
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
