@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import secrets
 import select
-import zlib
 from typing import Any
 
 import psycopg
@@ -43,8 +42,15 @@ def lock_class(settings: OutboxSettings, kind: str) -> int:
 def assignment(members: list[int], member: int) -> frozenset[int]:
     """The shards rendezvous hashing gives to ``member`` among ``members`` (pure)."""
 
+    def weight(m: int, shard: int) -> int:
+        # A cryptographic hash, not CRC-32: CRC is linear, so for same-length inputs the
+        # comparison between two members is nearly the same for every shard, and one member
+        # could end up with a third of its share while another got twice its share.
+        digest = hashlib.blake2b(f"{m}:{shard}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "big")
+
     def winner(shard: int) -> int:
-        return max(members, key=lambda m: (zlib.crc32(f"{m}:{shard}".encode()), m))
+        return max(members, key=lambda m: (weight(m, shard), m))
 
     return frozenset(s for s in range(SHARD_COUNT) if winner(s) == member)
 
@@ -59,6 +65,7 @@ class ShardOwner:
         self._conn: psycopg.Connection[Any] | None = None
         self.member_id = 0
         self.owned: frozenset[int] = frozenset()
+        self._notified = False
 
     @property
     def shard_class(self) -> int:
@@ -117,7 +124,13 @@ class ShardOwner:
             ).fetchall()
             acquired = frozenset(int(r[0]) for r in rows)
         self.owned = (self.owned - released) | acquired
+        # psycopg keeps notifications that arrive during other statements in an unbounded
+        # buffer; a busy relay never waits, so drain it here, remembering whether there was one.
+        self._notified |= self._drain_notifications()
         return acquired, released
+
+    def _drain_notifications(self) -> bool:
+        return sum(1 for _ in self._connection.notifies(timeout=0)) > 0
 
     def wait(self, timeout: float, wakeup_fd: int) -> bool:
         """Sleep until a NOTIFY, a byte on ``wakeup_fd`` (a signal) or ``timeout``.
@@ -127,12 +140,11 @@ class ShardOwner:
         psycopg keeps notifications that arrived during other statements, so none is missed.
         """
         conn = self._connection
-        if any(True for _ in conn.notifies(timeout=0)):
+        notified, self._notified = self._notified, False
+        if notified or self._drain_notifications():
             return True
         readable, _, _ = select.select([conn.fileno(), wakeup_fd], [], [], max(0.0, timeout))
-        if conn.fileno() in readable:
-            return any(True for _ in conn.notifies(timeout=0))
-        return False
+        return conn.fileno() in readable and self._drain_notifications()
 
     def close(self) -> None:
         """Release every shard and the membership by closing the session."""
