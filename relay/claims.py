@@ -30,7 +30,7 @@ from relay.ports import ClaimedRow, Outcome, Result
 # became visible, whatever the shard ownership does meanwhile.
 _CLAIM = """
 WITH batch AS (
-    SELECT e.id FROM {events} AS e
+    SELECT e.id, octet_length(e.payload) AS size FROM {events} AS e
     WHERE e.published_at IS NULL AND e.dead_lettered_at IS NULL
       AND (e.next_attempt_at IS NULL OR e.next_attempt_at <= now())
       -- An array computed once (not a join), so the planner walks the claim index in id order
@@ -48,7 +48,9 @@ WITH batch AS (
 SELECT e.id, e.event_id::text, e.topic, e.key, e.payload, e.header_names, e.header_values,
        e.attempts
 FROM {events} AS e
-WHERE e.id IN (SELECT id FROM batch)
+WHERE e.id IN (  -- the oldest rows of the batch that fit the byte budget (at least one)
+        SELECT id FROM (SELECT id, size, sum(size) OVER (ORDER BY id) AS running FROM batch) AS r
+        WHERE running - size < %(max_bytes)s)
   AND (e.key IS NULL OR NOT EXISTS (
         SELECT 1 FROM {events} AS b
         WHERE b.key = e.key AND b.id < e.id AND b.published_at IS NULL
@@ -149,6 +151,7 @@ class OutboxSource:
             "owner_pid": owner_pid,
             "limit": limit,
             "dead_letters_block": self._settings.dead_letter_blocks_key,
+            "max_bytes": self._settings.batch_max_bytes,
         }
         rows = self.connection.execute(self._claim_sql, params).fetchall()
         return [

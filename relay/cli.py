@@ -240,6 +240,13 @@ def _default(name: str) -> Any:
     default=_default("batch_size"),
 )
 @_option(
+    "--batch-max-bytes",
+    "OUTBOX_BATCH_MAX_BYTES",
+    "Payload bytes per batch at most (the oldest row always fits); bounds memory.",
+    type=click.IntRange(min=1),
+    default=_default("batch_max_bytes"),
+)
+@_option(
     "--poll-interval",
     "OUTBOX_POLL_INTERVAL",
     "Seconds between polls when no NOTIFY arrives.",
@@ -330,6 +337,13 @@ def _default(name: str) -> Any:
     "Seconds before a small probe batch once the breaker opened (grows with jitter).",
     type=click.FloatRange(min=0.01),
     default=_default("breaker_cooldown"),
+)
+@_option(
+    "--breaker-max-cooldown",
+    "OUTBOX_BREAKER_MAX_COOLDOWN",
+    "Longest wait between probe batches while the breaker stays open, seconds.",
+    type=click.FloatRange(min=0.01),
+    default=_default("breaker_max_cooldown"),
 )
 @_option(
     "--probe-size",

@@ -79,6 +79,8 @@ class RelaySettings:
     relay_id: str = field(default_factory=default_relay_id)
     #: Rows claimed per batch (one transaction, one flush).
     batch_size: int = 1000
+    #: Payload bytes fetched per batch at most (the first row always fits): bounds memory.
+    batch_max_bytes: int = 16 * 1024 * 1024
     #: Seconds between polls when no notification arrives (the fallback for a missed NOTIFY).
     poll_interval: float = 1.0
     #: Per-row retry delay: random(0, min(backoff_cap, backoff_base * 2**attempt)) seconds.
@@ -115,7 +117,8 @@ class RelaySettings:
                 "OUTBOX_KAFKA_BOOTSTRAP_SERVERS (for example localhost:9092)"
             )
         check_kafka_config(self.kafka_config)
-        for name in ("batch_size", "max_attempts", "breaker_threshold", "probe_size"):
+        for name in ("batch_size", "batch_max_bytes", "max_attempts", "breaker_threshold",
+                     "probe_size"):  # fmt: skip
             _positive(name, getattr(self, name))
         for name in (
             "poll_interval", "backoff_base", "backoff_cap", "rebalance_interval",
