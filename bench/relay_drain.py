@@ -198,6 +198,48 @@ def latency(server: str, bootstrap: str, rate: float, seconds: float) -> dict[st
         testing.drop_database(server, name)
 
 
+def soak(server: str, bootstrap: str, rate: float, seconds: float) -> dict[str, Any]:
+    """Writers at ``rate`` events/s and one relay for ``seconds``: the outbox table's total size
+    (with indexes and TOAST) sampled every 10 s, and the backlog at the end."""
+    name = testing.unique_name("bench_soak")
+    database_url = testing.create_database(server, name)
+    relay = None
+    try:
+        with psycopg.connect(database_url) as conn:
+            migrator.apply(conn, OutboxSettings())
+        topic = new_topic(bootstrap)
+        relay = subprocess.Popen(relay_cmd(database_url, bootstrap))
+        per_commit = max(1, round(rate / 200))  # 200 transactions a second
+        sizes: list[tuple[float, int]] = []
+        with psycopg.connect(database_url) as conn, psycopg.connect(database_url) as probe:
+            probe.autocommit = True
+            start = next_at = next_sample = time.monotonic()
+            i = 0
+            while (now := time.monotonic()) < start + seconds:
+                events = [outbox.Event(topic, payload(i + j, 256), key=f"key-{(i + j) % KEYS}")
+                          for j in range(per_commit)]  # fmt: skip
+                outbox.add_many(conn, events)
+                conn.commit()
+                i += per_commit
+                if now >= next_sample:
+                    size = probe.execute(
+                        "SELECT pg_total_relation_size('outbox_events')"
+                    ).fetchone()
+                    sizes.append((round(now - start), int(size[0]) if size else 0))
+                    next_sample += 10
+                next_at += per_commit / rate
+                time.sleep(max(0.0, next_at - time.monotonic()))
+            time.sleep(5)
+            backlog = probe.execute("SELECT count(*) FROM outbox_events").fetchone()
+        return {"written": i, "rate": i / seconds, "sizes_bytes": sizes,
+                "backlog_at_end": int(backlog[0]) if backlog else -1}  # fmt: skip
+    finally:
+        if relay is not None:
+            relay.terminate()
+            relay.wait(30)
+        testing.drop_database(server, name)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=100_000)
@@ -205,6 +247,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--rate", type=float, default=200)
     parser.add_argument("--latency-seconds", type=float, default=15)
+    parser.add_argument("--soak-seconds", type=float, default=0, help="0 skips the soak")
+    parser.add_argument("--soak-rate", type=float, default=2000)
     parser.add_argument("--json", dest="json_path")
     args = parser.parse_args()
 
@@ -224,6 +268,8 @@ def main() -> None:
             "relay_peak_rss_mb": max(rss),
             "latency": latency(server, bootstrap, args.rate, args.latency_seconds),
         }
+        if args.soak_seconds:
+            results["soak"] = soak(server, bootstrap, args.soak_rate, args.soak_seconds)
     report(results)
     if args.json_path:
         with open(args.json_path, "w") as f:
@@ -242,6 +288,13 @@ def report(r: dict[str, Any]) -> None:
     print(f"\nrelay peak RSS during drain: {r['relay_peak_rss_mb']:.0f} MB")
     print(f"commit-to-delivery latency: p50 {lat['p50_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms "
           f"({lat['samples']} events, {lat['missing']} missing)")  # fmt: skip
+    if "soak" in r:
+        soak = r["soak"]
+        sizes = ", ".join(f"{t}s: {b / 1e6:.1f} MB" for t, b in soak["sizes_bytes"])
+        print(
+            f"\nsoak at {soak['rate']:,.0f} events/s, {soak['written']:,} events: outbox table "
+            f"size {sizes}; {soak['backlog_at_end']} rows left 5 s after the writers stopped"
+        )
 
 
 if __name__ == "__main__":
