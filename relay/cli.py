@@ -134,7 +134,7 @@ def cli(log_format: logs.LogFormat, log_level: str) -> None:
 
     \b
     Exit codes: 0 ok, 1 unexpected error, 2 bad arguments or settings,
-    3 schema missing or not current, 4 PostgreSQL unreachable.
+    3 schema missing or not current, 4 PostgreSQL unreachable, 5 Kafka unreachable at start.
     """
     logs.configure(log_format, log_level)
 

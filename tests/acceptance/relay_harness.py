@@ -66,10 +66,14 @@ def start_relay(
     database_url: str, bootstrap: str, *extra: str, log: Path | None = None
 ) -> subprocess.Popen[bytes]:
     """Start a relay; its output goes to ``log`` (or is discarded)."""
-    out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - owned by the process
-    return subprocess.Popen(
-        relay_args(database_url, bootstrap, *extra), stdout=out, stderr=subprocess.STDOUT
-    )
+    out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
+    try:
+        return subprocess.Popen(
+            relay_args(database_url, bootstrap, *extra), stdout=out, stderr=subprocess.STDOUT
+        )
+    finally:
+        if log:  # the child has its own copy; an open one here is a ResourceWarning (an error)
+            out.close()  # type: ignore[union-attr]
 
 
 def run_relay(
