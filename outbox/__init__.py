@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+from outbox import dedup
 from outbox.envelope import (
     EVENT_ID_HEADER,
     Envelope,
@@ -75,6 +76,7 @@ __all__ = [
     "add_many",
     "add_many_async",
     "configure",
+    "dedup",
     "json_serializer",
 ]
 

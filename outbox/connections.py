@@ -39,31 +39,30 @@ _SYNC_NAMES = "a SQLAlchemy Session or Connection, or a psycopg Connection"
 _ASYNC_NAMES = "a SQLAlchemy AsyncSession or AsyncConnection, or a psycopg AsyncConnection"
 
 
-def execute(db: SyncDB, sql: str, params: Params) -> None:
-    """Execute ``sql`` on ``db`` in its current transaction (starting one if it has none)."""
+def execute(db: SyncDB, sql: str, params: Params) -> int:
+    """Execute ``sql`` on ``db`` in its current transaction (starting one if it has none);
+    returns the number of rows it affected."""
     try:
         if isinstance(db, psycopg.Connection):
             require_transaction(db)
-            db.execute(sql, params)
-            return
+            return db.execute(sql, params).rowcount
         conn = _sa_connection(db)
         require_transaction(_psycopg_of(conn.connection.driver_connection, conn))
-        conn.exec_driver_sql(sql, tuple(params))
+        return conn.exec_driver_sql(sql, tuple(params)).rowcount
     except (psycopg.Error, sqlalchemy.exc.DBAPIError) as exc:
         raise translate(exc) from exc
 
 
-async def execute_async(db: AsyncDB, sql: str, params: Params) -> None:
+async def execute_async(db: AsyncDB, sql: str, params: Params) -> int:
     """The async twin of :func:`execute`."""
     try:
         if isinstance(db, psycopg.AsyncConnection):
             require_transaction(db)
-            await db.execute(sql, params)
-            return
+            return (await db.execute(sql, params)).rowcount
         conn = await _sa_async_connection(db)
         raw = await conn.get_raw_connection()
         require_transaction(_psycopg_of(raw.driver_connection, conn))
-        await conn.exec_driver_sql(sql, tuple(params))
+        return (await conn.exec_driver_sql(sql, tuple(params))).rowcount
     except (psycopg.Error, sqlalchemy.exc.DBAPIError) as exc:
         raise translate(exc) from exc
 

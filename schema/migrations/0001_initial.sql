@@ -61,3 +61,6 @@ CREATE TABLE {{schema}}.{{p:dedup}} (
     processed_at    timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT {{p:dedup_pkey}} PRIMARY KEY (consumer, message_id)
 );
+
+-- Serves the retention purge: "records older than the period", oldest first.
+CREATE INDEX {{p:dedup_processed_at_idx}} ON {{schema}}.{{p:dedup}} (processed_at);

@@ -1,0 +1,96 @@
+"""Consumer-side deduplication: record each processed message id with the side effects.
+
+Delivery is at least once, so a consumer sees some messages twice. Call :func:`claim` inside the
+transaction that applies a message's side effects: it records ``(consumer, message_id)`` and
+returns True the first time, False when that consumer already processed the message. The record
+commits or rolls back together with the side effects, so a side effect happens once.
+
+    with Session(engine) as session, session.begin():
+        if outbox.dedup.claim(session, "billing", event_id):
+            session.add(Invoice(...))
+
+Race-safe: two transactions claiming the same id at once serialise on the primary key; once both
+finish exactly one got True (if the first rolls back, the second gets True).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+
+from outbox.connections import execute, execute_async
+from outbox.errors import InvalidEventError
+from outbox.settings import OutboxSettings
+
+if TYPE_CHECKING:
+    from outbox.connections import AsyncDB, SyncDB
+
+#: Longest consumer name and message id accepted (they are primary-key columns).
+MAX_ID_LENGTH = 1024
+
+_DEFAULT = OutboxSettings()
+
+
+def _claim_sql(settings: OutboxSettings) -> str:
+    return (
+        f"INSERT INTO {settings.dedup_table} (consumer, message_id) VALUES (%s, %s) "
+        "ON CONFLICT (consumer, message_id) DO NOTHING"
+    )
+
+
+def _check(consumer: object, message_id: object) -> tuple[str, str]:
+    for name, value in (("consumer", consumer), ("message_id", message_id)):
+        if not isinstance(value, str) or not value or len(value) > MAX_ID_LENGTH:
+            raise InvalidEventError(
+                f"{name} must be a non-empty str of at most {MAX_ID_LENGTH} characters, "
+                f"got {value!r:.80}"
+            )
+        if "\x00" in value:
+            raise InvalidEventError(f"{name} must not contain NUL characters")
+    return str(consumer), str(message_id)
+
+
+def claim(
+    db: SyncDB, consumer: str, message_id: str, *, settings: OutboxSettings = _DEFAULT
+) -> bool:
+    """Record that ``consumer`` processed ``message_id``; False if it already had. Never commits."""
+    return execute(db, _claim_sql(settings), _check(consumer, message_id)) == 1
+
+
+async def claim_async(
+    db: AsyncDB, consumer: str, message_id: str, *, settings: OutboxSettings = _DEFAULT
+) -> bool:
+    """The async twin of :func:`claim`."""
+    return await execute_async(db, _claim_sql(settings), _check(consumer, message_id)) == 1
+
+
+def purge(
+    conn: psycopg.Connection[Any],
+    older_than: dt.timedelta,
+    *,
+    settings: OutboxSettings = _DEFAULT,
+    batch_size: int = 1000,
+) -> int:
+    """Delete dedup records older than ``older_than``, ``batch_size`` rows per transaction.
+
+    Maintenance, not part of a business transaction: it commits after each batch, so locks stay
+    short. Returns the number of rows deleted. Choose ``older_than`` longer than the longest
+    time a message can be delivered again (see the README).
+    """
+    if older_than <= dt.timedelta(0):
+        raise ValueError(f"older_than must be positive, got {older_than}")
+    sql = (
+        f"DELETE FROM {settings.dedup_table} AS d USING ("
+        f"SELECT consumer, message_id FROM {settings.dedup_table} "
+        "WHERE processed_at < now() - %s LIMIT %s) AS old "
+        "WHERE d.consumer = old.consumer AND d.message_id = old.message_id"
+    )
+    deleted = 0
+    while True:
+        with conn.transaction():
+            count = conn.execute(sql, (older_than, batch_size)).rowcount
+        deleted += count
+        if count < batch_size:
+            return deleted
