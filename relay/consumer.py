@@ -1,0 +1,278 @@
+"""The consume loop: each message's side effects happen once, although Kafka delivers some twice.
+
+For every message, one database transaction holds both the dedup claim
+(:func:`outbox.dedup.claim`) and the handler's side effects; the message's Kafka offset is
+stored only after that transaction committed (database first, offset after). A crash between
+the two redelivers the message, and the claim recognises it and skips the handler.
+
+    def bill(session: Session, message: Message) -> None:
+        order = json.loads(message.value())
+        session.add(Invoice(order_id=order["order_id"], total=order["total"]))
+
+    loop = ConsumeLoop(ConsumerSettings("billing", ["orders.placed"], "kafka:9092"),
+                       bill, sessionmaker(engine))
+    loop.run()          # until SIGTERM / SIGINT, or loop.stop()
+
+A handler that raises rolls its transaction back (so no dedup record persists) and is retried
+with backoff; after ``max_attempts`` the message goes to the dead-letter topic with the error
+in its headers, or, without a dead-letter topic, the loop stops. It is never skipped silently.
+"""
+
+from __future__ import annotations
+
+import select
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from sqlalchemy.orm import Session
+
+from outbox import dedup
+from outbox.envelope import EVENT_ID_HEADER
+from outbox.settings import OutboxSettings
+from relay.backoff import full_jitter
+from relay.signals import StopSignal
+
+log = structlog.get_logger("relay.consumer")
+
+Handler = Callable[[Session, Message], None]
+MessageId = Callable[[Message], str]
+
+ERROR_HEADER = "x-outbox-error"
+ATTEMPTS_HEADER = "x-outbox-attempts"
+ORIGIN_HEADER = "x-outbox-origin"  # topic/partition/offset of the original message
+CONSUMER_HEADER = "x-outbox-consumer"
+
+
+class ConsumerStopped(Exception):
+    """The loop stopped because a message could not be processed and has nowhere else to go."""
+
+
+def header_pairs(message: Message) -> list[tuple[str, str | bytes | None]]:
+    """A message's headers as (name, value) pairs, in order."""
+    headers = message.headers() or []
+    return list(headers.items()) if isinstance(headers, dict) else list(headers)
+
+
+def event_id_or_position(message: Message) -> str:
+    """The ``event_id`` header set by the relay; for messages from other producers, the
+    message's topic, partition and offset (which recognises redeliveries by Kafka only)."""
+    for name, value in header_pairs(message):
+        if name == EVENT_ID_HEADER and value:
+            return value.decode() if isinstance(value, bytes) else str(value)
+    return f"{message.topic()}/{message.partition()}/{message.offset()}"
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerSettings:
+    #: The consumer's name: its dedup namespace and its Kafka consumer group.
+    name: str
+    topics: Sequence[str]
+    bootstrap_servers: str
+    #: Handler attempts per message before it is dead-lettered (or the loop stops).
+    max_attempts: int = 5
+    backoff_base: float = 0.5
+    backoff_cap: float = 30.0
+    #: Where exhausted messages go; None stops the loop instead.
+    dead_letter_topic: str | None = None
+    #: Messages per transaction; a failing batch is replayed one message at a time.
+    batch_size: int = 1
+    poll_timeout: float = 0.5
+    kafka_config: Mapping[str, str] = field(default_factory=dict)
+    outbox: OutboxSettings = field(default_factory=OutboxSettings)
+
+
+@dataclass
+class ConsumeStats:
+    processed: int = 0  # handler ran and its transaction committed
+    duplicates: int = 0  # recognised by the dedup table and skipped
+    failures: int = 0  # handler attempts that raised
+    dead_lettered: int = 0
+
+
+class ConsumeLoop:
+    def __init__(
+        self,
+        settings: ConsumerSettings,
+        handler: Handler,
+        session_factory: Callable[[], Session],
+        *,
+        message_id: MessageId = event_id_or_position,
+    ) -> None:
+        self.settings = settings
+        self.handler = handler
+        self.session_factory = session_factory
+        self.message_id = message_id
+        self.stats = ConsumeStats()
+        self._stop = threading.Event()
+        self._wakeup: int | None = None
+        self._dlq: Producer | None = None
+        self._consumer = Consumer(
+            {
+                "auto.offset.reset": "earliest",
+                **settings.kafka_config,
+                "bootstrap.servers": settings.bootstrap_servers,
+                "group.id": settings.name,
+                # Offsets are stored by us after the database commit, and committed by the
+                # client periodically, on rebalance and on close.
+                "enable.auto.commit": True,
+                "enable.auto.offset.store": False,
+            }
+        )
+
+    def stop(self) -> None:
+        """Ask the loop to stop after the message in hand (thread-safe)."""
+        self._stop.set()
+
+    def run(self, *, handle_signals: bool = True) -> None:
+        """Consume until :meth:`stop`, SIGTERM/SIGINT (when ``handle_signals``), or a message
+        that can be neither processed nor dead-lettered (:class:`ConsumerStopped`)."""
+        signals = StopSignal() if handle_signals else None
+        if signals is not None:
+            signals.install()
+            self._wakeup = signals.fd
+        self._consumer.subscribe(list(self.settings.topics), on_revoke=self._on_revoke)
+        log.info("consumer.started", consumer=self.settings.name, topics=list(self.settings.topics))
+        try:
+            while not self._stopping(signals):
+                batch = self._consumer.consume(self.settings.batch_size, self.settings.poll_timeout)
+                messages = [m for m in batch if self._usable(m)]
+                if messages and not self._process(messages, signals):
+                    break
+        finally:
+            self._consumer.close()  # commits the stored offsets
+            if self._dlq is not None:
+                self._dlq.flush(10)
+            if signals is not None:
+                signals.restore()
+                signals.close()
+            log.info("consumer.stopped", consumer=self.settings.name, **vars(self.stats))
+
+    def _stopping(self, signals: StopSignal | None) -> bool:
+        return self._stop.is_set() or (signals is not None and signals.requested)
+
+    def _usable(self, message: Message) -> bool:
+        error = message.error()
+        if error is None:
+            return True
+        if error.code() != KafkaError._PARTITION_EOF:
+            log.warning("consumer.kafka_error", error=str(error))
+        return False
+
+    def _process(self, messages: list[Message], signals: StopSignal | None) -> bool:
+        """Process in order; store each offset once its transaction committed. False: stop."""
+        if len(messages) > 1 and self._in_one_transaction(messages):
+            for message in messages:
+                self._consumer.store_offsets(message=message)
+            return True
+        for message in messages:
+            if not self._one_by_one(message, signals):
+                return False
+            self._consumer.store_offsets(message=message)
+        return True
+
+    def _apply(self, session: Session, message: Message) -> bool:
+        """Claim and handle inside the caller's transaction; False for a duplicate."""
+        if not dedup.claim(
+            session, self.settings.name, self.message_id(message), settings=self.settings.outbox
+        ):
+            return False
+        self.handler(session, message)
+        return True
+
+    def _in_one_transaction(self, messages: list[Message]) -> bool:
+        try:
+            with self.session_factory() as session, session.begin():
+                results = [self._apply(session, message) for message in messages]
+        except Exception as exc:  # the handler's own errors: replay one by one
+            log.info("consumer.batch_failed", size=len(messages), error=repr(exc))
+            return False
+        self.stats.processed += sum(results)
+        self.stats.duplicates += len(results) - sum(results)
+        return True
+
+    def _one_by_one(self, message: Message, signals: StopSignal | None) -> bool:
+        error: Exception | None = None
+        for attempt in range(self.settings.max_attempts):
+            try:
+                with self.session_factory() as session, session.begin():
+                    applied = self._apply(session, message)
+            except Exception as exc:  # any handler error: roll back, retry, then dead-letter
+                error = exc
+                self.stats.failures += 1
+                log.warning("consumer.handler_failed", attempt=attempt + 1, error=repr(exc),
+                            topic=message.topic(), offset=message.offset())  # fmt: skip
+                last = attempt + 1 == self.settings.max_attempts
+                if not last and not self._sleep(self._delay(attempt), signals):
+                    return False  # stopping: the message stays unacknowledged
+                continue
+            if applied:
+                self.stats.processed += 1
+            else:
+                self.stats.duplicates += 1
+            return True
+        assert error is not None
+        return self._dead_letter(message, error)
+
+    def _delay(self, attempt: int) -> float:
+        return full_jitter(attempt, base=self.settings.backoff_base, cap=self.settings.backoff_cap)
+
+    def _sleep(self, seconds: float, signals: StopSignal | None) -> bool:
+        """Wait, unless asked to stop; True if the wait completed."""
+        if self._wakeup is not None:
+            select.select([self._wakeup], [], [], seconds)
+        else:
+            self._stop.wait(seconds)
+        return not self._stopping(signals)
+
+    def _dead_letter(self, message: Message, error: Exception) -> bool:
+        topic = self.settings.dead_letter_topic
+        origin = f"{message.topic()}/{message.partition()}/{message.offset()}"
+        if topic is None:
+            raise ConsumerStopped(
+                f"message {origin} failed {self.settings.max_attempts} times ({error!r}) and no "
+                "dead-letter topic is set; the consumer stops so that nothing is skipped"
+            )
+        headers: list[tuple[str, str | bytes | None]] = [
+            *header_pairs(message),
+            (ERROR_HEADER, repr(error)[:2000]),
+            (ATTEMPTS_HEADER, str(self.settings.max_attempts)),
+            (ORIGIN_HEADER, origin),
+            (CONSUMER_HEADER, self.settings.name),
+        ]
+        reports: list[KafkaError | None] = []
+        producer = self._dead_letter_producer()
+        producer.produce(
+            topic, value=message.value(), key=message.key(), headers=headers,
+            on_delivery=lambda err, _msg: reports.append(err),
+        )  # fmt: skip
+        producer.flush(30)
+        if reports != [None]:
+            raise ConsumerStopped(
+                f"could not dead-letter message {origin} to {topic}: {reports or 'no report'}"
+            )
+        self.stats.dead_lettered += 1
+        log.error("consumer.dead_lettered", origin=origin, topic=topic, error=repr(error))
+        return True
+
+    def _dead_letter_producer(self) -> Producer:
+        if self._dlq is None:
+            config: dict[str, Any] = {
+                **self.settings.kafka_config,
+                "bootstrap.servers": self.settings.bootstrap_servers,
+                "enable.idempotence": True,
+                "acks": "all",
+            }
+            self._dlq = Producer(config)
+        return self._dlq
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Commit what is done before the partitions go to another consumer."""
+        try:
+            consumer.commit(asynchronous=False)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError._NO_OFFSET:
+                log.warning("consumer.commit_failed", error=str(exc))
