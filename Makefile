@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: help install test lint typecheck pytest demo bench format clean
+.PHONY: help install test lint typecheck pytest demo quickstart bench format clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-10s %s\n", $$1, $$2}'
@@ -33,8 +33,11 @@ typecheck: $(STAMP)
 pytest: $(STAMP)
 	$(BIN)/pytest
 
-demo: $(STAMP) ## Write events with outbox.add on embedded PostgreSQL and show the outbox
-	$(BIN)/python examples/quickstart.py
+demo: $(STAMP) ## Orders -> outbox -> relay (SIGKILLed once) -> Kafka -> billing with dedup, on embedded servers
+	$(BIN)/python -m examples.demo
+
+quickstart: $(STAMP) ## Write events with outbox.add on embedded PostgreSQL and show the outbox
+	$(BIN)/python -m examples.quickstart
 
 bench: $(STAMP) ## Benchmarks: outbox.add vs a bare INSERT; relay drain vs the raw producer
 	$(BIN)/python bench/writer.py

@@ -5,6 +5,7 @@ Every option can also be set through the environment variable shown in ``--help`
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
@@ -13,6 +14,7 @@ import click
 import psycopg
 import structlog
 
+from outbox import dedup
 from outbox.errors import ConfigurationError, SchemaError
 from outbox.settings import OutboxSettings
 from relay import logs, pg
@@ -392,6 +394,58 @@ def run(
     structlog.contextvars.bind_contextvars(relay_id=settings.relay_id)
     publisher = KafkaPublisher(settings)
     serve(settings, publisher, check_broker=lambda: publisher.check_reachable(connect_timeout))
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(text: str) -> dt.timedelta:
+    """``90``, ``90s``, ``15m``, ``12h`` or ``7d``."""
+    value, unit = (text[:-1], text[-1]) if text and text[-1] in _DURATION_UNITS else (text, "s")
+    try:
+        seconds = float(value) * _DURATION_UNITS[unit]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a duration like 90s, 15m, 12h or 7d") from None
+    if seconds <= 0:
+        raise click.BadParameter("must be positive")
+    return dt.timedelta(seconds=seconds)
+
+
+@cli.group("dedup")
+def dedup_group() -> None:
+    """Maintain the consumers' dedup table."""
+
+
+@dedup_group.command("purge")
+@_database_options
+@_location_options
+@click.option(
+    "--older-than",
+    envvar="OUTBOX_DEDUP_RETENTION",
+    show_envvar=True,
+    required=True,
+    callback=lambda _ctx, _param, value: _duration(value),
+    help="Delete records older than this (90s, 15m, 12h, 7d). Choose it longer than the "
+    "longest time a message can be delivered again.",
+)
+@click.option("--batch-size", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Rows deleted per transaction.")  # fmt: skip
+@_handle_errors
+def dedup_purge(
+    database_url: str | None,
+    connect_timeout: float,
+    schema_name: str,
+    table_prefix: str,
+    older_than: dt.timedelta,
+    batch_size: int,
+) -> None:
+    """Delete dedup records older than --older-than, in small transactions."""
+    settings = _settings(schema_name, table_prefix)
+    with pg.connect(database_url or "", connect_timeout=connect_timeout, autocommit=True) as conn:
+        migrator.require_current(conn, settings)
+        deleted = dedup.purge(conn, older_than, settings=settings, batch_size=batch_size)
+    log.info("dedup.purged", rows=deleted, older_than_s=older_than.total_seconds())
+    click.echo(f"deleted {deleted} dedup records older than {older_than}")
 
 
 def main() -> None:

@@ -51,6 +51,10 @@ class ConsumerStopped(Exception):
     """The loop stopped because a message could not be processed and has nowhere else to go."""
 
 
+def _origin(message: Message) -> str:
+    return f"{message.topic()}/{message.partition()}/{message.offset()}"
+
+
 def header_pairs(message: Message) -> list[tuple[str, str | bytes | None]]:
     """A message's headers as (name, value) pairs, in order."""
     headers = message.headers() or []
@@ -176,9 +180,9 @@ class ConsumeLoop:
 
     def _apply(self, session: Session, message: Message) -> bool:
         """Claim and handle inside the caller's transaction; False for a duplicate."""
-        if not dedup.claim(
-            session, self.settings.name, self.message_id(message), settings=self.settings.outbox
-        ):
+        message_id = self.message_id(message)
+        if not dedup.claim(session, self.settings.name, message_id, settings=self.settings.outbox):
+            log.info("consumer.duplicate_skipped", message_id=message_id, origin=_origin(message))
             return False
         self.handler(session, message)
         return True
@@ -230,7 +234,7 @@ class ConsumeLoop:
 
     def _dead_letter(self, message: Message, error: Exception) -> bool:
         topic = self.settings.dead_letter_topic
-        origin = f"{message.topic()}/{message.partition()}/{message.offset()}"
+        origin = _origin(message)
         if topic is None:
             raise ConsumerStopped(
                 f"message {origin} failed {self.settings.max_attempts} times ({error!r}) and no "
