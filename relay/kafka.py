@@ -37,6 +37,16 @@ _BROKER_ERRORS = frozenset(
         KafkaError.SASL_AUTHENTICATION_FAILED, KafkaError.CLUSTER_AUTHORIZATION_FAILED,
     }
 )  # fmt: skip
+# The idempotent producer's own session broke (after an outage, say: librdkafka bumps its epoch
+# and some brokers then fence it). Not the row's fault, and this producer will keep failing every
+# message: the row counts no attempt, and the producer is replaced before the next batch.
+_PRODUCER_STATE_ERRORS = frozenset(
+    {
+        KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH,
+        KafkaError.UNKNOWN_PRODUCER_ID, KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER,
+        KafkaError.INVALID_PRODUCER_ID_MAPPING,
+    }
+)  # fmt: skip
 # Retrying the same bytes to the same topic can never succeed.
 _PERMANENT_ERRORS = frozenset(
     {
@@ -53,7 +63,7 @@ class BrokerUnavailableError(Exception):
 
 def classify(error: KafkaError) -> Result:
     """What a failed delivery means for its row."""
-    if error.code() in _BROKER_ERRORS or error.fatal():
+    if error.code() in _BROKER_ERRORS or error.code() in _PRODUCER_STATE_ERRORS or error.fatal():
         return Result.BROKER
     if error.code() in _PERMANENT_ERRORS:
         return Result.PERMANENT
@@ -72,7 +82,10 @@ def producer_config(settings: RelaySettings) -> dict[str, Any]:
         "linger.ms": 5,
         # Kafka brokers accept 1 MiB (+ overhead) by default; librdkafka's own default is lower.
         "message.max.bytes": 1_100_000,
-        "topic.metadata.propagation.max.ms": min(timeout_ms, 30_000),
+        # Well below message.timeout.ms: a message to a topic that does not exist must fail as
+        # UNKNOWN_TOPIC_OR_PART (the row's fault: retried, then dead-lettered), not time out
+        # (a broker failure: never counted against the row, and the whole batch waits for it).
+        "topic.metadata.propagation.max.ms": min(timeout_ms // 2, 30_000),
         "socket.connection.setup.timeout.ms": round(settings.connect_timeout * 1000),
         **settings.kafka_config,
         "bootstrap.servers": settings.kafka_bootstrap_servers,
@@ -88,7 +101,8 @@ class KafkaPublisher:
     def __init__(self, settings: RelaySettings) -> None:
         self._settings = settings
         self._last_global_error: int | None = None
-        self._fatal = False
+        #: Why the producer must be replaced before the next batch ("" while it is healthy).
+        self._replace_reason = ""
         self._producer = self._new_producer()
 
     def _new_producer(self) -> Producer:
@@ -116,7 +130,7 @@ class KafkaPublisher:
         a key's rows never overtake each other. A row with no report in time is NOT_SENT too:
         it stays unpublished and is sent again later (a possible duplicate, never a loss).
         """
-        if self._fatal:
+        if self._replace_reason:
             self._replace_producer()
         outcomes: dict[int, Outcome] = {}
         held_keys: set[bytes] = set()
@@ -162,29 +176,30 @@ class KafkaPublisher:
                 error: KafkaError = exc.args[0]
                 return Outcome(row.id, classify(error), describe(error))
 
-    @staticmethod
     def _on_delivery(
-        outcomes: dict[int, Outcome], row_id: int, error: KafkaError | None, _msg: Message
+        self, outcomes: dict[int, Outcome], row_id: int, error: KafkaError | None, _msg: Message
     ) -> None:
         if error is None:
             outcomes[row_id] = Outcome(row_id, Result.DELIVERED)
-        else:
-            outcomes[row_id] = Outcome(row_id, classify(error), describe(error))
+            return
+        outcomes[row_id] = Outcome(row_id, classify(error), describe(error))
+        if error.code() in _PRODUCER_STATE_ERRORS and not self._replace_reason:
+            self._replace_reason = describe(error)
 
     def _on_error(self, error: KafkaError) -> None:
         if error.fatal():
-            self._fatal = True
+            self._replace_reason = f"fatal error: {describe(error)}"
             log.error("kafka.fatal_error", error=describe(error))
         elif error.code() != self._last_global_error:
             log.warning("kafka.error", error=describe(error))
         self._last_global_error = error.code()
 
     def _replace_producer(self) -> None:
-        log.warning("kafka.producer_replaced", reason="fatal error")
+        log.warning("kafka.producer_replaced", reason=self._replace_reason)
         self._producer.purge()
         self._producer.flush(0)
         self._producer = self._new_producer()
-        self._fatal = False
+        self._replace_reason = ""
 
     def close(self, timeout: float) -> int:
         """Wait up to ``timeout`` for queued messages; returns how many were still queued."""

@@ -136,13 +136,12 @@ class Relay:
         after = self.breaker.state
         if after is before:
             return
-        if after is BreakerState.OPEN:
-            log.error(
-                "kafka.unavailable",
-                breaker=after.value,
-                error=outcomes[0].error if outcomes else "",
-                probe_in_s=round(self.breaker.seconds_until_probe(), 1),
-            )
+        error = outcomes[0].error if outcomes else ""
+        probe_in_s = round(self.breaker.seconds_until_probe(), 1)
+        if after is BreakerState.OPEN and before is BreakerState.CLOSED:
+            log.error("kafka.unavailable", breaker=after.value, error=error, probe_in_s=probe_in_s)
+        elif after is BreakerState.OPEN:  # a failed probe: the outage was reported once already
+            log.info("kafka.still_unavailable", error=error, probe_in_s=probe_in_s)
         elif after is BreakerState.CLOSED:
             log.info("kafka.available", breaker=after.value)
 
