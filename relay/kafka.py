@@ -19,6 +19,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from outbox.envelope import EVENT_ID_HEADER
 from relay.config import GUARANTEED_KAFKA_SETTINGS, RelaySettings
+from relay.logs import LIBRDKAFKA_LOGGER
 from relay.ports import ClaimedRow, Outcome, Result
 
 log = structlog.get_logger("relay.kafka")
@@ -108,7 +109,7 @@ class KafkaPublisher:
     def _new_producer(self) -> Producer:
         config = producer_config(self._settings)
         config["error_cb"] = self._on_error
-        config["logger"] = logging.getLogger("librdkafka")
+        config["logger"] = logging.getLogger(LIBRDKAFKA_LOGGER)
         return Producer(config)
 
     def check_reachable(self, timeout: float) -> None:

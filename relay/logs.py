@@ -7,13 +7,40 @@ processors, so every line of a relay's output has one format.
 from __future__ import annotations
 
 import logging
+import re
 import sys
+import time
+from collections.abc import Callable
 from typing import Literal
 
 import structlog
 
 LogFormat = Literal["auto", "console", "json"]
 LOG_FORMATS: tuple[LogFormat, ...] = ("auto", "console", "json")
+
+#: librdkafka's logger; during a broker outage it reports every reconnect attempt.
+LIBRDKAFKA_LOGGER = "librdkafka"
+
+
+class Repeats(logging.Filter):
+    """Lets one line of a kind through per ``interval`` seconds (numbers ignored when
+    comparing), so an outage costs a few log lines, not a few per second."""
+
+    def __init__(self, interval: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.interval = interval
+        self._clock = clock
+        self._last: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        kind = re.sub(r"\d+", "#", record.getMessage())[:120]
+        now = self._clock()
+        if now - self._last.get(kind, -self.interval - 1) < self.interval:
+            return False
+        self._last[kind] = now
+        if len(self._last) > 1000:  # kinds are few; never let the table grow unbounded
+            self._last.clear()
+        return True
 
 
 def configure(log_format: LogFormat = "auto", level: str = "INFO") -> None:
@@ -50,3 +77,5 @@ def configure(log_format: LogFormat = "auto", level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    librdkafka = logging.getLogger(LIBRDKAFKA_LOGGER)
+    librdkafka.filters[:] = [Repeats()]
