@@ -27,7 +27,8 @@ from outbox.settings import OutboxSettings
 if TYPE_CHECKING:
     from outbox.connections import AsyncDB, SyncDB
 
-#: Longest consumer name and message id accepted (they are primary-key columns).
+#: Longest consumer name and message id accepted, in UTF-8 bytes: they are primary-key columns,
+#: and PostgreSQL refuses a btree entry over 2704 bytes (both columns together, uncompressed).
 MAX_ID_LENGTH = 1024
 
 _DEFAULT = OutboxSettings()
@@ -42,9 +43,13 @@ def _claim_sql(settings: OutboxSettings) -> str:
 
 def _check(consumer: object, message_id: object) -> tuple[str, str]:
     for name, value in (("consumer", consumer), ("message_id", message_id)):
-        if not isinstance(value, str) or not value or len(value) > MAX_ID_LENGTH:
+        try:
+            size = len(value.encode()) if isinstance(value, str) else 0
+        except UnicodeEncodeError as exc:  # lone surrogates: not text PostgreSQL can store
+            raise InvalidEventError(f"{name} is not valid Unicode text: {exc}") from None
+        if not isinstance(value, str) or not value or size > MAX_ID_LENGTH:
             raise InvalidEventError(
-                f"{name} must be a non-empty str of at most {MAX_ID_LENGTH} characters, "
+                f"{name} must be a non-empty str of at most {MAX_ID_LENGTH} bytes in UTF-8, "
                 f"got {value!r:.80}"
             )
         if "\x00" in value:
