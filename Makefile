@@ -42,6 +42,7 @@ quickstart: $(STAMP) ## Write events with outbox.add on embedded PostgreSQL and 
 bench: $(STAMP) ## Benchmarks: outbox.add vs a bare INSERT; relay drain vs the raw producer
 	$(BIN)/python bench/writer.py
 	$(BIN)/python bench/relay_drain.py
+	$(BIN)/python bench/consumer.py
 
 format: $(STAMP) ## Reformat the code
 	$(BIN)/ruff format .

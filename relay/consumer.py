@@ -87,6 +87,9 @@ class ConsumerSettings:
     poll_timeout: float = 0.5
     kafka_config: Mapping[str, str] = field(default_factory=dict)
     outbox: OutboxSettings = field(default_factory=OutboxSettings)
+    #: Claim each message id in the dedup table. Turn off only for handlers that are idempotent
+    #: by themselves: duplicates then reach the handler.
+    deduplicate: bool = True
 
 
 @dataclass
@@ -181,7 +184,9 @@ class ConsumeLoop:
     def _apply(self, session: Session, message: Message) -> bool:
         """Claim and handle inside the caller's transaction; False for a duplicate."""
         message_id = self.message_id(message)
-        if not dedup.claim(session, self.settings.name, message_id, settings=self.settings.outbox):
+        if self.settings.deduplicate and not dedup.claim(
+            session, self.settings.name, message_id, settings=self.settings.outbox
+        ):
             log.info("consumer.duplicate_skipped", message_id=message_id, origin=_origin(message))
             return False
         self.handler(session, message)

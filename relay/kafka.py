@@ -201,7 +201,3 @@ class KafkaPublisher:
         self._producer.flush(0)
         self._producer = self._new_producer()
         self._replace_reason = ""
-
-    def close(self, timeout: float) -> int:
-        """Wait up to ``timeout`` for queued messages; returns how many were still queued."""
-        return int(self._producer.flush(timeout))

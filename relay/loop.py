@@ -14,8 +14,7 @@ from __future__ import annotations
 import contextlib
 import select
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
 
 import psycopg
 import structlog
@@ -24,9 +23,10 @@ from relay.backoff import BreakerState, CircuitBreaker, full_jitter
 from relay.claims import OutboxSource, plan_failures
 from relay.config import RelaySettings
 from relay.pg import DatabaseUnavailableError
-from relay.ports import Outcome, Publisher, Result
+from relay.ports import ClaimedRow, Outcome, Publisher, Result
 from relay.shards import ShardOwner
 from relay.signals import StopSignal
+from schema import migrator
 
 log = structlog.get_logger("relay.loop")
 
@@ -111,7 +111,7 @@ class Relay:
         outcomes = self.publisher.publish(rows, should_abort=self._grace_expired)
         self._finish(rows, outcomes)
 
-    def _finish(self, rows: list[Any], outcomes: list[Outcome]) -> None:
+    def _finish(self, rows: Sequence[ClaimedRow], outcomes: Sequence[Outcome]) -> None:
         delivered = [o.row_id for o in outcomes if o.result is Result.DELIVERED]
         failures = plan_failures(
             rows,
@@ -218,8 +218,6 @@ def serve(
     Raises (before running) when PostgreSQL is unreachable, the schema is not current, or the
     broker does not answer: the CLI turns each into one message and its exit code.
     """
-    from schema import migrator
-
     stop = StopSignal()
     stop.install()
     relay = Relay(settings, publisher, stop)

@@ -231,6 +231,22 @@ def test_a_message_delivered_twice_has_its_side_effect_once(
     assert dedup_ids(database_url, name) == {twice, once}
 
 
+def test_without_deduplication_duplicates_reach_the_handler(
+    database_url: str, engine: sa.Engine, kafka_bootstrap: str, topic: str, effects: str
+) -> None:
+    """deduplicate=False (for handlers idempotent by themselves): no claim, no dedup record,
+    and a message delivered twice is handled twice."""
+    name = unique_name()
+    twice = str(uuid.uuid4())
+    produce(kafka_bootstrap, topic, [("order-1", twice), ("order-1", twice)])
+    with running(settings(name, topic, kafka_bootstrap, deduplicate=False), record, engine) as run:
+        wait_until(lambda: run.seen >= 2, timeout=WAIT)
+        wait_until(lambda: run.loop.stats.processed >= 2, timeout=WAIT)
+    assert (run.loop.stats.processed, run.loop.stats.duplicates) == (2, 0)
+    assert payload_counts(database_url) == Counter({"order-1": 2})
+    assert dedup_ids(database_url, name) == set()
+
+
 def test_without_event_id_the_position_is_the_id(
     database_url: str, engine: sa.Engine, kafka_bootstrap: str, topic: str, effects: str
 ) -> None:
