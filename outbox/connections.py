@@ -9,6 +9,7 @@ with no transaction open, because a row written there would escape the caller's 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import psycopg
@@ -39,32 +40,47 @@ _SYNC_NAMES = "a SQLAlchemy Session or Connection, or a psycopg Connection"
 _ASYNC_NAMES = "a SQLAlchemy AsyncSession or AsyncConnection, or a psycopg AsyncConnection"
 
 
-def execute(db: SyncDB, sql: str, params: Params) -> int:
-    """Execute ``sql`` on ``db`` in its current transaction (starting one if it has none);
-    returns the number of rows it affected."""
+@dataclass(frozen=True, slots=True)
+class Executed:
+    """What a statement did: rows affected, and the rows it returned (RETURNING), if any."""
+
+    rowcount: int
+    rows: list[tuple[Any, ...]]
+
+
+def execute(db: SyncDB, sql: str, params: Params) -> Executed:
+    """Execute ``sql`` on ``db`` in its current transaction (starting one if it has none)."""
     try:
         if isinstance(db, psycopg.Connection):
             require_transaction(db)
-            return db.execute(sql, params).rowcount
+            cursor = db.execute(sql, params)
+            return Executed(cursor.rowcount, cursor.fetchall() if cursor.description else [])
         conn = _sa_connection(db)
         require_transaction(_psycopg_of(conn.connection.driver_connection, conn))
-        return conn.exec_driver_sql(sql, tuple(params)).rowcount
+        result = conn.exec_driver_sql(sql, tuple(params))
+        return Executed(result.rowcount, _sa_rows(result))
     except (psycopg.Error, sqlalchemy.exc.DBAPIError) as exc:
         raise translate(exc) from exc
 
 
-async def execute_async(db: AsyncDB, sql: str, params: Params) -> int:
+async def execute_async(db: AsyncDB, sql: str, params: Params) -> Executed:
     """The async twin of :func:`execute`."""
     try:
         if isinstance(db, psycopg.AsyncConnection):
             require_transaction(db)
-            return (await db.execute(sql, params)).rowcount
+            cursor = await db.execute(sql, params)
+            return Executed(cursor.rowcount, await cursor.fetchall() if cursor.description else [])
         conn = await _sa_async_connection(db)
         raw = await conn.get_raw_connection()
         require_transaction(_psycopg_of(raw.driver_connection, conn))
-        return (await conn.exec_driver_sql(sql, tuple(params))).rowcount
+        result = await conn.exec_driver_sql(sql, tuple(params))
+        return Executed(result.rowcount, _sa_rows(result))
     except (psycopg.Error, sqlalchemy.exc.DBAPIError) as exc:
         raise translate(exc) from exc
+
+
+def _sa_rows(result: sqlalchemy.CursorResult[Any]) -> list[tuple[Any, ...]]:
+    return [tuple(row) for row in result.fetchall()] if result.returns_rows else []
 
 
 def require_transaction(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> None:

@@ -195,13 +195,34 @@ class ConsumeLoop:
     def _in_one_transaction(self, messages: list[Message]) -> bool:
         try:
             with self.session_factory() as session, session.begin():
-                results = [self._apply(session, message) for message in messages]
+                applied = self._apply_batch(session, messages)
         except Exception as exc:  # the handler's own errors: replay one by one
             log.info("consumer.batch_failed", size=len(messages), error=repr(exc))
             return False
-        self.stats.processed += sum(results)
-        self.stats.duplicates += len(results) - sum(results)
+        self.stats.processed += applied
+        self.stats.duplicates += len(messages) - applied
         return True
+
+    def _apply_batch(self, session: Session, messages: list[Message]) -> int:
+        """Claim the whole batch in one statement, then handle the new messages in order."""
+        ids = [self.message_id(message) for message in messages]
+        new = (
+            dedup.claim_many(session, self.settings.name, ids, settings=self.settings.outbox)
+            if self.settings.deduplicate
+            else None
+        )
+        applied = 0
+        for message, message_id in zip(messages, ids, strict=True):
+            if new is not None and message_id not in new:
+                log.info(
+                    "consumer.duplicate_skipped", message_id=message_id, origin=_origin(message)
+                )
+                continue
+            if new is not None:
+                new.discard(message_id)  # a second copy in the same batch is a duplicate
+            self.handler(session, message)
+            applied += 1
+        return applied
 
     def _one_by_one(self, message: Message, signals: StopSignal | None) -> bool:
         error: Exception | None = None

@@ -215,15 +215,22 @@ def committed_offset(bootstrap: str, group: str, topic: str, partition: int) -> 
 # --- duplicates ----------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("batch_size", [1, 50])
 def test_a_message_delivered_twice_has_its_side_effect_once(
-    database_url: str, engine: sa.Engine, kafka_bootstrap: str, topic: str, effects: str
+    database_url: str,
+    engine: sa.Engine,
+    kafka_bootstrap: str,
+    topic: str,
+    effects: str,
+    batch_size: int,
 ) -> None:
-    """The same event id delivered twice: the handler's side effect happens once, and the loop
-    counts one duplicate."""
+    """The same event id delivered twice, one message at a time or within one batch (one
+    claim_many): the handler's side effect happens once, and the loop counts one duplicate."""
     name = unique_name()
     twice, once = str(uuid.uuid4()), str(uuid.uuid4())
     produce(kafka_bootstrap, topic, [("order-1", twice), ("order-2", once), ("order-1", twice)])
-    with running(settings(name, topic, kafka_bootstrap), record, engine) as run:
+    config = settings(name, topic, kafka_bootstrap, batch_size=batch_size)
+    with running(config, record, engine) as run:
         wait_until(lambda: run.seen >= 3, timeout=WAIT)
         time.sleep(0.5)  # anything more would be a bug; give it a chance to show
     assert (run.loop.stats.processed, run.loop.stats.duplicates) == (2, 1)

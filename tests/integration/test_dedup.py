@@ -185,6 +185,35 @@ async def test_claim_async_is_true_once_per_consumer_and_id(
     assert claims(database_url) == [("audit", "evt-1"), ("billing", "evt-1"), ("shipping", "evt-1")]
 
 
+def test_claim_many_returns_only_the_ids_claimed_now(
+    transaction: Opener, database_url: str
+) -> None:
+    """claim_many: one statement; ids already processed, and repeats within the call, are not
+    returned; an empty call claims nothing."""
+    with transaction() as db:
+        assert dedup.claim(db, "billing", "evt-1") is True
+        assert dedup.claim_many(db, "billing", ["evt-3", "evt-1", "evt-2", "evt-3"]) == {
+            "evt-2",
+            "evt-3",
+        }
+        assert dedup.claim_many(db, "billing", []) == set()
+    with transaction() as db:
+        assert dedup.claim_many(db, "billing", ["evt-2", "evt-4"]) == {"evt-4"}
+        assert dedup.claim(db, "billing", "evt-4") is False
+    assert claims(database_url) == [("billing", f"evt-{i}") for i in range(1, 5)]
+
+
+@pytest.mark.asyncio
+async def test_claim_many_async_returns_only_the_ids_claimed_now(
+    async_transaction: AsyncOpener, database_url: str
+) -> None:
+    """claim_many_async: the async twin, same answers."""
+    async with async_transaction() as db:
+        assert await dedup.claim_many_async(db, "billing", ["a", "b", "a"]) == {"a", "b"}
+        assert await dedup.claim_many_async(db, "billing", ["b", "c"]) == {"c"}
+    assert claims(database_url) == [("billing", "a"), ("billing", "b"), ("billing", "c")]
+
+
 def test_claim_rolls_back_with_the_transaction(transaction: Opener, database_url: str) -> None:
     """A claim in a transaction that rolls back leaves no record: the next claim is True."""
 
