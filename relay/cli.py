@@ -5,8 +5,10 @@ Every option can also be set through the environment variable shown in ``--help`
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import functools
+import json
 from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
 
@@ -17,7 +19,7 @@ import structlog
 from outbox import dedup
 from outbox.errors import ConfigurationError, SchemaError
 from outbox.settings import OutboxSettings
-from relay import logs, pg
+from relay import dead_letters, logs, pg, status
 from relay.config import RelaySettings, default_relay_id, parse_kafka_config
 from relay.exit_codes import ExitCode
 from relay.kafka import BrokerUnavailableError, KafkaPublisher
@@ -136,7 +138,8 @@ def cli(log_format: logs.LogFormat, log_level: str) -> None:
 
     \b
     Exit codes: 0 ok, 1 unexpected error, 2 bad arguments or settings,
-    3 schema missing or not current, 4 PostgreSQL unreachable, 5 Kafka unreachable at start.
+    3 schema missing or not current, 4 PostgreSQL unreachable, 5 Kafka unreachable at start,
+    6 lag over status --max-lag, 7 nothing matched (dead-letters, replay).
     """
     logs.configure(log_format, log_level)
 
@@ -446,6 +449,227 @@ def dedup_purge(
         deleted = dedup.purge(conn, older_than, settings=settings, batch_size=batch_size)
     log.info("dedup.purged", rows=deleted, older_than_s=older_than.total_seconds())
     click.echo(f"deleted {deleted} dedup records older than {older_than}")
+
+
+def _when(text: str | None) -> dt.datetime | None:
+    """An ISO 8601 time (UTC when it has no offset), or a duration ago: 15m, 12h, 7d."""
+    if text is None:
+        return None
+    try:
+        return dt.datetime.now(dt.UTC) - _duration(text)
+    except click.BadParameter:
+        pass
+    try:
+        parsed = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r} is neither an ISO time nor a duration like 12h"
+        ) from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+
+
+def _on_dead_letter_option(func: F) -> F:
+    return click.option(
+        "--on-dead-letter", envvar="OUTBOX_ON_DEAD_LETTER", show_envvar=True,
+        type=click.Choice(["proceed", "block"]), default="proceed", show_default=True,
+        help="As the relays run it: whether dead letters block the later rows of their key.",
+    )(func)  # fmt: skip
+
+
+@cli.command("status")
+@_database_options
+@_location_options
+@_on_dead_letter_option
+@click.option("--retention-kept", envvar="OUTBOX_RETENTION", show_envvar=True, default="0",
+              help="The relays' --retention; when above 0, events published in the last "
+              "minute are counted.")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="One JSON object, for scripts.")
+@click.option(
+    "--max-lag",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Exit 6 when the oldest unpublished event is older than this many seconds.",
+)
+@_handle_errors
+def status_command(
+    database_url: str | None,
+    connect_timeout: float,
+    schema_name: str,
+    table_prefix: str,
+    on_dead_letter: str,
+    retention_kept: str,
+    as_json: bool,
+    max_lag: float | None,
+) -> None:
+    """Backlog, lag, retries, dead letters, blocked keys, and the live relays with their shards."""
+    settings = _settings(schema_name, table_prefix)
+    with pg.connect(database_url or "", connect_timeout=connect_timeout) as conn:
+        migrator.require_current(conn, settings)
+        conn.rollback()
+        found = status.read(
+            conn, settings, dead_letters_block=on_dead_letter == "block",
+            retention_kept=float(retention_kept or 0) > 0,
+        )  # fmt: skip
+    click.echo(json.dumps(found.as_json(), indent=2) if as_json else status.render(found))
+    lag = found.oldest_unpublished_seconds
+    if max_lag is not None and lag is not None and lag > max_lag:
+        _fail(f"the oldest unpublished event is {lag:.0f} s old (--max-lag {max_lag:g})",
+              ExitCode.LAGGING)  # fmt: skip
+
+
+@cli.group("dead-letters")
+def dead_letters_group() -> None:
+    """List, retry and discard events the relay gave up on."""
+
+
+def _selection_options(func: F) -> F:
+    for option in (
+        click.option("--id", "ids", type=int, multiple=True, help="Row id (repeatable)."),
+        click.option("--topic", help="Only this topic."),
+        click.option("--key", help="Only this key (UTF-8)."),
+        click.option("--since", help="Dead-lettered at or after: ISO time or 15m/12h/7d ago."),
+        click.option("--until", help="Dead-lettered before: ISO time or 15m/12h/7d ago."),
+    ):
+        func = option(func)
+    return func
+
+
+def _actor_option(func: F) -> F:
+    return click.option("--actor", envvar="OUTBOX_ACTOR", show_envvar=True,
+                        default=dead_letters.default_actor, show_default="user@host",
+                        help="Who is acting, for the log.")(func)  # fmt: skip
+
+
+@dead_letters_group.command("list")
+@_database_options
+@_location_options
+@_selection_options
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--history", is_flag=True, help="Show the log of retries and discards instead.")
+@click.option("--json", "as_json", is_flag=True, help="JSON lines, for scripts.")
+@_handle_errors
+def dead_letters_list(
+    database_url: str | None, connect_timeout: float, schema_name: str, table_prefix: str,
+    ids: tuple[int, ...], topic: str | None, key: str | None, since: str | None,
+    until: str | None, limit: int, history: bool, as_json: bool,
+) -> None:  # fmt: skip
+    """Dead-lettered events with their error and attempts (or, with --history, the log)."""
+    settings = _settings(schema_name, table_prefix)
+    with pg.connect(database_url or "", connect_timeout=connect_timeout) as conn:
+        migrator.require_current(conn, settings)
+        conn.rollback()
+        if history:
+            for entry in dead_letters.history(conn, settings, limit):
+                click.echo(json.dumps(entry, default=str) if as_json else
+                           "{at:%Y-%m-%d %H:%M:%S} {action:8} row {row_id} {topic} by {actor}: "
+                           "{reason}".format(**entry))  # fmt: skip
+            return
+        selection = dead_letters.Selection(ids, topic, key, _when(since), _when(until))
+        rows = dead_letters.list_dead_letters(conn, settings, selection, limit)
+    for row in rows:
+        if as_json:
+            click.echo(json.dumps(dataclasses.asdict(row), default=str))
+        else:
+            click.echo(f"{row.id:>10} {row.dead_lettered_at:%Y-%m-%d %H:%M:%S} {row.topic} "
+                       f"key={row.key!r} attempts={row.attempts} {row.event_id}\n"
+                       f"{'':>10} {row.last_error}")  # fmt: skip
+    if not rows and not as_json:
+        click.echo("no dead letters")
+
+
+@dead_letters_group.command("retry")
+@_database_options
+@_location_options
+@_selection_options
+@click.option("--all", "everything", is_flag=True, help="Every dead letter.")
+@click.option("--reason", help="Why, for the log.")
+@_actor_option
+@_handle_errors
+def dead_letters_retry(
+    database_url: str | None, connect_timeout: float, schema_name: str, table_prefix: str,
+    ids: tuple[int, ...], topic: str | None, key: str | None, since: str | None,
+    until: str | None, everything: bool, reason: str | None, actor: str,
+) -> None:  # fmt: skip
+    """Send dead letters again (attempts reset, same event_id). Select by --id, --topic, --key,
+    time, or --all."""
+    selection = dead_letters.Selection(ids, topic, key, _when(since), _when(until))
+    if not everything and selection == dead_letters.Selection():
+        raise click.UsageError(
+            "choose what to retry: --id, --topic, --key, --since/--until or --all"
+        )
+    settings = _settings(schema_name, table_prefix)
+    with pg.connect(database_url or "", connect_timeout=connect_timeout) as conn:
+        migrator.require_current(conn, settings)
+        conn.rollback()
+        retried = dead_letters.retry(conn, settings, selection, actor=actor, reason=reason)
+    if not retried:
+        _fail("no dead letter matched", ExitCode.NOTHING_MATCHED)
+    click.echo(f"retrying {len(retried)} event(s): rows {_ids(retried)}")
+
+
+@dead_letters_group.command("discard")
+@_database_options
+@_location_options
+@click.option("--id", "ids", type=int, multiple=True, required=True, help="Row id (repeatable).")
+@click.option("--reason", required=True, help="Why the event is dropped (recorded).")
+@_actor_option
+@_handle_errors
+def dead_letters_discard(
+    database_url: str | None, connect_timeout: float, schema_name: str, table_prefix: str,
+    ids: tuple[int, ...], reason: str, actor: str,
+) -> None:  # fmt: skip
+    """Delete dead letters for good; the log keeps what they were, who and why."""
+    if not reason.strip():
+        raise click.BadParameter("a reason is required", param_hint="--reason")
+    settings = _settings(schema_name, table_prefix)
+    with pg.connect(database_url or "", connect_timeout=connect_timeout) as conn:
+        migrator.require_current(conn, settings)
+        conn.rollback()
+        discarded = dead_letters.discard(conn, settings, ids, reason=reason, actor=actor)
+    if not discarded:
+        _fail("no dead letter matched", ExitCode.NOTHING_MATCHED)
+    click.echo(f"discarded {len(discarded)} event(s): rows {_ids(discarded)}")
+
+
+def _ids(ids: list[int]) -> str:
+    return ", ".join(map(str, ids[:20])) + (f" and {len(ids) - 20} more" if len(ids) > 20 else "")
+
+
+@cli.command("replay")
+@_database_options
+@_location_options
+@click.option("--from-id", type=int, help="First row id of the range.")
+@click.option("--to-id", type=int, help="Last row id of the range (inclusive).")
+@click.option("--since", help="Created at or after: ISO time or 15m/12h/7d ago.")
+@click.option("--until", help="Created before: ISO time or 15m/12h/7d ago.")
+@click.option("--topic", help="Only this topic.")
+@_handle_errors
+def replay_command(
+    database_url: str | None, connect_timeout: float, schema_name: str, table_prefix: str,
+    from_id: int | None, to_id: int | None, since: str | None, until: str | None,
+    topic: str | None,
+) -> None:  # fmt: skip
+    """Publish already-published events again, with their original event_id.
+
+    Needs the relays to keep published rows (--retention); consumers' dedup recognises the
+    events they already processed.
+    """
+    if from_id is None and to_id is None and since is None and until is None:
+        raise click.UsageError("choose a range: --from-id/--to-id or --since/--until")
+    selection = dead_letters.Selection(topic=topic, since=_when(since), until=_when(until),
+                                       from_id=from_id, to_id=to_id)  # fmt: skip
+    settings = _settings(schema_name, table_prefix)
+    with pg.connect(database_url or "", connect_timeout=connect_timeout) as conn:
+        migrator.require_current(conn, settings)
+        conn.rollback()
+        replayed = dead_letters.replay(conn, settings, selection)
+    if not replayed:
+        _fail(
+            "no published event in that range is retained: the relay deletes rows once they "
+            "are published unless it runs with --retention (OUTBOX_RETENTION) long enough",
+            ExitCode.NOTHING_MATCHED,
+        )
+    click.echo(f"replaying {len(replayed)} event(s): rows {_ids(replayed)}")
 
 
 def main() -> None:

@@ -17,3 +17,7 @@ class ExitCode(IntEnum):
     DATABASE_UNAVAILABLE = 4
     #: Kafka could not be reached when the relay started.
     BROKER_UNAVAILABLE = 5
+    #: `status --max-lag`: the oldest unpublished event is older than the threshold.
+    LAGGING = 6
+    #: Nothing matched: no such dead letter, or no retained published rows to replay.
+    NOTHING_MATCHED = 7

@@ -274,6 +274,7 @@ def test_custom_schema_and_prefix_leave_public_untouched(
     with psycopg.connect(empty_database_url) as conn:
         assert _tables(conn, settings.schema) == {
             settings.name("events"), settings.name("dedup"), settings.name("schema_migrations"),
+            settings.name("dead_letter_log"),
         }  # fmt: skip
         assert _columns(conn, settings, "events") == EVENTS_COLUMNS
         assert _tables(conn, "public") == public_before

@@ -1,0 +1,196 @@
+"""Dead letters and replays, for operators: list, retry, discard, and republish a range.
+
+Every retry and discard is recorded in the dead-letter log (who, when, why, and the event as it
+was) in the same transaction as the change itself.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import getpass
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from outbox.settings import OutboxSettings
+
+
+def default_actor() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """Which dead letters (or, for replay, which published rows) an action applies to."""
+
+    ids: Sequence[int] = ()
+    topic: str | None = None
+    key: str | None = None
+    since: dt.datetime | None = None
+    until: dt.datetime | None = None
+    from_id: int | None = None
+    to_id: int | None = None
+
+    def where(self, time_column: str) -> tuple[str, dict[str, Any]]:
+        """SQL conditions (joined with AND) and their parameters; never interpolates values."""
+        parts: list[str] = []
+        params: dict[str, Any] = {}
+        if self.ids:
+            parts.append("e.id = ANY(%(ids)s)")
+            params["ids"] = list(self.ids)
+        if self.topic is not None:
+            parts.append("e.topic = %(topic)s")
+            params["topic"] = self.topic
+        if self.key is not None:
+            parts.append("e.key = %(key)s")
+            params["key"] = self.key.encode()
+        if self.since is not None:
+            parts.append(f"e.{time_column} >= %(since)s")
+            params["since"] = self.since
+        if self.until is not None:
+            parts.append(f"e.{time_column} < %(until)s")
+            params["until"] = self.until
+        if self.from_id is not None:
+            parts.append("e.id >= %(from_id)s")
+            params["from_id"] = self.from_id
+        if self.to_id is not None:
+            parts.append("e.id <= %(to_id)s")
+            params["to_id"] = self.to_id
+        return " AND ".join(parts) or "TRUE", params
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    id: int
+    event_id: str
+    topic: str
+    key: str | None
+    attempts: int
+    last_error: str | None
+    created_at: dt.datetime
+    dead_lettered_at: dt.datetime
+
+
+def _key(raw: bytes | None) -> str | None:
+    return None if raw is None else raw.decode("utf-8", errors="replace")
+
+
+def list_dead_letters(
+    conn: psycopg.Connection[Any], settings: OutboxSettings, selection: Selection, limit: int
+) -> list[DeadLetter]:
+    where, params = selection.where("dead_lettered_at")
+    rows = conn.execute(
+        f"SELECT e.id, e.event_id::text, e.topic, e.key, e.attempts, e.last_error, e.created_at,"
+        f" e.dead_lettered_at FROM {settings.events_table} AS e"
+        f" WHERE e.dead_lettered_at IS NOT NULL AND e.published_at IS NULL AND {where}"
+        " ORDER BY e.id LIMIT %(limit)s",
+        {**params, "limit": limit},
+    ).fetchall()
+    conn.rollback()
+    return [DeadLetter(r[0], r[1], r[2], _key(r[3]), r[4], r[5], r[6], r[7]) for r in rows]
+
+
+def history(
+    conn: psycopg.Connection[Any], settings: OutboxSettings, limit: int
+) -> list[dict[str, Any]]:
+    rows = conn.execute(
+        "SELECT at, action, actor, reason, row_id, event_id::text, topic, key, attempts,"
+        f" last_error FROM {settings.qualified('dead_letter_log')}"
+        " ORDER BY id DESC LIMIT %s",
+        (limit,),
+    ).fetchall()
+    conn.rollback()
+    names = ("at", "action", "actor", "reason", "row_id", "event_id", "topic", "key",
+             "attempts", "last_error")  # fmt: skip
+    return [dict(zip(names, (*r[:7], _key(r[7]), *r[8:]), strict=True)) for r in rows]
+
+
+def _act(
+    conn: psycopg.Connection[Any],
+    settings: OutboxSettings,
+    selection: Selection,
+    *,
+    action: str,
+    change: str,
+    reason: str | None,
+    actor: str,
+) -> list[int]:
+    """Apply ``change`` to the selected dead letters and log each one, in one transaction."""
+    where, params = selection.where("dead_lettered_at")
+    events, log = settings.events_table, settings.qualified("dead_letter_log")
+    sql = f"""
+    WITH target AS (
+        SELECT e.id, e.event_id, e.topic, e.key, e.attempts, e.last_error
+        FROM {events} AS e
+        WHERE e.dead_lettered_at IS NOT NULL AND e.published_at IS NULL AND {where}
+        FOR UPDATE
+    ), changed AS (
+        {change} RETURNING e.id
+    )
+    INSERT INTO {log} (row_id, event_id, topic, key, attempts, last_error, action, reason, actor)
+    SELECT t.id, t.event_id, t.topic, t.key, t.attempts, t.last_error,
+           %(action)s, %(reason)s, %(actor)s
+    FROM target AS t JOIN changed AS c ON c.id = t.id
+    RETURNING row_id
+    """
+    with conn.transaction():
+        rows = conn.execute(
+            sql, {**params, "action": action, "reason": reason, "actor": actor}
+        ).fetchall()
+    return sorted(int(r[0]) for r in rows)
+
+
+def retry(
+    conn: psycopg.Connection[Any],
+    settings: OutboxSettings,
+    selection: Selection,
+    *,
+    actor: str,
+    reason: str | None = None,
+) -> list[int]:
+    """Put dead letters back in the queue with their attempts reset; they keep their event_id."""
+    change = (
+        f"UPDATE {settings.events_table} AS e SET dead_lettered_at = NULL, attempts = 0,"
+        " next_attempt_at = NULL FROM target WHERE e.id = target.id"
+    )
+    return _act(conn, settings, selection, action="retry", change=change, reason=reason,
+                actor=actor)  # fmt: skip
+
+
+def discard(
+    conn: psycopg.Connection[Any],
+    settings: OutboxSettings,
+    ids: Sequence[int],
+    *,
+    reason: str,
+    actor: str,
+) -> list[int]:
+    """Delete dead letters for good (they stay described in the log); a reason is required."""
+    if not reason.strip():
+        raise ValueError("discarding an event needs a reason")
+    change = f"DELETE FROM {settings.events_table} AS e USING target WHERE e.id = target.id"
+    return _act(conn, settings, Selection(ids=ids), action="discard", change=change,
+                reason=reason, actor=actor)  # fmt: skip
+
+
+def replay(
+    conn: psycopg.Connection[Any], settings: OutboxSettings, selection: Selection
+) -> list[int]:
+    """Mark retained published rows unpublished again, so the relay sends them again with
+    their original event_id (consumers' dedup recognises the ones they processed)."""
+    where, params = selection.where("created_at")
+    with conn.transaction():
+        rows = conn.execute(
+            f"UPDATE {settings.events_table} AS e SET published_at = NULL, attempts = 0,"
+            f" next_attempt_at = NULL, last_error = NULL"
+            f" WHERE e.published_at IS NOT NULL AND {where} RETURNING e.id",
+            params,
+        ).fetchall()
+    return sorted(int(r[0]) for r in rows)

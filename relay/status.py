@@ -1,0 +1,185 @@
+"""``outbox-relay status``: is the outbox flowing, what is stuck and why, who owns what.
+
+Queries only; each figure is one read of the outbox table or of PostgreSQL's lock table, so
+the command is safe to run from cron or a Kubernetes probe.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import psycopg
+
+from outbox.settings import OutboxSettings
+from relay.shards import lock_class
+
+_BACKLOG_BY_TOPIC = """
+SELECT topic, count(*), extract(epoch FROM now() - min(created_at))
+FROM {events} WHERE published_at IS NULL AND dead_lettered_at IS NULL
+GROUP BY topic ORDER BY topic
+"""
+_BACKLOG_BY_SHARD = """
+SELECT shard, count(*) FROM {events}
+WHERE published_at IS NULL AND dead_lettered_at IS NULL GROUP BY shard ORDER BY shard
+"""
+_COUNTS = """
+SELECT
+  count(*) FILTER (WHERE published_at IS NULL AND dead_lettered_at IS NULL),
+  extract(epoch FROM now() - min(created_at)
+          FILTER (WHERE published_at IS NULL AND dead_lettered_at IS NULL)),
+  count(*) FILTER (WHERE published_at IS NULL AND dead_lettered_at IS NULL AND attempts > 0),
+  count(*) FILTER (WHERE dead_lettered_at IS NOT NULL AND published_at IS NULL),
+  count(*) FILTER (WHERE published_at > now() - interval '1 minute')
+FROM {events}
+"""
+# A key is blocked when an earlier unpublished row of it is failing (waiting for a retry) or,
+# when dead letters block their key, dead-lettered.
+_BLOCKED = """
+SELECT count(DISTINCT e.key), extract(epoch FROM now() - min(e.created_at))
+FROM {events} AS e
+WHERE e.published_at IS NULL AND e.dead_lettered_at IS NULL AND e.key IS NOT NULL
+  AND EXISTS (
+    SELECT 1 FROM {events} AS b
+    WHERE b.key = e.key AND b.id < e.id AND b.published_at IS NULL
+      AND ((b.attempts > 0 AND b.dead_lettered_at IS NULL)
+           OR (%(dead_letters_block)s AND b.dead_lettered_at IS NOT NULL)))
+"""
+_RELAYS = """
+SELECT a.application_name, a.pid, a.client_addr::text,
+       extract(epoch FROM now() - a.backend_start), extract(epoch FROM now() - a.state_change),
+       (SELECT count(*) FROM pg_locks AS s
+        WHERE s.locktype = 'advisory' AND s.classid = %(shards)s AND s.objsubid = 2
+          AND s.granted AND s.pid = m.pid)
+FROM pg_locks AS m JOIN pg_stat_activity AS a ON a.pid = m.pid
+WHERE m.locktype = 'advisory' AND m.classid = %(members)s AND m.objsubid = 2 AND m.granted
+  AND m.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+ORDER BY a.application_name
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Relay:
+    name: str
+    pid: int
+    client: str | None
+    up_seconds: float
+    last_seen_seconds: float
+    shards: int
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    backlog: int
+    oldest_unpublished_seconds: float | None
+    waiting_for_retry: int
+    dead_lettered: int
+    blocked_keys: int
+    oldest_blocked_seconds: float | None
+    published_last_minute: int | None
+    backlog_by_topic: list[tuple[str, int, float]] = field(default_factory=list)
+    backlog_by_shard: dict[int, int] = field(default_factory=dict)
+    relays: list[Relay] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["backlog_by_topic"] = [
+            {"topic": t, "backlog": n, "oldest_seconds": age} for t, n, age in self.backlog_by_topic
+        ]
+        return data
+
+
+def _seconds(value: Any) -> float | None:
+    return None if value is None else round(float(value), 3)
+
+
+def read(
+    conn: psycopg.Connection[Any],
+    settings: OutboxSettings,
+    *,
+    dead_letters_block: bool,
+    retention_kept: bool,
+) -> Status:
+    """Every figure of the status, read in one snapshot (one REPEATABLE READ transaction)."""
+    events = settings.events_table
+    with conn.transaction():
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        backlog, oldest, retrying, dead, last_minute = conn.execute(
+            _COUNTS.format(events=events)
+        ).fetchone() or (0, None, 0, 0, 0)
+        blocked, oldest_blocked = conn.execute(
+            _BLOCKED.format(events=events), {"dead_letters_block": dead_letters_block}
+        ).fetchone() or (0, None)
+        by_topic = conn.execute(_BACKLOG_BY_TOPIC.format(events=events)).fetchall()
+        by_shard = conn.execute(_BACKLOG_BY_SHARD.format(events=events)).fetchall()
+        relays = conn.execute(
+            _RELAYS,
+            {"shards": lock_class(settings, "shards"), "members": lock_class(settings, "members")},
+        ).fetchall()
+    return Status(
+        backlog=int(backlog),
+        oldest_unpublished_seconds=_seconds(oldest),
+        waiting_for_retry=int(retrying),
+        dead_lettered=int(dead),
+        blocked_keys=int(blocked),
+        oldest_blocked_seconds=_seconds(oldest_blocked),
+        published_last_minute=int(last_minute) if retention_kept else None,
+        backlog_by_topic=[(t, int(n), _seconds(age) or 0.0) for t, n, age in by_topic],
+        backlog_by_shard={int(s): int(n) for s, n in by_shard},
+        relays=[
+            Relay(
+                _relay_name(name),
+                int(pid),
+                client,
+                _seconds(up) or 0.0,
+                _seconds(seen) or 0.0,
+                int(shards),
+            )
+            for name, pid, client, up, seen, shards in relays
+        ],
+    )
+
+
+def _relay_name(application_name: str) -> str:
+    # relay.pg names the ownership session "outbox-relay owner <relay id>".
+    return application_name.removeprefix("outbox-relay owner ").strip() or application_name
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return str(dt.timedelta(seconds=round(seconds)))
+
+
+def render(status: Status) -> str:
+    """The human-readable table."""
+    published = (
+        "n/a (rows are deleted on publish; run the relay with --retention to keep them)"
+        if status.published_last_minute is None
+        else str(status.published_last_minute)
+    )
+    lines = [
+        f"backlog (unpublished)          {status.backlog}",
+        f"oldest unpublished             {_age(status.oldest_unpublished_seconds)}",
+        f"waiting for a retry            {status.waiting_for_retry}",
+        f"dead-lettered                  {status.dead_lettered}",
+        f"keys blocked behind a failure  {status.blocked_keys}"
+        + (f" (oldest {_age(status.oldest_blocked_seconds)})" if status.blocked_keys else ""),
+        f"published in the last minute   {published}",
+        "",
+        f"{'topic':40} {'backlog':>9} {'oldest':>10}",
+    ]
+    lines += [f"{t:40} {n:>9} {_age(age):>10}" for t, n, age in status.backlog_by_topic] or [
+        "(none)"
+    ]
+    if status.backlog_by_shard:
+        shards = ", ".join(f"{s}:{n}" for s, n in sorted(status.backlog_by_shard.items()))
+        lines += ["", f"backlog by shard (shard:rows)  {shards}"]
+    lines += ["", f"{'relay':36} {'pid':>7} {'shards':>6} {'up':>10} {'last seen':>10}"]
+    lines += [
+        f"{r.name:36} {r.pid:>7} {r.shards:>6} {_age(r.up_seconds):>10} "
+        f"{_age(r.last_seen_seconds) + ' ago':>10}"
+        for r in status.relays
+    ] or ["(no relay running)"]
+    return "\n".join(lines)
