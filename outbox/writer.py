@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from outbox.connections import execute, execute_async
 from outbox.envelope import Envelope, Event, Headers, Key, Serializer, json_serializer, seal
 from outbox.settings import OutboxSettings
+from outbox.tracing import with_trace_context
 
 if TYPE_CHECKING:
     from outbox.connections import AsyncDB, SyncDB
@@ -110,4 +111,5 @@ class Outbox:
         return [envelope.event_id for envelope in envelopes]
 
     def _seal(self, event: Event, serializer: Serializer | None) -> Envelope:
+        event = with_trace_context(event)  # with OpenTelemetry: the current trace's headers
         return seal(event, settings=self.settings, serializer=serializer or self.serializer)

@@ -30,7 +30,7 @@ import structlog
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from sqlalchemy.orm import Session
 
-from outbox import dedup
+from outbox import dedup, tracing
 from outbox.envelope import EVENT_ID_HEADER
 from outbox.settings import OutboxSettings
 from relay.backoff import full_jitter
@@ -189,8 +189,27 @@ class ConsumeLoop:
         ):
             log.info("consumer.duplicate_skipped", message_id=message_id, origin=_origin(message))
             return False
-        self.handler(session, message)
+        self._handle(session, message, message_id)
         return True
+
+    def _handle(self, session: Session, message: Message, message_id: str) -> None:
+        """Run the handler; with OpenTelemetry, inside a CONSUMER span that continues the trace
+        whose context the message's headers carry (``traceparent``, as ``outbox.add`` stores it)."""
+        if not tracing.available():
+            self.handler(session, message)
+            return
+        attributes: dict[str, str | int] = {
+            "messaging.system": "kafka",
+            "messaging.operation.type": "process",
+            "messaging.operation.name": "process",
+            "messaging.destination.name": message.topic() or "",
+            "messaging.destination.partition.id": str(message.partition()),
+            "messaging.kafka.offset": message.offset() or 0,
+            "messaging.consumer.group.name": self.settings.name,
+            "messaging.message.id": message_id,
+        }
+        with tracing.consuming(message.topic() or "", header_pairs(message), attributes):
+            self.handler(session, message)
 
     def _in_one_transaction(self, messages: list[Message]) -> bool:
         try:
@@ -220,7 +239,7 @@ class ConsumeLoop:
                 continue
             if new is not None:
                 new.discard(message_id)  # a second copy in the same batch is a duplicate
-            self.handler(session, message)
+            self._handle(session, message, message_id)
             applied += 1
         return applied
 

@@ -13,6 +13,7 @@ OUTBOX_MODULES = [
     "outbox.errors",
     "outbox.settings",
     "outbox.testing",
+    "outbox.tracing",
     "outbox.urls",
     "outbox.writer",
 ]
@@ -36,6 +37,12 @@ def test_outbox_imports_neither_relay_nor_confluent_kafka() -> None:
     loaded = imported_after(*OUTBOX_MODULES)
     offenders = {m for m in loaded if m.split(".")[0] in {"relay", "confluent_kafka"}}
     assert offenders == set()
+
+
+def test_importing_outbox_does_not_import_opentelemetry() -> None:
+    """OpenTelemetry, when installed, is imported lazily by the first write, not by imports."""
+    loaded = imported_after(*OUTBOX_MODULES)
+    assert {m for m in loaded if m.split(".")[0] == "opentelemetry"} == set()
 
 
 def test_outbox_does_not_need_greenlet_for_sync_use() -> None:
