@@ -85,6 +85,13 @@ SELECT EXISTS (
               AND d.published_at IS NULL AND d.dead_lettered_at IS NOT NULL)))
 """
 
+# For the backlog gauges (only with --metrics-port, every few seconds): one pass over the
+# partial index of unpublished rows.
+_BACKLOG = """
+SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8
+FROM {events} WHERE published_at IS NULL AND dead_lettered_at IS NULL
+"""
+
 
 def _sql(template: str, settings: OutboxSettings) -> str:
     return template.replace("{events}", settings.events_table)
@@ -132,6 +139,7 @@ class OutboxSource:
         self._failures_sql = _sql(_RECORD_FAILURES, events)
         self._purge_sql = _sql(_PURGE, events)
         self._deliverable_sql = _sql(_DELIVERABLE, events)
+        self._backlog_sql = _sql(_BACKLOG, events)
         self._conn: psycopg.Connection[Any] | None = None
 
     @property
@@ -196,6 +204,12 @@ class OutboxSource:
         ).fetchone()
         self.connection.rollback()
         return bool(row and row[0])
+
+    def backlog(self) -> tuple[int, float]:
+        """Unpublished, not dead-lettered rows (all shards) and the oldest one's age in seconds."""
+        row = self.connection.execute(self._backlog_sql).fetchone()
+        self.connection.rollback()
+        return (int(row[0]), float(row[1])) if row else (0, 0.0)
 
     def purge(self, retention: float, *, batch: int = 1000, max_batches: int = 10) -> int:
         """Delete published rows older than ``retention`` seconds, in small transactions."""

@@ -363,6 +363,20 @@ def _default(name: str) -> Any:
     "Exit 0 once no deliverable row is left (for scripts and tests).",
     is_flag=True,
 )
+@_option(
+    "--metrics-port",
+    "OUTBOX_METRICS_PORT",
+    "Serve Prometheus /metrics and the /healthz and /readyz probes on this port "
+    "[default: not served].",
+    type=click.IntRange(min=1, max=65535),
+    default=_default("metrics_port"),
+)
+@_option(
+    "--metrics-host",
+    "OUTBOX_METRICS_HOST",
+    "Address the metrics server listens on.",
+    default=_default("metrics_host"),
+)
 @_handle_errors
 def run(
     database_url: str | None,
@@ -396,7 +410,12 @@ def run(
     )
     structlog.contextvars.bind_contextvars(relay_id=settings.relay_id)
     publisher = KafkaPublisher(settings)
-    serve(settings, publisher, check_broker=lambda: publisher.check_reachable(connect_timeout))
+    serve(
+        settings,
+        publisher,
+        check_broker=lambda: publisher.check_reachable(connect_timeout),
+        probe_broker=publisher.check_reachable,
+    )
 
 
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}

@@ -109,6 +109,10 @@ class RelaySettings:
     probe_size: int = 10
     #: Exit 0 once no unpublished, deliverable row is left (for scripts and tests).
     exit_when_idle: bool = False
+    #: Port of the HTTP server for /metrics, /healthz and /readyz; None serves nothing.
+    metrics_port: int | None = None
+    #: Address that server listens on.
+    metrics_host: str = "0.0.0.0"  # noqa: S104 - a metrics endpoint is meant to be scraped
 
     def __post_init__(self) -> None:
         if not self.kafka_bootstrap_servers.strip():
@@ -128,3 +132,5 @@ class RelaySettings:
             _positive(name, getattr(self, name))
         if self.retention < 0:
             raise ConfigurationError(f"retention must be 0 or more seconds, got {self.retention}")
+        if self.metrics_port is not None and not 1 <= self.metrics_port <= 65535:
+            raise ConfigurationError(f"metrics_port must be 1..65535, got {self.metrics_port}")

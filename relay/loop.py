@@ -15,6 +15,7 @@ import contextlib
 import select
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import psycopg
 import structlog
@@ -28,11 +29,16 @@ from relay.shards import ShardOwner
 from relay.signals import StopSignal
 from schema import migrator
 
+if TYPE_CHECKING:
+    from relay.metrics import RelayMetrics
+
 log = structlog.get_logger("relay.loop")
 
 #: How often published rows past their retention are purged, and progress is logged (seconds).
 PURGE_EVERY = 10.0
 PROGRESS_EVERY = 10.0
+#: How often the backlog gauges are refreshed when metrics are enabled (seconds).
+BACKLOG_EVERY = 5.0
 
 
 class Relay:
@@ -45,8 +51,11 @@ class Relay:
         stop: StopSignal,
         *,
         clock: Callable[[], float] = time.monotonic,
+        metrics: RelayMetrics | None = None,
     ) -> None:
         self.settings = settings
+        #: Prometheus metrics and health state, or None (no --metrics-port): nothing recorded.
+        self.metrics = metrics
         self.publisher = publisher
         self.stop = stop
         self.clock = clock
@@ -65,12 +74,16 @@ class Relay:
         self._next_purge = 0.0
         self._next_progress = 0.0
         self._published_at_progress = 0
+        self._next_backlog = 0.0
+        self._breaker_reported: BreakerState | None = None
 
     def connect(self) -> None:
         """Open both connections; raises when PostgreSQL is unreachable."""
         self.source.connect()
         self.shards.connect()
         self._next_rebalance = 0.0
+        if self.metrics is not None:
+            self.metrics.health.database_ok = True
 
     def run(self) -> None:
         """Loop until a stop is requested (signal, or idle with ``exit_when_idle``)."""
@@ -80,6 +93,11 @@ class Relay:
                 self.step()
             except psycopg.Error as exc:
                 self._recover_database(exc)
+            else:
+                if self.metrics is not None:
+                    self.metrics.health.database_ok = True
+            if self.metrics is not None:
+                self.metrics.health.beat()
         log.info("relay.stopping", reason=self.stop.reason, published=self.published)
 
     def step(self) -> None:
@@ -93,11 +111,17 @@ class Relay:
             if removed:
                 log.info("relay.purged", rows=removed, retention_s=self.settings.retention)
             self._next_purge = now + PURGE_EVERY
+        if self.metrics is not None and now >= self._next_backlog:
+            self.metrics.set_backlog(*self.source.backlog())
+            self._next_backlog = now + BACKLOG_EVERY
         self._log_progress(now)
-        if not self.breaker.allow():
+        allowed = self.breaker.allow()
+        self._report_breaker()
+        if not allowed:
             self._wait(min(self.breaker.seconds_until_probe(), self.settings.poll_interval))
             return
         limit = self.breaker.batch_limit(self.settings.batch_size)
+        started = self.clock()
         rows = self.source.claim(
             limit, owner_pid=self.shards.pid, shard_class=self.shards.shard_class
         )
@@ -110,6 +134,8 @@ class Relay:
             return
         outcomes = self.publisher.publish(rows, should_abort=self._grace_expired)
         self._finish(rows, outcomes)
+        if self.metrics is not None:
+            self.metrics.observe_batch(rows, outcomes, self.clock() - started)
 
     def _finish(self, rows: Sequence[ClaimedRow], outcomes: Sequence[Outcome]) -> None:
         delivered = [o.row_id for o in outcomes if o.result is Result.DELIVERED]
@@ -126,6 +152,8 @@ class Relay:
         for failure in failures:
             if failure.dead:
                 self.dead_lettered += 1
+                if self.metrics is not None:
+                    self.metrics.events_dead_lettered.inc()
                 log.warning("event.dead_lettered", row_id=failure.row_id, error=failure.error)
         broker_failures = [o for o in outcomes if o.result is Result.BROKER]
         self._record_batch(ok=bool(delivered) or not broker_failures, outcomes=broker_failures)
@@ -136,6 +164,7 @@ class Relay:
         after = self.breaker.state
         if after is before:
             return
+        self._report_breaker()
         error = outcomes[0].error if outcomes else ""
         probe_in_s = round(self.breaker.seconds_until_probe(), 1)
         if after is BreakerState.OPEN and before is BreakerState.CLOSED:
@@ -145,8 +174,16 @@ class Relay:
         elif after is BreakerState.CLOSED:
             log.info("kafka.available", breaker=after.value)
 
+    def _report_breaker(self) -> None:
+        state = self.breaker.state
+        if self.metrics is not None and state is not self._breaker_reported:
+            self.metrics.set_breaker(state)
+            self._breaker_reported = state
+
     def _rebalance(self) -> None:
         acquired, released = self.shards.rebalance()
+        if self.metrics is not None:
+            self.metrics.shards_owned.set(len(self.shards.owned))
         if acquired or released:
             log.info(
                 "shards.rebalanced",
@@ -185,10 +222,17 @@ class Relay:
         """
         log.error("database.unavailable", error=" ".join(str(exc).split()) or type(exc).__name__)
         self.close_connections()
+        if self.metrics is not None:
+            self.metrics.health.database_ok = False
+            self.metrics.shards_owned.set(0)
         attempt = 0
         while not self.stop.requested:
             delay = full_jitter(attempt, base=0.5, cap=30.0)
+            if self.metrics is not None:  # reconnecting is being alive
+                self.metrics.health.beat()
             self._sleep(delay)
+            if self.metrics is not None:
+                self.metrics.health.beat()
             if self.stop.requested:
                 return
             try:
@@ -211,19 +255,40 @@ class Relay:
 
 
 def serve(
-    settings: RelaySettings, publisher: Publisher, *, check_broker: Callable[[], None]
+    settings: RelaySettings,
+    publisher: Publisher,
+    *,
+    check_broker: Callable[[], None],
+    probe_broker: Callable[[float], None] | None = None,
 ) -> None:
     """Start a relay, run it until stopped, and shut it down cleanly.
 
     Raises (before running) when PostgreSQL is unreachable, the schema is not current, or the
     broker does not answer: the CLI turns each into one message and its exit code.
+
+    With ``settings.metrics_port``, serves metrics and health probes meanwhile; ``/readyz``
+    calls ``probe_broker(timeout)`` (raising when the broker does not answer in time) from the
+    HTTP thread.
     """
+    metrics: RelayMetrics | None = None
+    server = None
+    if settings.metrics_port is not None:
+        from relay import metrics as relay_metrics  # prometheus-client only when asked for
+
+        health = relay_metrics.Health(
+            stale_after=relay_metrics.heartbeat_timeout(settings), probe_broker=probe_broker
+        )
+        metrics = relay_metrics.RelayMetrics(health=health)
+        server = relay_metrics.MetricsServer(metrics, settings.metrics_host, settings.metrics_port)
+        server.start()
     stop = StopSignal()
     stop.install()
-    relay = Relay(settings, publisher, stop)
+    relay = Relay(settings, publisher, stop, metrics=metrics)
     try:
         relay.connect()
         migrator.require_current(relay.source.connection, settings.outbox)
+        if metrics is not None:
+            metrics.health.schema_current = True
         relay.source.release()
         check_broker()
         relay.run()
@@ -231,4 +296,6 @@ def serve(
         relay.close_connections()
         stop.restore()
         stop.close()
+        if server is not None:
+            server.close()
     log.info("relay.stopped", reason=stop.reason, published=relay.published)
