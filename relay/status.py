@@ -174,8 +174,12 @@ def render(status: Status) -> str:
         "(none)"
     ]
     if status.backlog_by_shard:
-        shards = ", ".join(f"{s}:{n}" for s, n in sorted(status.backlog_by_shard.items()))
-        lines += ["", f"backlog by shard (shard:rows)  {shards}"]
+        busiest = sorted(status.backlog_by_shard.items(), key=lambda item: -item[1])[:8]
+        lines += [
+            "",
+            f"backlog in {len(status.backlog_by_shard)} of 256 shards; busiest (shard:rows) "
+            + ", ".join(f"{s}:{n}" for s, n in busiest),
+        ]
     lines += ["", f"{'relay':36} {'pid':>7} {'shards':>6} {'up':>10} {'last seen':>10}"]
     lines += [
         f"{r.name:36} {r.pid:>7} {r.shards:>6} {_age(r.up_seconds):>10} "
