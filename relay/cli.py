@@ -5,11 +5,12 @@ Every option can also be set through the environment variable shown in ``--help`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import functools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NoReturn, TypeVar
 
 import click
@@ -470,6 +471,17 @@ def dedup_purge(
     click.echo(f"deleted {deleted} dedup records older than {older_than}")
 
 
+@contextlib.contextmanager
+def _checked_connection(
+    database_url: str | None, connect_timeout: float, settings: OutboxSettings
+) -> Iterator[psycopg.Connection[Any]]:
+    """A connection to a database whose outbox schema is current, outside any transaction."""
+    with pg.connect(database_url or "", connect_timeout=connect_timeout) as conn:
+        migrator.require_current(conn, settings)
+        conn.rollback()
+        yield conn
+
+
 def _when(text: str | None) -> dt.datetime | None:
     """An ISO 8601 time (UTC when it has no offset), or a duration ago: 15m, 12h, 7d."""
     if text is None:
@@ -522,9 +534,7 @@ def status_command(
 ) -> None:
     """Backlog, lag, retries, dead letters, blocked keys, and the live relays with their shards."""
     settings = _settings(schema_name, table_prefix)
-    with pg.connect(database_url or "", connect_timeout=connect_timeout) as conn:
-        migrator.require_current(conn, settings)
-        conn.rollback()
+    with _checked_connection(database_url, connect_timeout, settings) as conn:
         found = status.read(
             conn, settings, dead_letters_block=on_dead_letter == "block",
             retention_kept=float(retention_kept or 0) > 0,
@@ -574,9 +584,7 @@ def dead_letters_list(
 ) -> None:  # fmt: skip
     """Dead-lettered events with their error and attempts (or, with --history, the log)."""
     settings = _settings(schema_name, table_prefix)
-    with pg.connect(database_url or "", connect_timeout=connect_timeout) as conn:
-        migrator.require_current(conn, settings)
-        conn.rollback()
+    with _checked_connection(database_url, connect_timeout, settings) as conn:
         if history:
             for entry in dead_letters.history(conn, settings, limit):
                 click.echo(json.dumps(entry, default=str) if as_json else
@@ -617,9 +625,7 @@ def dead_letters_retry(
             "choose what to retry: --id, --topic, --key, --since/--until or --all"
         )
     settings = _settings(schema_name, table_prefix)
-    with pg.connect(database_url or "", connect_timeout=connect_timeout) as conn:
-        migrator.require_current(conn, settings)
-        conn.rollback()
+    with _checked_connection(database_url, connect_timeout, settings) as conn:
         retried = dead_letters.retry(conn, settings, selection, actor=actor, reason=reason)
     if not retried:
         _fail("no dead letter matched", ExitCode.NOTHING_MATCHED)
@@ -641,9 +647,7 @@ def dead_letters_discard(
     if not reason.strip():
         raise click.BadParameter("a reason is required", param_hint="--reason")
     settings = _settings(schema_name, table_prefix)
-    with pg.connect(database_url or "", connect_timeout=connect_timeout) as conn:
-        migrator.require_current(conn, settings)
-        conn.rollback()
+    with _checked_connection(database_url, connect_timeout, settings) as conn:
         discarded = dead_letters.discard(conn, settings, ids, reason=reason, actor=actor)
     if not discarded:
         _fail("no dead letter matched", ExitCode.NOTHING_MATCHED)
@@ -678,9 +682,7 @@ def replay_command(
     selection = dead_letters.Selection(topic=topic, since=_when(since), until=_when(until),
                                        from_id=from_id, to_id=to_id)  # fmt: skip
     settings = _settings(schema_name, table_prefix)
-    with pg.connect(database_url or "", connect_timeout=connect_timeout) as conn:
-        migrator.require_current(conn, settings)
-        conn.rollback()
+    with _checked_connection(database_url, connect_timeout, settings) as conn:
         replayed = dead_letters.replay(conn, settings, selection)
     if not replayed:
         _fail(
