@@ -39,3 +39,4 @@ def test_compose_file_is_accepted_and_runs_two_relays_after_the_schema() -> None
     assert config.count("condition: service_completed_successfully") == 2
     assert config.count("condition: service_healthy") >= 3
     assert "OUTBOX_KAFKA_BOOTSTRAP_SERVERS: kafka:9092" in config
+    assert config.count("/healthz") == 2  # each relay has a liveness check of its own
