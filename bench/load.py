@@ -1,0 +1,274 @@
+"""A steady load through a running relay, timed event by event: writers commit events at a fixed
+rate, a consumer records when each one arrives, and the latency of an event is its arrival
+minus its transaction's commit (both ``time.time()`` on this machine).
+
+Writers are processes of their own (so neither they nor the consumer wait on each other's
+GIL). Writer ``w`` of ``n`` writes events ``i = w, w + n, w + 2n, ...`` (payload
+``common.payload(i, 256)``, key ``key-(i % 1000)``), ``per_commit`` events a transaction
+and records each commit's time: single events with ``outbox.add``, several with one
+``INSERT ... SELECT`` generating the same rows in the server (``common.insert_rows``), so the
+bench's own writers take as little of the two cores from the relay as possible (what
+``outbox.add_many`` costs is the writer section's business). The consumer finds ``i`` in the
+payload.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import math
+import multiprocessing
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+import common
+import psycopg
+from confluent_kafka import Consumer, TopicPartition
+
+import outbox
+
+SIZE = 256
+#: A writer commits at most this many events a second (measured: one Python process commits
+#: about 500 transactions of 20 events a second here, with nothing else running).
+EVENTS_PER_WRITER = 5_000
+WARMUP = b"warm-up"
+#: Tansu answers a fetch when its wait runs out rather than as soon as data arrives, so the
+#: consumer's fetch.wait.max.ms is added to the latency it sees (up to that much). 1 ms keeps
+#: Tansu answering empty fetches so often that at 10,000 events/s the writers fall behind on
+#: two cores; 2 ms does not.
+FETCH_WAIT_MS = 2
+
+
+def shape(rate: float) -> tuple[int, int]:
+    """(writers, events per transaction) for ``rate`` events/s: single-event transactions up to
+    200/s; above, 20 events a commit, and one writer per 5,000 events/s."""
+    if rate <= 200:
+        return 1, 1
+    return max(1, math.ceil(rate / EVENTS_PER_WRITER)), 20
+
+
+class Receiver:
+    """A consumer thread reading ``topic`` from the start: arrival time of each event ``i``."""
+
+    def __init__(self, bootstrap: str, topic: str, capacity: int) -> None:
+        self.arrived = array.array("d", bytes(8 * capacity))
+        self.count = 0
+        self.duplicates = 0
+        self.warm = threading.Event()
+        self._stop = threading.Event()
+        self._consumer = Consumer(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": topic,
+                "fetch.wait.max.ms": FETCH_WAIT_MS,
+                "enable.auto.commit": False,
+                **common.QUIET,
+            }
+        )
+        self._consumer.assign([TopicPartition(topic, p, 0) for p in range(common.PARTITIONS)])
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        arrived, consumer = self.arrived, self._consumer
+        while not self._stop.is_set():
+            first = consumer.poll(0.05)  # returns as soon as a message is there
+            if first is None:
+                continue
+            now = time.time()
+            # Whatever else is queued arrived before now: take it without waiting.
+            for msg in (first, *consumer.consume(10_000, 0)):
+                if msg.error() is not None:
+                    continue
+                value = msg.value()
+                i = common.event_number(value)
+                if i is None:
+                    if value == WARMUP:
+                        self.warm.set()
+                elif arrived[i] == 0.0:
+                    arrived[i] = now
+                    self.count += 1
+                else:
+                    self.duplicates += 1
+        consumer.close()
+
+    def wait_for(self, count: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.count < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.count >= count
+
+    def __enter__(self) -> Receiver:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def warm_up(
+    database_url: str, topic: str, receiver: Receiver, relay: common.Relay, timeout: float = 30
+) -> None:
+    """One event through the relay: once it arrived, the relay owns its shards and its
+    producer is connected."""
+    with psycopg.connect(database_url) as conn:
+        outbox.add(conn, topic, WARMUP, key="warm-up")
+        conn.commit()
+    deadline = time.monotonic() + timeout
+    while not receiver.warm.wait(0.1):
+        relay.check()
+        if time.monotonic() > deadline:
+            tail = "\n".join(relay.log_lines()[-20:])
+            raise TimeoutError(f"the warm-up event did not arrive within {timeout} s:\n{tail}")
+
+
+def _writer(
+    database_url: str,
+    topic: str,
+    rate: float,
+    seconds: float,
+    per_commit: int,
+    index: int,
+    writers: int,
+    start_at: float,
+    out: Connection,
+) -> None:
+    """A writer process: ``rate`` events/s for ``seconds`` from wall time ``start_at``; sends
+    back its commit times."""
+    commits = array.array("d")
+    with psycopg.connect(database_url) as conn:
+        interval = per_commit / rate
+        time.sleep(max(0.0, start_at - time.time()))
+        next_at = time.monotonic()
+        end = next_at + seconds
+        k = 0
+        while time.monotonic() < end:
+            first = index + writers * k
+            if per_commit == 1:
+                outbox.add(conn, topic, common.payload(first, SIZE), key=common.key(first))
+            else:
+                common.insert_rows(conn, topic, per_commit, SIZE, first=first, step=writers)
+            conn.commit()
+            commits.append(time.time())
+            k += per_commit
+            next_at += interval
+            time.sleep(max(0.0, next_at - time.monotonic()))
+    out.send_bytes(commits.tobytes())
+    out.close()
+
+
+@dataclass
+class Load:
+    rate: float  # asked for
+    seconds: float
+    writers: int
+    per_commit: int
+    started: float  # wall time the writers started
+    commits: list[array.array[float]]  # per writer, per transaction
+
+    @property
+    def written(self) -> int:
+        return sum(len(c) for c in self.commits) * self.per_commit
+
+    def latencies(self, receiver: Receiver) -> tuple[list[tuple[float, float]], int]:
+        """([(commit time, latency in ms)] of every arrived event, number missing)."""
+        out, missing = [], 0
+        n, per = self.writers, self.per_commit
+        arrived = receiver.arrived
+        for w, commits in enumerate(self.commits):
+            for t, committed in enumerate(commits):
+                for j in range(per):
+                    at = arrived[w + n * (t * per + j)]
+                    if at:
+                        out.append((committed, 1000 * (at - committed)))
+                    else:
+                        missing += 1
+        return out, missing
+
+
+def capacity(rate: float, seconds: float) -> int:
+    writers, per_commit = shape(rate)
+    return int(rate * seconds * 1.2) + 2 * writers * per_commit + 10
+
+
+def write(database_url: str, topic: str, rate: float, seconds: float) -> Load:
+    """Run the writers to the end; their commit times."""
+    writers, per_commit = shape(rate)
+    ctx = multiprocessing.get_context("spawn")
+    start_at = time.time() + 1.0  # every writer started and connected by then
+    procs, pipes = [], []
+    for index in range(writers):
+        receive, send = ctx.Pipe(duplex=False)
+        proc = ctx.Process(
+            target=_writer,
+            args=(
+                database_url,
+                topic,
+                rate / writers,
+                seconds,
+                per_commit,
+                index,
+                writers,
+                start_at,
+                send,
+            ),
+        )
+        proc.start()
+        send.close()
+        procs.append(proc)
+        pipes.append(receive)
+    commits = []
+    for proc, pipe in zip(procs, pipes, strict=True):
+        try:
+            data = pipe.recv_bytes()
+        except EOFError:
+            data = b""
+        proc.join()
+        if proc.exitcode != 0:
+            raise RuntimeError(f"writer exited with code {proc.exitcode}")
+        times = array.array("d")
+        times.frombytes(data)
+        commits.append(times)
+    return Load(rate, seconds, writers, per_commit, start_at, commits)
+
+
+def summary(
+    samples: list[tuple[float, float]],
+    missing: int,
+    load: Load,
+    receiver: Receiver,
+) -> dict[str, Any]:
+    ordered = sorted(latency for _, latency in samples)
+    return {
+        "rate": load.rate,
+        "achieved_rate": load.written / load.seconds,
+        "writers": load.writers,
+        "events_per_commit": load.per_commit,
+        "written": load.written,
+        "delivered": len(ordered),
+        "missing": missing,
+        "duplicates": receiver.duplicates,
+        "p50_ms": common.percentile(ordered, 50),
+        "p99_ms": common.percentile(ordered, 99),
+        "p999_ms": common.percentile(ordered, 99.9),
+        "max_ms": ordered[-1] if ordered else math.nan,
+    }
+
+
+@contextlib.contextmanager
+def relay_and_receiver(
+    env: common.Env, database_url: str, topic: str, cap: int, *relay_args: str
+) -> Iterator[tuple[common.Relay, Receiver]]:
+    """A running relay (warmed up) and a receiver on ``topic``."""
+    relay = common.Relay(env, database_url, *relay_args)
+    try:
+        with Receiver(env.bootstrap, topic, cap) as receiver:
+            warm_up(database_url, topic, receiver, relay)
+            yield relay, receiver
+            relay.check()
+    finally:
+        relay.stop()
