@@ -1,0 +1,162 @@
+"""Does draining scale with relays, and does it stay as fast with a big backlog?
+
+* relays: 1, 2 and 4 relays (``--exit-when-idle``, started together) on the same backlog of
+  ``--events`` events of 256 bytes;
+* backlog: one relay on 10,000 rows against 1,000,000 rows (``--backlog-big``): the speed must
+  not fall with the size of the table.
+
+Backlogs are filled by one ``INSERT ... SELECT generate_series`` and VACUUM ANALYZEd. The drain
+time of a run is from the first message the relays produced (its producer timestamp on the
+broker) until the last row of every key is published (polled every 10 ms: a relay publishes a
+key's rows in order, so then all are), which leaves out start-up, shard assignment before the
+first claim and shut-down. Every event id is then read back from the broker. Runs interleaved.
+
+    .venv/bin/python bench/scale.py [--events 100000] [--backlog-big 1000000] [--runs 3]
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import common
+
+SIZE = 256
+
+
+def drain_with(env: common.Env, events: int, relays: int) -> dict[str, float]:
+    with env.database() as url, env.topic() as topic:
+        common.fill(url, topic, events, SIZE)
+        last_ids = common.last_row_of_each_key(url)
+        expected = common.event_ids(url)
+        start = time.time()
+        procs = [common.Relay(env, url, "--exit-when-idle") for _ in range(relays)]
+        try:
+            with common.RssSampler([p.pid for p in procs]) as rss:
+                done = common.wait_until_published(url, last_ids, procs)
+                for p in procs:
+                    p.wait()
+            exited = time.time()
+        finally:
+            for p in procs:
+                p.stop()
+        back = common.read_back(env.bootstrap, topic, expected)
+    drain_s = done - back.first_ts
+    return {
+        "events_per_s": events / drain_s,
+        "drain_s": drain_s,
+        "start_to_published_s": done - start,
+        "start_to_all_exited_s": exited - start,
+        "peak_rss_mb": rss.peak_mb,
+        "delivered": back.delivered,
+        "duplicates": back.duplicates,
+    }
+
+
+def _summary(runs: list[dict[str, float]]) -> dict[str, Any]:
+    return {
+        "events_per_s": common.median(r["events_per_s"] for r in runs),
+        "start_to_all_exited_s": common.median(r["start_to_all_exited_s"] for r in runs),
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+        "delivered": min(r["delivered"] for r in runs),
+        "duplicates": sum(r["duplicates"] for r in runs),
+        "runs": runs,
+    }
+
+
+def measure_relays(env: common.Env, opts: common.Options) -> dict[str, Any]:
+    runs: dict[int, list[dict[str, float]]] = {n: [] for n in opts.relays}
+    for run in range(opts.runs):
+        for n in opts.relays:
+            runs[n].append(drain_with(env, opts.events, n))
+            common.progress(
+                f"scale run {run + 1}/{opts.runs}, {n} relay(s): "
+                f"{runs[n][-1]['events_per_s']:,.0f} events/s"
+            )
+    out = {str(n): _summary(r) for n, r in runs.items()}
+    one = out[str(opts.relays[0])]["events_per_s"]
+    for r in out.values():
+        r["ratio_to_one"] = common.ratio(r["events_per_s"], one)
+    return {"events": opts.events, "size": SIZE, "relays": out}
+
+
+def measure_backlog(env: common.Env, opts: common.Options) -> dict[str, Any]:
+    small, big = opts.backlog_small, opts.backlog_big
+    runs: dict[int, list[dict[str, float]]] = {small: [], big: []}
+    for run in range(opts.runs):
+        for events in (small, big):
+            runs[events].append(drain_with(env, events, 1))
+            common.progress(
+                f"backlog run {run + 1}/{opts.runs}, {events:,} rows: "
+                f"{runs[events][-1]['events_per_s']:,.0f} events/s"
+            )
+    out = {str(n): _summary(r) for n, r in runs.items()}
+    return {
+        "size": SIZE,
+        "small": small,
+        "big": big,
+        "backlogs": out,
+        "ratio_big_to_small": common.ratio(
+            out[str(big)]["events_per_s"], out[str(small)]["events_per_s"]
+        ),
+    }
+
+
+def measure(env: common.Env, opts: common.Options) -> dict[str, Any]:
+    return {"relays": measure_relays(env, opts), "backlog": measure_backlog(env, opts)}
+
+
+def rows(result: dict[str, Any]) -> list[common.Row]:
+    out = []
+    if "relays" in result:
+        rel = result["relays"]
+        for n, r in rel["relays"].items():
+            out.append(
+                common.Row(
+                    "scale",
+                    f"{n} relay(s), {rel['events']:,} events, first message to published",
+                    common.num(r["events_per_s"]),
+                    "events/s",
+                    f"{r['ratio_to_one']:.2f} of 1 relay; start to all exited "
+                    f"{r['start_to_all_exited_s']:.2f} s; {r['delivered']:,} on the broker",
+                )
+            )
+    if "backlog" in result:
+        b = result["backlog"]
+        small, big = b["backlogs"][str(b["small"])], b["backlogs"][str(b["big"])]
+        out += [
+            common.Row(
+                "scale",
+                f"one relay, backlog of {b['small']:,} rows",
+                common.num(small["events_per_s"]),
+                "events/s",
+                "baseline",
+            ),
+            common.Row(
+                "scale",
+                f"one relay, backlog of {b['big']:,} rows",
+                common.num(big["events_per_s"]),
+                "events/s",
+                f"{b['ratio_big_to_small']:.2f} of the small backlog; "
+                f"{big['delivered']:,} on the broker",
+            ),
+        ]
+    return out
+
+
+def targets(result: dict[str, Any]) -> list[common.Target]:
+    if "backlog" not in result:
+        return []
+    b = result["backlog"]
+    return [
+        common.Target(
+            f"drain of {b['big']:,} rows / of {b['small']:,} rows",
+            b["ratio_big_to_small"],
+            ">=",
+            0.9,
+        )
+    ]
+
+
+if __name__ == "__main__":
+    common.standalone(__doc__, "scale", measure, rows, targets)
