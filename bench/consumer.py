@@ -1,39 +1,36 @@
 """What does the dedup table cost a consumer? The consume loop with dedup against the same loop
 without it, on the same messages, in one run.
 
-Both loops run ``relay.consumer.ConsumeLoop`` in batch mode (``--batch-size`` messages per
+Both loops run ``relay.consumer.ConsumeLoop`` in batch mode (batches of 500 messages per
 transaction, offsets stored after the commit) with a handler that inserts one side-effect row
 per message; the only difference is ``deduplicate``. Timed from the first handler call to the
 last commit. Runs are interleaved and the median is reported. Embedded servers by default.
 
-    .venv/bin/python bench/consumer.py [--messages 20000] [--batch-size 500] [--runs 3]
+    .venv/bin/python bench/consumer.py [--consumer-messages 20000] [--runs 3] [--json out.json]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import statistics
 import threading
 import time
 import uuid
+from typing import Any
 
+import common
 import psycopg
 import sqlalchemy as sa
 from confluent_kafka import Message, Producer
-from confluent_kafka.admin import AdminClient, NewTopic
 from sqlalchemy.orm import Session, sessionmaker
 
-from outbox import testing, urls
-from outbox.settings import OutboxSettings
+from outbox import urls
 from relay.consumer import ConsumeLoop, ConsumerSettings
-from schema import migrator
 
-FAST_JOIN = {"session.timeout.ms": "6000", "heartbeat.interval.ms": "500"}
+FAST_JOIN = {"session.timeout.ms": "6000", "heartbeat.interval.ms": "500", "log_level": "3"}
 
 
 def produce(bootstrap: str, topic: str, messages: int) -> None:
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, **common.QUIET})
     for i in range(messages):
         body = json.dumps({"order_id": i, "total": "12.50"}).encode().ljust(256)
         while True:
@@ -73,38 +70,55 @@ def one_run(bootstrap: str, topic: str, engine: sa.Engine, messages: int, batch:
     return messages / (end - first[0])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--messages", type=int, default=20_000)
-    parser.add_argument("--batch-size", type=int, default=500)
-    parser.add_argument("--runs", type=int, default=3)
-    args = parser.parse_args()
-    with testing.postgres() as server, testing.kafka() as bootstrap:
-        name = testing.unique_name("bench_consumer")
-        database_url = testing.create_database(server, name)
+def measure(env: common.Env, opts: common.Options) -> dict[str, Any]:
+    messages, batch = opts.consumer_messages, opts.consumer_batch
+    rates: dict[bool, list[float]] = {True: [], False: []}
+    with env.database() as url, env.topic() as topic:
+        with psycopg.connect(url) as conn:
+            conn.execute("CREATE TABLE side_effects (id bigserial PRIMARY KEY, n int)")
+        produce(env.bootstrap, topic, messages)
+        engine = sa.create_engine(urls.to_sqlalchemy(url))
         try:
-            with psycopg.connect(database_url) as conn:
-                migrator.apply(conn, OutboxSettings())
-                conn.execute("CREATE TABLE side_effects (id bigserial PRIMARY KEY, n int)")
-            topic = testing.unique_name("bench").replace("_", "-")
-            admin = AdminClient({"bootstrap.servers": bootstrap})
-            admin.create_topics([NewTopic(topic, 3, 1)])[topic].result(30)
-            produce(bootstrap, topic, args.messages)
-            engine = sa.create_engine(urls.to_sqlalchemy(database_url))
-            rates: dict[bool, list[float]] = {True: [], False: []}
-            for _ in range(args.runs):
+            for run in range(opts.runs):  # interleaved, so drift hits both alike
                 for deduplicate in (True, False):
-                    rates[deduplicate].append(one_run(bootstrap, topic, engine, args.messages,
-                                                      args.batch_size, deduplicate))  # fmt: skip
-            engine.dispose()
+                    rates[deduplicate].append(
+                        one_run(env.bootstrap, topic, engine, messages, batch, deduplicate)
+                    )
+                common.progress(
+                    f"consumer run {run + 1}/{opts.runs}: with dedup {rates[True][-1]:,.0f}/s, "
+                    f"without {rates[False][-1]:,.0f}/s"
+                )
         finally:
-            testing.drop_database(server, name)
-    with_dedup, without = statistics.median(rates[True]), statistics.median(rates[False])
-    print(f"\n{args.messages:,} messages, batches of {args.batch_size}, median of {args.runs} runs")
-    print(f"{'':40} {'messages/s':>11} {'ratio':>7}")
-    print(f"{'consume loop without dedup (baseline)':40} {without:11,.0f} {1:7.2f}")
-    print(f"{'consume loop with dedup':40} {with_dedup:11,.0f} {with_dedup / without:7.2f}")
+            engine.dispose()
+    with_dedup, without = common.median(rates[True]), common.median(rates[False])
+    return {
+        "messages": messages,
+        "batch_size": batch,
+        "with_dedup_msgs_per_s": with_dedup,
+        "without_dedup_msgs_per_s": without,
+        "ratio": common.ratio(with_dedup, without),
+        "runs": {"with_dedup": rates[True], "without_dedup": rates[False]},
+    }
+
+
+def rows(result: dict[str, Any]) -> list[common.Row]:
+    batch = result["batch_size"]
+    return [
+        common.Row("consumer", f"consume loop without dedup, batches of {batch}",
+                   common.num(result["without_dedup_msgs_per_s"]), "msg/s", "baseline"),
+        common.Row("consumer", f"consume loop with dedup, batches of {batch}",
+                   common.num(result["with_dedup_msgs_per_s"]), "msg/s",
+                   f"{result['ratio']:.2f} of without"),
+    ]  # fmt: skip
+
+
+def targets(result: dict[str, Any]) -> list[common.Target]:
+    return [
+        common.Target("consumer with dedup", result["with_dedup_msgs_per_s"], ">=", 20_000,
+                      "msg/s"),
+        common.Target("consumer with dedup / without", result["ratio"], ">=", 0.6),
+    ]  # fmt: skip
 
 
 if __name__ == "__main__":
-    main()
+    common.standalone(__doc__, "consumer", measure, rows, targets)

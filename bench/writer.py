@@ -8,30 +8,33 @@ validation, encoding, a UUIDv7 and the transaction check. Two shapes are timed:
 * statement: many inserts inside one open transaction (the cost of the call itself);
 * transaction: BEGIN, one insert, COMMIT (what an application pays per request).
 
-Runs are interleaved (A, B, A, B, ...) and the median of each is reported, with the ratio. Runs
-on an embedded PostgreSQL, or on ``OUTBOX_TEST_DATABASE_URL`` when set.
+Runs are interleaved (A, B, A, B, ...) and the median of each is reported, with the ratio. And
+``outbox.add_many`` of 1,000 events: its cost per event against 1,000 separate ``add`` calls,
+and its round trips to the server, counted in libpq's protocol trace (each Sync or simple Query
+message the client sends is one). Runs on an embedded PostgreSQL, or on
+``OUTBOX_TEST_DATABASE_URL`` when set.
 
-    .venv/bin/python bench/writer.py [--runs 7] [--rows 2000] [--json results.json]
+    .venv/bin/python bench/writer.py [--runs 3] [--json results.json]
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import json
 import statistics
+import tempfile
 import time
 import uuid
 from collections.abc import Callable
 from typing import Any
 
+import common
 import psycopg
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 import outbox
-from outbox import testing, urls
-from outbox.settings import OutboxSettings
-from schema import migrator
+from outbox import urls
 
 PAYLOAD = {"order_id": 123456, "customer": "ada", "items": [{"sku": "A-1", "qty": 2}] * 6}
 HEADERS = {"content-type": "application/json"}
@@ -53,9 +56,12 @@ def timed(fn: Callable[[], None], rows: int) -> float:
     return (time.perf_counter() - start) / rows * 1e6
 
 
-def cases(database_url: str, rows: int) -> dict[str, Callable[[], None]]:
-    pg = psycopg.connect(database_url)
+def cases(
+    database_url: str, rows: int, stack: contextlib.ExitStack
+) -> dict[str, Callable[[], None]]:
+    pg = stack.enter_context(psycopg.connect(database_url))
     engine = sa.create_engine(urls.to_sqlalchemy(database_url))
+    stack.callback(engine.dispose)
 
     def psycopg_bare_statement() -> None:
         with pg.transaction():
@@ -116,33 +122,15 @@ def add_many_round_trip(database_url: str, rows: int) -> tuple[float, float]:
         return timed(one_statement, rows), timed(one_by_one, rows)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=7)
-    parser.add_argument("--rows", type=int, default=2000)
-    parser.add_argument("--json", dest="json_path")
-    args = parser.parse_args()
-
-    with testing.postgres() as server:
-        name = testing.unique_name("outbox_bench")
-        database_url = testing.create_database(server, name)
-        try:
-            with psycopg.connect(database_url) as conn:
-                migrator.apply(conn, OutboxSettings())
-            results = run(database_url, args.runs, args.rows)
-        finally:
-            testing.drop_database(server, name)
-    report(results, args)
-
-
 def run(database_url: str, runs: int, rows: int) -> dict[str, Any]:
     timings: dict[str, list[float]] = {}
-    suite = cases(database_url, rows)
-    for fn in suite.values():  # warm-up: connections, prepared statements, caches
-        fn()
-    for _ in range(runs):
-        for label, fn in suite.items():
-            timings.setdefault(label, []).append(timed(fn, rows))
+    with contextlib.ExitStack() as stack:
+        suite = cases(database_url, rows, stack)
+        for fn in suite.values():  # warm-up: connections, prepared statements, caches
+            fn()
+        for _ in range(runs):
+            for label, fn in suite.items():
+                timings.setdefault(label, []).append(timed(fn, rows))
     many, single = add_many_round_trip(database_url, 1000)
     return {
         "median_us_per_row": {k: statistics.median(v) for k, v in timings.items()},
@@ -153,24 +141,69 @@ def run(database_url: str, runs: int, rows: int) -> dict[str, Any]:
     }
 
 
-def report(results: dict[str, Any], args: argparse.Namespace) -> None:
-    med = results["median_us_per_row"]
-    print(f"\nmedian of {args.runs} interleaved runs of {args.rows} rows each\n")
-    print(f"{'case':52} {'µs/row':>9} {'ratio':>7}")
+def add_many_round_trips(database_url: str, events: int = 1000) -> int:
+    """Round trips of one ``outbox.add_many`` of ``events`` events, in an open transaction:
+    the client's Sync and Query messages in libpq's protocol trace."""
+    batch = [outbox.Event("orders", PAYLOAD, key=str(i), headers=HEADERS) for i in range(events)]
+    with psycopg.connect(database_url) as pg, tempfile.TemporaryFile("w+") as trace:
+        with pg.transaction():
+            pg.execute("SELECT 1")  # the transaction is open: BEGIN is not add_many's
+            pg.pgconn.trace(trace.fileno())
+            try:
+                outbox.add_many(pg, batch)
+            finally:
+                pg.pgconn.untrace()
+        trace.seek(0)
+        sent = [line.split("\t") for line in trace.read().splitlines()]
+    return sum(1 for f in sent if len(f) > 3 and f[1] == "F" and f[3] in ("Sync", "Query"))
+
+
+def measure(env: common.Env, opts: common.Options) -> dict[str, Any]:
+    with env.database() as url:
+        result = run(url, opts.runs, opts.writer_rows)
+        result["add_many_1000_round_trips"] = add_many_round_trips(url, 1000)
+    med = result["median_us_per_row"]
+    labels = list(med)
+    result["ratios"] = {
+        add: med[add] / med[bare] for bare, add in zip(labels[::2], labels[1::2], strict=True)
+    }
+    result["worst_ratio"] = max(result["ratios"].values())
+    common.progress(f"writer: ratios {result['ratios']}")
+    return result
+
+
+def rows(result: dict[str, Any]) -> list[common.Row]:
+    med = result["median_us_per_row"]
+    out = []
     labels = list(med)
     for bare, add in zip(labels[::2], labels[1::2], strict=True):
-        print(f"{bare:52} {med[bare]:9.1f} {'1.00':>7}")
-        print(f"{add:52} {med[add]:9.1f} {med[add] / med[bare]:7.2f}")
+        out += [
+            common.Row("writer", bare, common.num(med[bare], 1), "µs/row", "baseline"),
+            common.Row("writer", add, common.num(med[add], 1), "µs/row",
+                       f"{result['ratios'][add]:.2f} of bare INSERT"),
+        ]  # fmt: skip
     many, single = (
-        results["add_many_1000_us_per_event"],
-        results["add_1000_separately_us_per_event"],
+        result["add_many_1000_us_per_event"],
+        result["add_1000_separately_us_per_event"],
     )
-    print(f"\n{'add_many of 1,000 events (one statement)':52} {many:9.1f} {many / single:7.2f}")
-    print(f"{'1,000 separate add calls (baseline)':52} {single:9.1f} {'1.00':>7}")
-    if args.json_path:
-        with open(args.json_path, "w") as f:
-            json.dump(results, f, indent=2)
+    out += [
+        common.Row("writer", "1,000 separate add calls, one transaction", common.num(single, 1),
+                   "µs/event", "baseline"),
+        common.Row("writer", "add_many of 1,000 events", common.num(many, 1), "µs/event",
+                   f"{many / single:.2f} of separate adds; "
+                   f"{result['add_many_1000_round_trips']} round trip(s)"),
+    ]  # fmt: skip
+    return out
+
+
+def targets(result: dict[str, Any]) -> list[common.Target]:
+    return [
+        common.Target("outbox.add / bare INSERT (worst of the 3 cases)", result["worst_ratio"],
+                      "<=", 1.3),
+        common.Target("add_many of 1,000 events: round trips",
+                      result["add_many_1000_round_trips"], "==", 1, digits=0),
+    ]  # fmt: skip
 
 
 if __name__ == "__main__":
-    main()
+    common.standalone(__doc__, "writer", measure, rows, targets)
