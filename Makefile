@@ -39,10 +39,8 @@ demo: $(STAMP) ## Orders -> outbox -> relay (SIGKILLed once) -> Kafka -> billing
 quickstart: $(STAMP) ## Write events with outbox.add on embedded PostgreSQL and show the outbox
 	$(BIN)/python -m examples.quickstart
 
-bench: $(STAMP) ## Benchmarks: outbox.add vs a bare INSERT; relay drain vs the raw producer
-	$(BIN)/python bench/writer.py
-	$(BIN)/python bench/relay_drain.py
-	$(BIN)/python bench/consumer.py
+bench: $(STAMP) ## Benchmark suite (~15-20 min): one table, JSON in bench/results.json; BENCH_ARGS=--quick|--only drain,...
+	$(BIN)/python bench/suite.py $(BENCH_ARGS)
 
 format: $(STAMP) ## Reformat the code
 	$(BIN)/ruff format .
