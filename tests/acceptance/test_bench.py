@@ -1,0 +1,81 @@
+"""The benchmark suite keeps working: ``bench/suite.py --quick`` on tiny sizes, against this
+session's servers, writes a JSON file with every section and positive figures. A smoke test: no
+timing is asserted."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from outbox import testing
+
+pytestmark = pytest.mark.kafka
+
+ROOT = Path(__file__).resolve().parents[2]
+SECTIONS = ("limits", "drain", "latency", "scale", "soak", "writer", "consumer", "memory")
+
+
+def positive(results: dict[str, Any], *path: str) -> float:
+    value: Any = results
+    for part in path:
+        value = value[part]
+    assert isinstance(value, int | float), (path, value)
+    assert value > 0, (path, value)
+    return float(value)
+
+
+def test_quick_suite_reports_every_section(
+    pg_server: str, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "results.json"
+    env = os.environ | {
+        testing.DATABASE_URL_ENV: pg_server,
+        testing.KAFKA_BOOTSTRAP_ENV: kafka_bootstrap,
+    }
+    command = [
+        sys.executable, str(ROOT / "bench" / "suite.py"), "--quick", "--events", "3000",
+        "--latency-seconds", "2", "--soak-seconds", "8", "--backlog-big", "5000",
+        "--consumer-messages", "1000", "--json", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=170)
+    assert done.returncode == 0, f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    assert "target" in done.stdout  # the table, with its targets
+
+    results = json.loads(out.read_text())
+    assert not results.get("errors")
+    assert set(SECTIONS) <= set(results)
+    for size in ("256", "1024"):
+        for name in ("raw_producer", "pg_claim_delete", "pg_claim_update", "lower_limit"):
+            positive(results, "limits", "sizes", size, f"{name}_events_per_s")
+        positive(results, "drain", "sizes", size, "events_per_s")
+        positive(results, "drain", "sizes", size, "ratio_to_lower_limit")
+        assert results["drain"]["sizes"][size]["delivered"] == 3000
+    for rate in ("200", "2000", "10000"):
+        positive(results, "latency", "rates", rate, "p50_ms")
+        positive(results, "latency", "rates", rate, "p99_ms")
+    for relays in ("1", "2", "4"):
+        positive(results, "scale", "relays", "relays", relays, "events_per_s")
+    for rows in ("1000", "5000"):
+        positive(results, "scale", "backlog", "backlogs", rows, "events_per_s")
+    positive(results, "scale", "backlog", "ratio_big_to_small")
+    positive(results, "soak", "latency", "p99_ms")
+    positive(results, "soak", "size_at_end_bytes")
+    positive(results, "soak", "size_after_first_minute_bytes")
+    assert results["soak"]["windows"]
+    assert all(w["events"] > 0 for w in results["soak"]["windows"])
+    positive(results, "writer", "worst_ratio")
+    positive(results, "writer", "add_many_1000_round_trips")
+    positive(results, "consumer", "with_dedup_msgs_per_s")
+    positive(results, "consumer", "without_dedup_msgs_per_s")
+    positive(results, "memory", "max_mb")
+    assert {t["name"] for t in results["targets"]} >= {
+        "relay peak RSS, all runs",
+        "soak table size at end / after first minute",
+    }
+    assert all(t["met"] is not None for t in results["targets"])
