@@ -27,36 +27,64 @@ from relay.ports import ClaimedRow, Outcome, Result
 # Per-key order: a row is claimed only if no earlier unpublished row of its key exists outside
 # this batch (locked by another relay, waiting for a retry, or, when dead letters block their
 # key, dead-lettered). Rows are sent in id order, so a key's rows reach Kafka in the order they
-# became visible, whatever the shard ownership does meanwhile.
+# became visible, whatever the shard ownership does meanwhile. The one batch this relay is
+# publishing while it claims the next (``in_flight``) does not block its keys: it is sent first,
+# and the loop holds back the next batch's rows of any key that batch failed to deliver.
 _CLAIM = """
-WITH batch AS (
-    SELECT e.id, octet_length(e.payload) AS size FROM {events} AS e
+WITH owned AS (  -- computed once, so the planner walks the claim index in id order and stops
+    SELECT array_agg(objid::int) AS shards FROM pg_locks
+    WHERE locktype = 'advisory' AND classid = %(shard_class)s AND objsubid = 2
+      AND pid = %(owner_pid)s AND granted
+      AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+), batch AS (
+    SELECT e.id, e.event_id, e.topic, e.key, e.payload, e.header_names, e.header_values,
+           e.attempts
+    FROM {events} AS e
     WHERE e.published_at IS NULL AND e.dead_lettered_at IS NULL
       AND (e.next_attempt_at IS NULL OR e.next_attempt_at <= now())
-      -- An array computed once (not a join), so the planner walks the claim index in id order
-      -- and stops after the limit, whatever the backlog.
-      AND e.shard = ANY ((
-            SELECT array_agg(objid::int) FROM pg_locks
-            WHERE locktype = 'advisory' AND classid = %(shard_class)s AND objsubid = 2
-              AND pid = %(owner_pid)s AND granted
-              AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
-          )::int[])
+      AND e.shard = ANY ((SELECT shards FROM owned)::int[])
+      -- Rows stuck behind a failed row of their key (waiting for its retry, or a dead letter
+      -- that blocks) are passed over here, before the limit: however many pile up, they cannot
+      -- fill the batch and starve the other keys. A probe of the small index of failed rows.
+      AND (e.key IS NULL OR NOT EXISTS (
+            SELECT 1 FROM {events} AS w
+            WHERE w.key = e.key AND w.id < e.id
+              AND w.published_at IS NULL AND w.next_attempt_at IS NOT NULL
+              AND ((w.dead_lettered_at IS NULL AND w.next_attempt_at > now())
+                   OR (%(dead_letters_block)s AND w.dead_lettered_at IS NOT NULL))))
     ORDER BY e.id
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
+), in_flight AS (  -- the batch this relay is publishing right now, claimed before this one
+    SELECT unnest(%(in_flight)s::bigint[]) AS id
+), sized AS (  -- payload bytes of the batch's earlier rows, for the byte budget
+    SELECT batch.*, sum(octet_length(payload)) OVER (ORDER BY id) - octet_length(payload) AS before
+    FROM batch
+), gapless AS (
+    -- Whether the batch holds every unpublished row of our shards up to its last one (but those
+    -- in flight): then no row of it can have an earlier row of its key outside, and the
+    -- per-row check below is skipped. Any row passed over (locked elsewhere, waiting for a
+    -- retry, gone by the time it was locked) makes the counts differ. Same snapshot throughout.
+    SELECT (SELECT count(*) FROM {events} AS g
+            WHERE g.published_at IS NULL AND g.dead_lettered_at IS NULL
+              AND g.shard = ANY ((SELECT shards FROM owned)::int[])
+              AND g.id <= (SELECT max(id) FROM batch)
+              AND g.id NOT IN (SELECT id FROM in_flight))
+           = (SELECT count(*) FROM batch) AS yes
 )
-SELECT e.id, e.event_id::text, e.topic, e.key, e.payload, e.header_names, e.header_values,
-       e.attempts
-FROM {events} AS e
-WHERE e.id IN (  -- the oldest rows of the batch that fit the byte budget (at least one)
-        SELECT id FROM (SELECT id, size, sum(size) OVER (ORDER BY id) AS running FROM batch) AS r
-        WHERE running - size < %(max_bytes)s)
-  AND (e.key IS NULL OR NOT EXISTS (
-        SELECT 1 FROM {events} AS b
-        WHERE b.key = e.key AND b.id < e.id AND b.published_at IS NULL
-          AND (%(dead_letters_block)s OR b.dead_lettered_at IS NULL)
-          AND b.id NOT IN (SELECT id FROM batch)))
-ORDER BY e.id
+SELECT s.id, s.event_id::text, s.topic, s.key, s.payload, s.header_names, s.header_values,
+       s.attempts
+FROM sized AS s
+WHERE s.before < %(max_bytes)s  -- the oldest rows that fit the byte budget (at least one)
+  AND (s.key IS NULL
+       -- dead letters that block their key are not in the counted index: always check then
+       OR (NOT %(dead_letters_block)s AND (SELECT yes FROM gapless))
+       OR NOT EXISTS (
+            SELECT 1 FROM {events} AS b
+            WHERE b.key = s.key AND b.id < s.id AND b.published_at IS NULL
+              AND (%(dead_letters_block)s OR b.dead_lettered_at IS NULL)
+              AND b.id NOT IN (SELECT id FROM batch UNION ALL SELECT id FROM in_flight)))
+ORDER BY s.id
 """
 _DELETE_PUBLISHED = "DELETE FROM {events} WHERE id = ANY(%s)"
 _MARK_PUBLISHED = "UPDATE {events} SET published_at = now() WHERE id = ANY(%s)"
@@ -152,9 +180,21 @@ class OutboxSource:
         self._conn = relay_connect(self._settings, role="work", autocommit=False)
         return self._conn
 
-    def claim(self, limit: int, *, owner_pid: int, shard_class: int) -> list[ClaimedRow]:
-        """Lock and return up to ``limit`` due rows of owned shards; the transaction stays open."""
+    def claim(
+        self,
+        limit: int,
+        *,
+        owner_pid: int,
+        shard_class: int,
+        in_flight: Sequence[int] = (),
+    ) -> list[ClaimedRow]:
+        """Lock and return up to ``limit`` due rows of owned shards; the transaction stays open.
+
+        ``in_flight``: ids of the batch being published on another connection meanwhile; its
+        rows do not hold back later rows of their keys.
+        """
         params = {
+            "in_flight": list(in_flight),
             "shard_class": shard_class,
             "owner_pid": owner_pid,
             "limit": limit,

@@ -359,6 +359,12 @@ def _default(name: str) -> Any:
     default=_default("probe_size"),
 )
 @_option(
+    "--prefetch/--no-prefetch",
+    "OUTBOX_PREFETCH",
+    "Claim the next batch on a second connection while the current one is published.",
+    default=_default("prefetch"),
+)
+@_option(
     "--exit-when-idle",
     "OUTBOX_EXIT_WHEN_IDLE",
     "Exit 0 once no deliverable row is left (for scripts and tests).",

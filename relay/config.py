@@ -107,6 +107,8 @@ class RelaySettings:
     breaker_max_cooldown: float = 60.0
     #: Rows in the probe batch sent when the breaker half-opens.
     probe_size: int = 10
+    #: Claim the next batch (on a second connection) while the current one is published.
+    prefetch: bool = True
     #: Exit 0 once no unpublished, deliverable row is left (for scripts and tests).
     exit_when_idle: bool = False
     #: Port of the HTTP server for /metrics, /healthz and /readyz; None serves nothing.

@@ -7,6 +7,13 @@ connection drops, the relay is killed), the rows that did reach Kafka stay unpub
 table, their locks vanish with the transaction, and they are sent again. Duplicates, never loss;
 the duplicates are exactly the rows of the batch in flight at the failure, and consumers
 recognise them by their ``event_id`` header.
+
+Why the next batch is claimed while the current one is published: the database step and the
+Kafka step then overlap instead of taking turns (the claim runs on a second connection, in a
+thread; psycopg waits for the server without the GIL). Batches are still *sent* one after the
+other and *marked* one after the other, so the guarantees above are unchanged: the next batch's
+rows of a key the current batch failed to deliver are held back (not sent, no attempt counted),
+and a failure of the current batch's marking discards the prefetched claim with it.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import contextlib
 import select
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import psycopg
@@ -41,6 +49,34 @@ PROGRESS_EVERY = 10.0
 BACKLOG_EVERY = 5.0
 
 
+#: Ids of a batch's undelivered rows, by key.
+Undelivered = dict[bytes, list[int]]
+
+
+def undelivered_by_key(rows: Sequence[ClaimedRow], outcomes: Sequence[Outcome]) -> Undelivered:
+    """The keyed rows of a batch that were not delivered (pure)."""
+    undelivered: Undelivered = {}
+    for row, outcome in zip(rows, outcomes, strict=True):
+        if row.key is not None and outcome.result is not Result.DELIVERED:
+            undelivered.setdefault(row.key, []).append(row.id)
+    return undelivered
+
+
+def held_back(rows: Sequence[ClaimedRow], undelivered: Undelivered) -> set[int]:
+    """Rows of the next batch that must not be sent: those with an earlier undelivered row of
+    their key that is not in this batch (pure). An undelivered row claimed again in this batch
+    goes first, in id order, so the rows after it may follow."""
+    if not undelivered:
+        return set()
+    ids = {row.id for row in rows}
+    return {
+        row.id
+        for row in rows
+        if row.key is not None
+        and any(earlier < row.id and earlier not in ids for earlier in undelivered.get(row.key, ()))
+    }
+
+
 class Relay:
     """One relay process: owns shards, claims their rows, publishes them, records outcomes."""
 
@@ -59,7 +95,17 @@ class Relay:
         self.publisher = publisher
         self.stop = stop
         self.clock = clock
+        #: Two work connections: one batch is published from one while the next is claimed on
+        #: the other. ``source`` is the one not claiming (schema checks, purges, gauges).
         self.source = OutboxSource(settings)
+        self._spare = OutboxSource(settings)
+        self._claimer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-claim")
+        #: The next batch being claimed on ``_spare`` while the current one is published.
+        self._prefetch: Future[list[ClaimedRow]] | None = None
+        #: Ids of the rows of the batch just finished that were not delivered, by key: the next
+        #: batch was claimed before those outcomes were recorded, so it may hold later rows of
+        #: those keys, which must wait.
+        self._undelivered: Undelivered = {}
         self.shards = ShardOwner(settings)
         self.breaker = CircuitBreaker(
             threshold=settings.breaker_threshold,
@@ -80,6 +126,8 @@ class Relay:
     def connect(self) -> None:
         """Open both connections; raises when PostgreSQL is unreachable."""
         self.source.connect()
+        if self.settings.prefetch:
+            self._spare.connect()
         self.shards.connect()
         self._next_rebalance = 0.0
         if self.metrics is not None:
@@ -118,13 +166,12 @@ class Relay:
         allowed = self.breaker.allow()
         self._report_breaker()
         if not allowed:
+            self._drop_prefetch()
             self._wait(min(self.breaker.seconds_until_probe(), self.settings.poll_interval))
             return
         limit = self.breaker.batch_limit(self.settings.batch_size)
         started = self.clock()
-        rows = self.source.claim(
-            limit, owner_pid=self.shards.pid, shard_class=self.shards.shard_class
-        )
+        rows, held = self._take_batch(limit)
         if not rows:
             self.source.release()
             if self.settings.exit_when_idle and not self.source.deliverable():
@@ -132,12 +179,69 @@ class Relay:
                 return
             self._wait(self.settings.poll_interval)
             return
-        outcomes = self.publisher.publish(rows, should_abort=self._grace_expired)
-        self._finish(rows, outcomes)
+        if self.settings.prefetch and limit == self.settings.batch_size:
+            self._start_prefetch(limit, in_flight=[row.id for row in rows])
+        outcomes, sent = self._publish(rows, held)
+        self._finish(rows, outcomes, sent=sent)
         if self.metrics is not None:
             self.metrics.observe_batch(rows, outcomes, self.clock() - started)
 
-    def _finish(self, rows: Sequence[ClaimedRow], outcomes: Sequence[Outcome]) -> None:
+    def _take_batch(self, limit: int) -> tuple[list[ClaimedRow], Undelivered]:
+        """The prefetched batch if there is one (making its connection the current one), else a
+        fresh claim; with the keys to hold back in it."""
+        held, self._undelivered = self._undelivered, {}
+        pending, self._prefetch = self._prefetch, None
+        if pending is not None:
+            rows = pending.result()  # a database error surfaces here, and is recovered from
+            self.source, self._spare = self._spare, self.source
+            if len(rows) <= limit and not self.stop.requested:
+                return rows, held
+            self.source.release()  # the breaker now asks for a probe: claim that instead
+        if self.stop.requested:
+            return [], {}
+        rows = self.source.claim(
+            limit, owner_pid=self.shards.pid, shard_class=self.shards.shard_class
+        )
+        return rows, {}  # claimed after the last batch was recorded: nothing to hold back
+
+    def _start_prefetch(self, limit: int, *, in_flight: list[int]) -> None:
+        spare, owner_pid, shard_class = self._spare, self.shards.pid, self.shards.shard_class
+        self._prefetch = self._claimer.submit(
+            lambda: spare.claim(
+                limit, owner_pid=owner_pid, shard_class=shard_class, in_flight=in_flight
+            )
+        )
+
+    def _drop_prefetch(self) -> None:
+        """Give back a prefetched batch unsent (its rows are simply unlocked)."""
+        pending, self._prefetch = self._prefetch, None
+        if pending is not None:
+            with contextlib.suppress(psycopg.Error):  # the connection is gone: so are the locks
+                pending.result()
+                self._spare.release()
+
+    def _publish(
+        self, rows: Sequence[ClaimedRow], undelivered: Undelivered
+    ) -> tuple[list[Outcome], bool]:
+        """Every row's outcome, and whether any row was handed to the publisher at all."""
+        held = held_back(rows, undelivered)
+        if not held:
+            return self.publisher.publish(rows, should_abort=self._grace_expired), True
+        sendable = [row for row in rows if row.id not in held]
+        sent = (
+            self.publisher.publish(sendable, should_abort=self._grace_expired) if sendable else []
+        )
+        by_id = {outcome.row_id: outcome for outcome in sent}
+        outcomes = [
+            by_id.get(row.id)
+            or Outcome(row.id, Result.NOT_SENT, "an earlier row of its key was not delivered")
+            for row in rows
+        ]
+        return outcomes, bool(sendable)
+
+    def _finish(
+        self, rows: Sequence[ClaimedRow], outcomes: Sequence[Outcome], *, sent: bool
+    ) -> None:
         delivered = [o.row_id for o in outcomes if o.result is Result.DELIVERED]
         failures = plan_failures(
             rows,
@@ -148,6 +252,8 @@ class Relay:
             ),
         )
         self.source.finish(delivered, failures)
+        if self._prefetch is not None:
+            self._undelivered = undelivered_by_key(rows, outcomes)
         self.published += len(delivered)
         for failure in failures:
             if failure.dead:
@@ -155,6 +261,8 @@ class Relay:
                 if self.metrics is not None:
                     self.metrics.events_dead_lettered.inc()
                 log.warning("event.dead_lettered", row_id=failure.row_id, error=failure.error)
+        if not sent:  # every row waited behind its key: Kafka was not asked, so nothing learnt
+            return
         broker_failures = [o for o in outcomes if o.result is Result.BROKER]
         self._record_batch(ok=bool(delivered) or not broker_failures, outcomes=broker_failures)
 
@@ -245,11 +353,20 @@ class Relay:
             log.info("database.reconnected", attempts=attempt + 1)
             return
 
+    def shutdown(self) -> None:
+        """Stop the claim thread (after ``close_connections``)."""
+        self._claimer.shutdown(wait=True)
+
     def _sleep(self, seconds: float) -> None:
         select.select([self.stop.fd], [], [], seconds)
 
     def close_connections(self) -> None:
-        for close in (self.source.release, self.source.close, self.shards.close):
+        self._drop_prefetch()
+        self._undelivered = {}
+        for close in (
+            self.source.release, self.source.close, self._spare.release, self._spare.close,
+            self.shards.close,
+        ):  # fmt: skip
             with contextlib.suppress(psycopg.Error):  # already gone
                 close()
 
@@ -294,6 +411,7 @@ def serve(
         relay.run()
     finally:
         relay.close_connections()
+        relay.shutdown()
         stop.restore()
         stop.close()
         if server is not None:

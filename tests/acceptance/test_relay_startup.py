@@ -50,6 +50,7 @@ SETTING_VARIABLES = {
     "breaker_max_cooldown": ["OUTBOX_BREAKER_MAX_COOLDOWN"],
     "probe_size": ["OUTBOX_PROBE_SIZE"],
     "exit_when_idle": ["OUTBOX_EXIT_WHEN_IDLE"],
+    "prefetch": ["OUTBOX_PREFETCH"],
     "metrics_port": ["OUTBOX_METRICS_PORT"],
     "metrics_host": ["OUTBOX_METRICS_HOST"],
 }

@@ -1,0 +1,187 @@
+"""The claim query against a real PostgreSQL: which rows a relay may take, and which it must leave.
+
+Per-key order rests on this query: a row is claimed only when no earlier unpublished row of its
+key exists outside the batch. The query skips that per-row check when the batch provably holds
+every unpublished row of the relay's shards up to its last one ("gapless"); these tests make
+gaps of every kind (a row locked by another relay, a row waiting for a retry, a dead letter that
+blocks its key, the batch in flight on the other connection) and check both paths.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+import outbox
+from relay.claims import OutboxSource
+from relay.config import RelaySettings
+from relay.shards import ShardOwner
+
+
+@pytest.fixture
+def settings(database_url: str) -> RelaySettings:
+    return RelaySettings(database_url=database_url, kafka_bootstrap_servers="unused:9092")
+
+
+@pytest.fixture
+def owner(settings: RelaySettings) -> Iterator[ShardOwner]:
+    """A relay's ownership session holding all 256 shards."""
+    shards = ShardOwner(settings)
+    shards.connect()
+    shards.rebalance()
+    assert len(shards.owned) == 256
+    yield shards
+    shards.close()
+
+
+@pytest.fixture
+def sources(settings: RelaySettings) -> Iterator[tuple[OutboxSource, OutboxSource]]:
+    """The relay's two work connections."""
+    first, second = OutboxSource(settings), OutboxSource(settings)
+    first.connect()
+    second.connect()
+    yield first, second
+    first.close()
+    second.close()
+
+
+def write(database_url: str, keys: list[str | None]) -> list[int]:
+    """One event per entry, in order; returns the row ids."""
+    with psycopg.connect(database_url) as conn:
+        outbox.add_many(conn, [outbox.Event("orders", {"n": i}, key=k) for i, k in enumerate(keys)])
+        conn.commit()
+        return [int(r[0]) for r in conn.execute("SELECT id FROM outbox_events ORDER BY id")]
+
+
+@contextlib.contextmanager
+def source_with(database_url: str, **overrides: Any) -> Iterator[OutboxSource]:
+    """A work connection of a relay with other settings."""
+    source = OutboxSource(
+        RelaySettings(database_url=database_url, kafka_bootstrap_servers="unused:9092", **overrides)
+    )
+    source.connect()
+    try:
+        yield source
+    finally:
+        source.close()
+
+
+def claim(source: OutboxSource, owner: ShardOwner, limit: int = 100, **extra: Any) -> list[int]:
+    rows = source.claim(limit, owner_pid=owner.pid, shard_class=owner.shard_class, **extra)
+    return [row.id for row in rows]
+
+
+def sql(database_url: str, statement: str, params: tuple[object, ...] = ()) -> None:
+    with psycopg.connect(database_url) as conn:
+        conn.execute(statement, params)
+
+
+def test_a_gapless_backlog_is_claimed_whole_in_id_order(
+    database_url: str, owner: ShardOwner, sources: tuple[OutboxSource, OutboxSource]
+) -> None:
+    """Nothing passed over: every row, keyed or not, in id order, up to the limit."""
+    ids = write(database_url, ["a", "b", "a", None, "b", "a"])
+    assert claim(sources[0], owner, limit=4) == ids[:4]
+    sources[0].release()
+    assert claim(sources[0], owner) == ids
+
+
+def test_a_row_locked_by_another_relay_holds_back_its_key_only(
+    database_url: str, owner: ShardOwner, sources: tuple[OutboxSource, OutboxSource]
+) -> None:
+    """The other relay's batch (a plain row lock here) keeps the later rows of its key back."""
+    ids = write(database_url, ["a", "b", "a", "b", None])
+    with psycopg.connect(database_url) as other:
+        other.execute("SELECT 1 FROM outbox_events WHERE id = %s FOR UPDATE", (ids[0],))
+        assert claim(sources[0], owner) == [ids[1], ids[3], ids[4]]
+
+
+def test_a_row_waiting_for_a_retry_holds_back_its_key(
+    database_url: str, owner: ShardOwner, sources: tuple[OutboxSource, OutboxSource]
+) -> None:
+    ids = write(database_url, ["a", "b", "a", "b"])
+    sql(database_url, "UPDATE outbox_events SET attempts = 1,"
+        " next_attempt_at = now() + interval '1 hour' WHERE id = %s", (ids[1],))  # fmt: skip
+    assert claim(sources[0], owner) == [ids[0], ids[2]]
+
+
+def test_a_retry_that_is_due_goes_first(
+    database_url: str, owner: ShardOwner, sources: tuple[OutboxSource, OutboxSource]
+) -> None:
+    ids = write(database_url, ["a", "a"])
+    sql(database_url, "UPDATE outbox_events SET attempts = 1,"
+        " next_attempt_at = now() - interval '1 second' WHERE id = %s", (ids[0],))  # fmt: skip
+    assert claim(sources[0], owner) == ids
+
+
+@pytest.mark.parametrize(("block", "expected"), [(False, [1, 2]), (True, [1])])
+def test_a_dead_letter_blocks_its_key_only_when_configured(
+    database_url: str, owner: ShardOwner, block: bool, expected: list[int]
+) -> None:
+    """proceed: later rows of a dead letter's key flow; block: they wait (other keys flow)."""
+    ids = write(database_url, ["a", "b", "a"])
+    sql(database_url, "UPDATE outbox_events SET dead_lettered_at = now() WHERE id = %s", (ids[0],))
+    with source_with(database_url, dead_letter_blocks_key=block) as source:
+        assert claim(source, owner) == [ids[i] for i in expected]
+
+
+def test_the_batch_in_flight_on_the_other_connection_does_not_hold_back_its_keys(
+    database_url: str, owner: ShardOwner, sources: tuple[OutboxSource, OutboxSource]
+) -> None:
+    """The prefetching claim: with the first batch named as in flight, the second connection
+    takes the next rows of the same keys; without it, those keys wait."""
+    ids = write(database_url, ["a", "b", "a", "b", "c"])
+    first, second = sources
+    assert claim(first, owner, limit=2) == ids[:2]
+    assert claim(second, owner) == [ids[4]]  # a and b are behind rows locked elsewhere
+    second.release()
+    assert claim(second, owner, in_flight=ids[:2]) == ids[2:]
+
+
+def test_in_flight_does_not_excuse_other_gaps(
+    database_url: str, owner: ShardOwner, sources: tuple[OutboxSource, OutboxSource]
+) -> None:
+    """A key held back by a row that is not in flight stays held back."""
+    ids = write(database_url, ["a", "b", "a", "b"])
+    first, second = sources
+    assert claim(first, owner, limit=1) == ids[:1]
+    sql(database_url, "UPDATE outbox_events SET attempts = 1,"
+        " next_attempt_at = now() + interval '1 hour' WHERE id = %s", (ids[1],))  # fmt: skip
+    assert claim(second, owner, in_flight=ids[:1]) == [ids[2]]
+
+
+def test_only_owned_shards_are_claimed(
+    database_url: str, settings: RelaySettings, sources: tuple[OutboxSource, OutboxSource]
+) -> None:
+    """A relay that owns no shard claims nothing; rows of a shard it owns are claimed."""
+    ids = write(database_url, ["a", "b"])
+    shards = ShardOwner(settings)
+    shards.connect()
+    try:
+        assert claim(sources[0], shards) == []
+        sources[0].release()
+        with psycopg.connect(database_url) as conn:
+            row = conn.execute(
+                "SELECT shard FROM outbox_events WHERE id = %s", (ids[1],)
+            ).fetchone()
+        assert row is not None
+        shards._connection.execute(
+            "SELECT pg_advisory_lock(%s, %s)", (shards.shard_class, int(row[0]))
+        )
+        assert claim(sources[0], shards) == [ids[1]]
+    finally:
+        shards.close()
+
+
+def test_the_byte_budget_bounds_a_batch_but_the_oldest_row_always_fits(
+    database_url: str, owner: ShardOwner
+) -> None:
+    ids = write(database_url, ["a", "b", "c"])  # payloads of 7 bytes: {"n":0}
+    with source_with(database_url, batch_max_bytes=9) as source:
+        assert claim(source, owner) == ids[:2]  # 0 bytes before the first, 7 before the second
+    with source_with(database_url, batch_max_bytes=1) as source:
+        assert claim(source, owner) == ids[:1]
