@@ -25,7 +25,7 @@ def latency_once(env: common.Env, rate: float, seconds: float) -> dict[str, Any]
             receiver,
         ):
             with common.RssSampler([relay.pid], interval=0.1) as rss:
-                run = load.write(url, topic, rate, seconds)
+                run = load.write(url, topic, rate, seconds, relay)
                 receiver.wait_for(run.written, timeout=30)
             samples, missing = run.latencies(receiver)
         result = load.summary(samples, missing, run, receiver)

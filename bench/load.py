@@ -195,44 +195,43 @@ def capacity(rate: float, seconds: float) -> int:
     return int(rate * seconds * 1.2) + 2 * writers * per_commit + 10
 
 
-def write(database_url: str, topic: str, rate: float, seconds: float) -> Load:
-    """Run the writers to the end; their commit times."""
+def write(database_url: str, topic: str, rate: float, seconds: float, relay: common.Relay) -> Load:
+    """Run the writers to the end; their commit times. Stops them and raises as soon as the
+    relay exits with an error."""
     writers, per_commit = shape(rate)
     ctx = multiprocessing.get_context("spawn")
     start_at = time.time() + 1.0  # every writer started and connected by then
     procs, pipes = [], []
+    args = (database_url, topic, rate / writers, seconds, per_commit)
     for index in range(writers):
         receive, send = ctx.Pipe(duplex=False)
-        proc = ctx.Process(
-            target=_writer,
-            args=(
-                database_url,
-                topic,
-                rate / writers,
-                seconds,
-                per_commit,
-                index,
-                writers,
-                start_at,
-                send,
-            ),
-        )
+        proc = ctx.Process(target=_writer, args=(*args, index, writers, start_at, send))
         proc.start()
         send.close()
         procs.append(proc)
         pipes.append(receive)
     commits = []
-    for proc, pipe in zip(procs, pipes, strict=True):
-        try:
-            data = pipe.recv_bytes()
-        except EOFError:
-            data = b""
-        proc.join()
-        if proc.exitcode != 0:
-            raise RuntimeError(f"writer exited with code {proc.exitcode}")
-        times = array.array("d")
-        times.frombytes(data)
-        commits.append(times)
+    try:
+        for proc, pipe in zip(procs, pipes, strict=True):
+            while not pipe.poll(0.5):
+                relay.check()
+                if not proc.is_alive():
+                    break
+            try:
+                data = pipe.recv_bytes()
+            except EOFError:
+                data = b""
+            proc.join()
+            if proc.exitcode != 0:
+                raise RuntimeError(f"writer exited with code {proc.exitcode}")
+            times = array.array("d")
+            times.frombytes(data)
+            commits.append(times)
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+                proc.join()
     return Load(rate, seconds, writers, per_commit, start_at, commits)
 
 

@@ -70,7 +70,7 @@ def measure(env: common.Env, opts: common.Options) -> dict[str, Any]:
                 common.RssSampler([relay.pid], interval=0.1) as rss,
                 TableSampler(url, min(10.0, seconds / 10)) as table,
             ):
-                run = load.write(url, topic, rate, seconds)
+                run = load.write(url, topic, rate, seconds, relay)
                 _, size_at_end, backlog_at_end = table.sample()
             arrived_all = receiver.wait_for(run.written, timeout=60)
             backlog_after = _backlog(url)
@@ -134,7 +134,7 @@ def rows(result: dict[str, Any]) -> list[common.Row]:
         out.append(
             common.Row(
                 "soak",
-                f"  window {w['from_s']:.0f}-{w['to_s']:.0f} s, p50 / p99",
+                f"  window {w['from_s']:g}-{w['to_s']:g} s, p50 / p99",
                 f"{w['p50_ms']:.1f} / {w['p99_ms']:.1f}",
                 "ms",
                 f"{w['events']:,} events",

@@ -175,7 +175,9 @@ def main() -> int:
             rows.append(common.Row(name, "FAILED, no figures", "-", "", "see the errors above"))
     results["targets"] = [t.as_dict() for t in found]
     for name, error in results.get("errors", {}).items():
-        rows.append(common.Row("error", name, "-", "", error.splitlines()[0][:120]))
+        lines = [line.strip() for line in error.splitlines() if line.strip()]
+        summary = lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
+        rows.append(common.Row("error", name, "-", "", summary[:160]))
     meta = results["meta"]
     title = (
         f"outbox-relay benchmarks: median of {opts.runs} run(s); {opts.events:,} events a drain; "
