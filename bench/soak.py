@@ -144,7 +144,7 @@ def rows(result: dict[str, Any]) -> list[common.Row]:
     out += [
         common.Row(
             "soak",
-            f"outbox table size after {result['first_minute_s']:.0f} s",
+            f"outbox table size after {result['first_minute_s']:g} s",
             common.num(result["size_after_first_minute_bytes"] / mb, 1),
             "MB",
         ),
