@@ -58,6 +58,15 @@ _PERMANENT_ERRORS = frozenset(
 )  # fmt: skip
 
 
+#: Produce calls between two polls of the delivery reports while a batch is handed over: often
+#: enough to keep the queue short, rare enough not to cost a C call per message.
+_POLL_EVERY = 100
+
+#: Message headers as confluent-kafka takes them, and a delivery report callback.
+Headers = list[tuple[str, str | bytes | None]]
+Report = Callable[[KafkaError | None, Message], None]
+
+
 class BrokerUnavailableError(Exception):
     """Kafka could not be reached when the relay started."""
 
@@ -80,7 +89,11 @@ def producer_config(settings: RelaySettings) -> dict[str, Any]:
     timeout_ms = round(settings.delivery_timeout * 1000)
     return {
         "client.id": f"outbox-relay-{settings.relay_id}",
-        "linger.ms": 5,
+        # A batch is produced in one go and then flushed: waiting for more messages would only
+        # delay the flush (measured: 0 ms drains faster than 1 or 5 ms, and lowers latency).
+        "linger.ms": 0,
+        # Only failures are reported to Python; the empty queue after a flush says the rest.
+        "delivery.report.only.error": True,
         # Kafka brokers accept 1 MiB (+ overhead) by default; librdkafka's own default is lower.
         "message.max.bytes": 1_100_000,
         # Well below message.timeout.ms: a message to a topic that does not exist must fail as
@@ -125,49 +138,66 @@ class KafkaPublisher:
     def publish(
         self, rows: Sequence[ClaimedRow], *, should_abort: Callable[[], bool]
     ) -> list[Outcome]:
-        """Produce every row, then flush until each has its delivery report or time runs out.
+        """Produce every row, then flush until Kafka has answered for each or time runs out.
+
+        The producer reports failed deliveries only (``delivery.report.only.error``), each to
+        its row's callback: a Python call per acknowledged message would cost more than
+        producing it. Once the producer's queue is empty (which counts reports not yet served),
+        Kafka has acknowledged every row that has no failure report. If time runs
+        out first, no row without an error report counts as delivered: the batch stays
+        unpublished and is sent again (duplicates, never a loss).
 
         A row whose earlier same-key row could not even be enqueued is held back (NOT_SENT), so
-        a key's rows never overtake each other. A row with no report in time is NOT_SENT too:
-        it stays unpublished and is sent again later (a possible duplicate, never a loss).
+        a key's rows never overtake each other.
         """
         if self._replace_reason:
             self._replace_producer()
-        outcomes: dict[int, Outcome] = {}
+        failed: dict[int, Outcome] = {}  # filled by the failure reports
+        held: dict[int, Outcome] = {}  # rows never handed to the producer
         held_keys: set[bytes] = set()
         deadline = time.monotonic() + self._settings.delivery_timeout + 5.0
-        for row in rows:
+        produce, poll = self._producer.produce, self._producer.poll
+        for n, row in enumerate(rows, 1):
             if row.key is not None and row.key in held_keys:
-                outcomes[row.id] = Outcome(
-                    row.id, Result.NOT_SENT, "an earlier row of its key failed"
-                )
+                held[row.id] = Outcome(row.id, Result.NOT_SENT, "an earlier row of its key failed")
                 continue
-            failure = self._produce(row, outcomes, deadline)
-            if failure is not None:
-                outcomes[row.id] = failure
-                if row.key is not None:
-                    held_keys.add(row.key)
-        while len(outcomes) < len(rows) and time.monotonic() < deadline and not should_abort():
-            self._producer.flush(0.1)
+            headers: Headers = [*row.headers, (EVENT_ID_HEADER, row.event_id.encode())]
+            report = functools.partial(self._on_failure, failed, row.id)
+            try:
+                produce(row.topic, row.payload, row.key, headers=headers, on_delivery=report)
+            except (BufferError, KafkaException):
+                failure = self._produce_slowly(row, headers, report, deadline)
+                if failure is not None:
+                    held[row.id] = failure
+                    if row.key is not None:
+                        held_keys.add(row.key)
+            if n % _POLL_EVERY == 0:
+                poll(0)  # serve error reports and global callbacks as they come
+        waiting = self._producer.flush(0)
+        while waiting and time.monotonic() < deadline and not should_abort():
+            waiting = self._producer.flush(0.1)
+        answered = waiting == 0
         return [
-            outcomes.get(row.id) or Outcome(row.id, Result.NOT_SENT, "no delivery report in time")
+            held.get(row.id)
+            or failed.get(row.id)
+            or (
+                Outcome(row.id, Result.DELIVERED)
+                if answered
+                else Outcome(row.id, Result.NOT_SENT, "no delivery report in time")
+            )
             for row in rows
         ]
 
-    def _produce(
-        self, row: ClaimedRow, outcomes: dict[int, Outcome], deadline: float
+    def _produce_slowly(
+        self, row: ClaimedRow, headers: Headers, report: Report, deadline: float
     ) -> Outcome | None:
-        headers: list[tuple[str, str | bytes | None]] = [
-            *row.headers,
-            (EVENT_ID_HEADER, row.event_id.encode()),
-        ]
-        report = functools.partial(self._on_delivery, outcomes, row.id)
+        """Produce one row whose first attempt failed: wait while the local queue is full,
+        classify any other refusal. None once it is enqueued."""
         while True:
             try:
                 self._producer.produce(
                     row.topic, value=row.payload, key=row.key, headers=headers, on_delivery=report
                 )
-                self._producer.poll(0)
                 return None
             except BufferError:  # the local queue is full: serve reports, then try again
                 if time.monotonic() > deadline:
@@ -177,13 +207,13 @@ class KafkaPublisher:
                 error: KafkaError = exc.args[0]
                 return Outcome(row.id, classify(error), describe(error))
 
-    def _on_delivery(
-        self, outcomes: dict[int, Outcome], row_id: int, error: KafkaError | None, _msg: Message
+    def _on_failure(
+        self, failed: dict[int, Outcome], row_id: int, error: KafkaError | None, _msg: Message
     ) -> None:
+        """A row's delivery report: with ``delivery.report.only.error`` only failures come."""
         if error is None:
-            outcomes[row_id] = Outcome(row_id, Result.DELIVERED)
-            return
-        outcomes[row_id] = Outcome(row_id, classify(error), describe(error))
+            return  # a success, reported because delivery.report.only.error was overridden
+        failed[row_id] = Outcome(row_id, classify(error), describe(error))
         if error.code() in _PRODUCER_STATE_ERRORS and not self._replace_reason:
             self._replace_reason = describe(error)
 

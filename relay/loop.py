@@ -243,16 +243,17 @@ class Relay:
         self, rows: Sequence[ClaimedRow], outcomes: Sequence[Outcome], *, sent: bool
     ) -> None:
         delivered = [o.row_id for o in outcomes if o.result is Result.DELIVERED]
-        failures = plan_failures(
+        everything_delivered = len(delivered) == len(rows)  # the common case: nothing to plan
+        failures = [] if everything_delivered else plan_failures(
             rows,
             outcomes,
             max_attempts=self.settings.max_attempts,
             delay_for=lambda attempt: full_jitter(
                 attempt, base=self.settings.backoff_base, cap=self.settings.backoff_cap
             ),
-        )
+        )  # fmt: skip
         self.source.finish(delivered, failures)
-        if self._prefetch is not None:
+        if self._prefetch is not None and not everything_delivered:
             self._undelivered = undelivered_by_key(rows, outcomes)
         self.published += len(delivered)
         for failure in failures:
@@ -262,6 +263,9 @@ class Relay:
                     self.metrics.events_dead_lettered.inc()
                 log.warning("event.dead_lettered", row_id=failure.row_id, error=failure.error)
         if not sent:  # every row waited behind its key: Kafka was not asked, so nothing learnt
+            return
+        if everything_delivered:
+            self._record_batch(ok=True, outcomes=[])
             return
         broker_failures = [o for o in outcomes if o.result is Result.BROKER]
         self._record_batch(ok=bool(delivered) or not broker_failures, outcomes=broker_failures)
