@@ -18,16 +18,14 @@ import load
 
 
 def latency_once(env: common.Env, rate: float, seconds: float) -> dict[str, Any]:
-    with env.database() as url, env.topic() as topic:
-        cap = load.capacity(rate, seconds)
-        with load.relay_and_receiver(env, url, topic, cap, "--poll-interval", "5") as (
-            relay,
-            receiver,
-        ):
-            with common.RssSampler([relay.pid], interval=0.1) as rss:
-                run = load.write(url, topic, rate, seconds, relay)
-                receiver.wait_for(run.written, timeout=30)
-            samples, missing = run.latencies(receiver)
+    with (
+        env.database() as url,
+        load.steady(env, url, rate, seconds, "--poll-interval", "5") as (relay, receiver, plan),
+    ):
+        with common.RssSampler([relay.pid], interval=0.1) as rss:
+            run = load.write(url, plan, receiver, relay)
+            receiver.wait_for(run.written, timeout=30)
+        samples, missing = run.latencies(receiver)
         result = load.summary(samples, missing, run, receiver)
         result["relay_peak_rss_mb"] = rss.peak_mb
         return result

@@ -10,6 +10,16 @@ and records each commit's time: single events with ``outbox.add``, several with 
 bench's own writers take as little of the two cores from the relay as possible (what
 ``outbox.add_many`` costs is the writer section's business). The consumer finds ``i`` in the
 payload.
+
+Topics rotate: Tansu keeps a partition as a list of record batches and a fetch gets slower the
+more batches it holds, until, past about 100,000 messages in small batches (which a relay
+keeping up with a steady load sends), a consumer at the end of the topic gets nothing for
+seconds on end (measured: 0.1 s to fetch the tail of 100,000 such messages, 13.6 s at 200,000,
+nothing within 30 s at 300,000; other topics stay fast, and deleting the topic helps). So the
+writers move to a new topic every 50,000 events (by wall time, every ``50,000 / rate``
+seconds), the consumer follows, and stops reading a topic ``KEEP_S`` seconds after the writers
+left it (deleting it then crashed librdkafka now and then: the topics go at the end). Which
+topic an event travels on changes nothing else.
 """
 
 from __future__ import annotations
@@ -21,7 +31,7 @@ import multiprocessing
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -41,6 +51,11 @@ WARMUP = b"warm-up"
 #: Tansu answering empty fetches so often that at 10,000 events/s the writers fall behind on
 #: two cores; 2 ms does not.
 FETCH_WAIT_MS = 2
+#: Events per topic before the writers move on to the next (see the module's docstring).
+EVENTS_PER_TOPIC = 50_000
+#: Seconds the consumer keeps reading a topic after the writers left it; an event arriving
+#: later than that counts as missing.
+KEEP_S = 30.0
 
 
 def shape(rate: float) -> tuple[int, int]:
@@ -51,30 +66,70 @@ def shape(rate: float) -> tuple[int, int]:
     return max(1, math.ceil(rate / EVENTS_PER_WRITER)), 20
 
 
-class Receiver:
-    """A consumer thread reading ``topic`` from the start: arrival time of each event ``i``."""
+@dataclass
+class Plan:
+    """The topics of one load and when the writers use each."""
 
-    def __init__(self, bootstrap: str, topic: str, capacity: int) -> None:
+    rate: float
+    seconds: float
+    topics: list[str]
+    start_at: float = 0.0  # wall time the writers start; set by :func:`write`
+
+    @property
+    def rotate_s(self) -> float:
+        return EVENTS_PER_TOPIC / self.rate
+
+    @staticmethod
+    def topics_needed(rate: float, seconds: float) -> int:
+        return max(1, math.ceil(seconds / (EVENTS_PER_TOPIC / rate)))
+
+
+def topic_index(plan_start: float, rotate_s: float, count: int, now: float) -> int:
+    return min(count - 1, max(0, int((now - plan_start) / rotate_s)))
+
+
+class Receiver:
+    """A consumer thread reading the plan's topics from the start as the writers use them:
+    arrival time of each event ``i``."""
+
+    def __init__(self, bootstrap: str, plan: Plan, capacity: int) -> None:
         self.arrived = array.array("d", bytes(8 * capacity))
         self.count = 0
         self.duplicates = 0
+        self.errors: dict[str, int] = {}  # consumer errors, by message
         self.warm = threading.Event()
+        self.plan = plan
+        self.following = threading.Event()  # set once the plan has its start time
         self._stop = threading.Event()
-        self._consumer = Consumer(
-            {
-                "bootstrap.servers": bootstrap,
-                "group.id": topic,
-                "fetch.wait.max.ms": FETCH_WAIT_MS,
-                "enable.auto.commit": False,
-                **common.QUIET,
-            }
-        )
-        self._consumer.assign([TopicPartition(topic, p, 0) for p in range(common.PARTITIONS)])
+        self._consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": plan.topics[0],
+                                   "fetch.wait.max.ms": FETCH_WAIT_MS, "enable.auto.commit": False,
+                                   **common.QUIET})  # fmt: skip
+        self._assigned = [0]  # topic indexes
+        self._consumer.assign(self._partitions(0))
         self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _partitions(self, index: int) -> list[TopicPartition]:
+        return [TopicPartition(self.plan.topics[index], p, 0) for p in range(common.PARTITIONS)]
+
+    def _follow(self, now: float) -> None:
+        """Assign the next topic just before the writers move to it; unassign the ones they
+        left more than KEEP_S ago."""
+        plan = self.plan
+        rotate = plan.rotate_s
+        last = self._assigned[-1]
+        if last + 1 < len(plan.topics) and now >= plan.start_at + (last + 1) * rotate - 1.0:
+            self._consumer.incremental_assign(self._partitions(last + 1))
+            self._assigned.append(last + 1)
+        first = self._assigned[0]
+        if first < len(plan.topics) - 1 and now >= plan.start_at + (first + 1) * rotate + KEEP_S:
+            self._consumer.incremental_unassign(self._partitions(first))
+            self._assigned.pop(0)
 
     def _run(self) -> None:
         arrived, consumer = self.arrived, self._consumer
         while not self._stop.is_set():
+            if self.following.is_set():
+                self._follow(time.time())
             first = consumer.poll(0.05)  # returns as soon as a message is there
             if first is None:
                 continue
@@ -82,6 +137,8 @@ class Receiver:
             # Whatever else is queued arrived before now: take it without waiting.
             for msg in (first, *consumer.consume(10_000, 0)):
                 if msg.error() is not None:
+                    error = str(msg.error())
+                    self.errors[error] = self.errors.get(error, 0) + 1
                     continue
                 value = msg.value()
                 i = common.event_number(value)
@@ -110,9 +167,8 @@ class Receiver:
         self._thread.join()
 
 
-def warm_up(
-    database_url: str, topic: str, receiver: Receiver, relay: common.Relay, timeout: float = 30
-) -> None:
+def warm_up(database_url: str, topic: str, receiver: Receiver, relay: common.Relay,
+            timeout: float = 30) -> None:  # fmt: skip
     """One event through the relay: once it arrived, the relay owns its shards and its
     producer is connected."""
     with psycopg.connect(database_url) as conn:
@@ -126,19 +182,11 @@ def warm_up(
             raise TimeoutError(f"the warm-up event did not arrive within {timeout} s:\n{tail}")
 
 
-def _writer(
-    database_url: str,
-    topic: str,
-    rate: float,
-    seconds: float,
-    per_commit: int,
-    index: int,
-    writers: int,
-    start_at: float,
-    out: Connection,
-) -> None:
-    """A writer process: ``rate`` events/s for ``seconds`` from wall time ``start_at``; sends
-    back its commit times."""
+def _writer(database_url: str, topics: list[str], rotate_s: float, rate: float, seconds: float,
+            per_commit: int, index: int, writers: int, start_at: float,
+            out: Connection) -> None:  # fmt: skip
+    """A writer process: ``rate`` events/s for ``seconds`` from wall time ``start_at``, on the
+    topic of the moment; sends back its commit times."""
     commits = array.array("d")
     with psycopg.connect(database_url) as conn:
         interval = per_commit / rate
@@ -147,6 +195,7 @@ def _writer(
         end = next_at + seconds
         k = 0
         while time.monotonic() < end:
+            topic = topics[topic_index(start_at, rotate_s, len(topics), time.time())]
             first = index + writers * k
             if per_commit == 1:
                 outbox.add(conn, topic, common.payload(first, SIZE), key=common.key(first))
@@ -169,6 +218,7 @@ class Load:
     per_commit: int
     started: float  # wall time the writers started
     commits: list[array.array[float]]  # per writer, per transaction
+    topics: int = field(default=1)
 
     @property
     def written(self) -> int:
@@ -195,17 +245,19 @@ def capacity(rate: float, seconds: float) -> int:
     return int(rate * seconds * 1.2) + 2 * writers * per_commit + 10
 
 
-def write(database_url: str, topic: str, rate: float, seconds: float, relay: common.Relay) -> Load:
+def write(database_url: str, plan: Plan, receiver: Receiver, relay: common.Relay) -> Load:
     """Run the writers to the end; their commit times. Stops them and raises as soon as the
     relay exits with an error."""
+    rate, seconds = plan.rate, plan.seconds
     writers, per_commit = shape(rate)
     ctx = multiprocessing.get_context("spawn")
-    start_at = time.time() + 1.0  # every writer started and connected by then
+    plan.start_at = time.time() + 1.0  # every writer started and connected by then
+    receiver.following.set()
     procs, pipes = [], []
-    args = (database_url, topic, rate / writers, seconds, per_commit)
+    args = (database_url, plan.topics, plan.rotate_s, rate / writers, seconds, per_commit)
     for index in range(writers):
         receive, send = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_writer, args=(*args, index, writers, start_at, send))
+        proc = ctx.Process(target=_writer, args=(*args, index, writers, plan.start_at, send))
         proc.start()
         send.close()
         procs.append(proc)
@@ -232,25 +284,23 @@ def write(database_url: str, topic: str, rate: float, seconds: float, relay: com
             if proc.is_alive():
                 proc.terminate()
                 proc.join()
-    return Load(rate, seconds, writers, per_commit, start_at, commits)
+    return Load(rate, seconds, writers, per_commit, plan.start_at, commits, len(plan.topics))
 
 
-def summary(
-    samples: list[tuple[float, float]],
-    missing: int,
-    load: Load,
-    receiver: Receiver,
-) -> dict[str, Any]:
+def summary(samples: list[tuple[float, float]], missing: int, load: Load, receiver: Receiver,
+            ) -> dict[str, Any]:  # fmt: skip
     ordered = sorted(latency for _, latency in samples)
     return {
         "rate": load.rate,
         "achieved_rate": load.written / load.seconds,
         "writers": load.writers,
         "events_per_commit": load.per_commit,
+        "topics": load.topics,
         "written": load.written,
         "delivered": len(ordered),
         "missing": missing,
         "duplicates": receiver.duplicates,
+        "consumer_errors": dict(receiver.errors),
         "p50_ms": common.percentile(ordered, 50),
         "p99_ms": common.percentile(ordered, 99),
         "p999_ms": common.percentile(ordered, 99.9),
@@ -259,15 +309,16 @@ def summary(
 
 
 @contextlib.contextmanager
-def relay_and_receiver(
-    env: common.Env, database_url: str, topic: str, cap: int, *relay_args: str
-) -> Iterator[tuple[common.Relay, Receiver]]:
-    """A running relay (warmed up) and a receiver on ``topic``."""
-    relay = common.Relay(env, database_url, *relay_args)
-    try:
-        with Receiver(env.bootstrap, topic, cap) as receiver:
-            warm_up(database_url, topic, receiver, relay)
-            yield relay, receiver
-            relay.check()
-    finally:
-        relay.stop()
+def steady(env: common.Env, database_url: str, rate: float, seconds: float,
+           *relay_args: str) -> Iterator[tuple[common.Relay, Receiver, Plan]]:  # fmt: skip
+    """The plan's topics, a running relay (warmed up) and a receiver following the plan."""
+    with env.topics(Plan.topics_needed(rate, seconds)) as topics:
+        plan = Plan(rate, seconds, topics)
+        relay = common.Relay(env, database_url, *relay_args)
+        try:
+            with Receiver(env.bootstrap, plan, capacity(rate, seconds)) as receiver:
+                warm_up(database_url, topics[0], receiver, relay)
+                yield relay, receiver, plan
+                relay.check()
+        finally:
+            relay.stop()
