@@ -53,8 +53,8 @@ def test_quick_suite_reports_every_section(
     for size in ("256", "1024"):
         for name in ("raw_producer", "pg_claim_delete", "pg_claim_update", "lower_limit"):
             positive(results, "limits", "sizes", size, f"{name}_events_per_s")
-        positive(results, "drain", "sizes", size, "events_per_s")
-        positive(results, "drain", "sizes", size, "ratio_to_lower_limit")
+        # Net of start-up, a tiny drain can be lost in noise (n/a); the wall-time figure is not.
+        positive(results, "drain", "sizes", size, "wall_events_per_s")
         assert results["drain"]["sizes"][size]["delivered"] == 3000
     for rate in ("200", "2000", "10000"):
         positive(results, "latency", "rates", rate, "p50_ms")
