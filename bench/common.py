@@ -50,7 +50,9 @@ def progress(message: str) -> None:
 
 
 def median(values: Iterable[float]) -> float:
-    return float(statistics.median(list(values)))
+    """The median of the figures that exist (NaN marks a run without one); NaN if none does."""
+    present = [v for v in values if not math.isnan(v)]
+    return float(statistics.median(present)) if present else math.nan
 
 
 def percentile(ordered: Sequence[float], p: float) -> float:
