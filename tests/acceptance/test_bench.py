@@ -5,6 +5,7 @@ timing is asserted."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -78,4 +79,9 @@ def test_quick_suite_reports_every_section(
         "relay peak RSS, all runs",
         "soak table size at end / after first minute",
     }
-    assert all(t["met"] is not None for t in results["targets"])
+    # A target is judged whenever its figure exists; a tiny --quick drain can be lost in
+    # start-up noise: then its ratio has no figure (NaN) and no verdict rather than a false one.
+    assert all(
+        t["met"] is not None or not math.isfinite(t["value"] or math.nan)
+        for t in results["targets"]
+    )
