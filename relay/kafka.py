@@ -110,7 +110,7 @@ def producer_config(settings: RelaySettings) -> dict[str, Any]:
 
 
 class KafkaPublisher:
-    """Sends a batch and waits for every message's own delivery report, within bounds."""
+    """Sends a batch and waits, within bounds, until Kafka has answered for every message."""
 
     def __init__(self, settings: RelaySettings) -> None:
         self._settings = settings

@@ -1,7 +1,7 @@
 """The relay loop: claim a batch, publish it, record the outcomes; wait when there is nothing.
 
-Why a row is marked published only after its own delivery report: marking first and publishing
-second would lose the event whenever the process dies in between. Marking after the report
+Why a row is marked published only after Kafka acknowledged it: marking first and publishing
+second would lose the event whenever the process dies in between. Marking after the ack
 means the worst case is the opposite one: if the batch's final transaction fails (the database
 connection drops, the relay is killed), the rows that did reach Kafka stay unpublished in the
 table, their locks vanish with the transaction, and they are sent again. Duplicates, never loss;
@@ -124,7 +124,8 @@ class Relay:
         self._breaker_reported: BreakerState | None = None
 
     def connect(self) -> None:
-        """Open both connections; raises when PostgreSQL is unreachable."""
+        """Open the work connection(s) and the ownership one; raises when PostgreSQL is
+        unreachable."""
         self.source.connect()
         if self.settings.prefetch:
             self._spare.connect()
@@ -263,9 +264,6 @@ class Relay:
                     self.metrics.events_dead_lettered.inc()
                 log.warning("event.dead_lettered", row_id=failure.row_id, error=failure.error)
         if not sent:  # every row waited behind its key: Kafka was not asked, so nothing learnt
-            return
-        if everything_delivered:
-            self._record_batch(ok=True, outcomes=[])
             return
         broker_failures = [o for o in outcomes if o.result is Result.BROKER]
         self._record_batch(ok=bool(delivered) or not broker_failures, outcomes=broker_failures)

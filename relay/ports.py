@@ -28,7 +28,7 @@ class ClaimedRow(NamedTuple):
 
 
 class Result(enum.Enum):
-    DELIVERED = "delivered"  # its own delivery report said so: mark it published
+    DELIVERED = "delivered"  # Kafka acknowledged it: mark it published
     RETRY = "retry"  # the row failed (e.g. unknown topic): count an attempt, back off
     PERMANENT = "permanent"  # retrying cannot help (too large, invalid topic): dead-letter now
     BROKER = "broker"  # the broker, not the row, failed: no attempt counted, the breaker decides
