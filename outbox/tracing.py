@@ -3,7 +3,8 @@
 :func:`with_trace_context` adds the current trace context to an event's headers as OpenTelemetry's
 configured propagator writes it (by default the W3C ``traceparent``, plus ``tracestate`` and
 ``baggage`` when there are any); the relay publishes stored headers unchanged; :func:`consuming`
-continues the trace on the consumer side. Without OpenTelemetry every function here leaves
+continues the trace on the consumer side, and :func:`consuming_batch` links a batch's span to
+the traces of its messages. Without OpenTelemetry every function here leaves
 things as they are and nothing is imported: :func:`available` looks the package up once with
 ``importlib.util.find_spec``, and ``opentelemetry`` is imported only when it is there.
 """
@@ -91,17 +92,50 @@ def consuming(
     except ImportError:
         _unavailable()
         return contextlib.nullcontext()
-    carrier = {
+    return _get_tracer().start_as_current_span(
+        f"process {topic}",
+        context=propagate.extract(_carrier(headers)),
+        kind=trace.SpanKind.CONSUMER,
+        attributes=attributes,
+    )
+
+
+def consuming_batch(
+    topic: str | None,
+    headers_of_each: Iterable[Iterable[tuple[str, str | bytes | None]]],
+    attributes: Mapping[str, str | int] | None = None,
+) -> contextlib.AbstractContextManager[object]:
+    """A CONSUMER span for a batch of messages handled together, current for the block: named
+    ``process <topic>`` (``process`` when the batch spans several topics), a child of the
+    current context, with a link to the trace context each message's headers carry (messages
+    without one add no link), as OpenTelemetry's messaging conventions have it for batches.
+    Without OpenTelemetry, a no-op."""
+    if not available():
+        return contextlib.nullcontext()
+    try:
+        from opentelemetry import propagate, trace
+    except ImportError:
+        _unavailable()
+        return contextlib.nullcontext()
+    links = []
+    for headers in headers_of_each:
+        context = trace.get_current_span(propagate.extract(_carrier(headers))).get_span_context()
+        if context.is_valid:
+            links.append(trace.Link(context))
+    return _get_tracer().start_as_current_span(
+        f"process {topic}" if topic else "process",
+        kind=trace.SpanKind.CONSUMER,
+        attributes=attributes,
+        links=links,
+    )
+
+
+def _carrier(headers: Iterable[tuple[str, str | bytes | None]]) -> dict[str, str]:
+    return {
         name: value.decode("utf-8", "replace") if isinstance(value, bytes) else value
         for name, value in headers
         if value is not None
     }
-    return _get_tracer().start_as_current_span(
-        f"process {topic}",
-        context=propagate.extract(carrier),
-        kind=trace.SpanKind.CONSUMER,
-        attributes=attributes,
-    )
 
 
 def _get_tracer() -> Tracer:

@@ -72,8 +72,9 @@ def test_quick_suite_reports_every_section(
     assert all(w["events"] > 0 for w in results["soak"]["windows"])
     positive(results, "writer", "worst_ratio")
     positive(results, "writer", "add_many_1000_round_trips")
-    positive(results, "consumer", "with_dedup_msgs_per_s")
-    positive(results, "consumer", "without_dedup_msgs_per_s")
+    for handler in ("batch", "message"):
+        positive(results, "consumer", handler, "with_dedup_msgs_per_s")
+        positive(results, "consumer", handler, "without_dedup_msgs_per_s")
     positive(results, "memory", "max_mb")
     assert {t["name"] for t in results["targets"]} >= {
         "relay peak RSS, all runs",

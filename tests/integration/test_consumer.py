@@ -1,4 +1,5 @@
-"""relay.consumer.ConsumeLoop against a real PostgreSQL and Kafka-protocol broker.
+"""relay.consumer.ConsumeLoop and BatchConsumeLoop against a real PostgreSQL and Kafka-protocol
+broker.
 
 Each loop runs in a thread (``run(handle_signals=False)``) and is stopped with ``loop.stop()``.
 The handler writes one row per message into a side-effect table with no unique constraint, so a
@@ -11,7 +12,7 @@ import contextlib
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from threading import Thread
 
 import psycopg
@@ -26,6 +27,7 @@ from relay.consumer import (
     CONSUMER_HEADER,
     ERROR_HEADER,
     ORIGIN_HEADER,
+    BatchConsumeLoop,
     ConsumeLoop,
     ConsumerSettings,
     ConsumerStopped,
@@ -139,7 +141,7 @@ def unique_name() -> str:
 class Running:
     """A loop running in a thread; ``error`` is what ``run()`` raised, if anything."""
 
-    def __init__(self, loop: ConsumeLoop) -> None:
+    def __init__(self, loop: ConsumeLoop | BatchConsumeLoop) -> None:
         self.loop = loop
         self.error: BaseException | None = None
         self.thread = Thread(target=self._run, daemon=True)
@@ -332,6 +334,97 @@ def test_batch_mode_applies_each_side_effect_once(
     assert sorted(message_id for message_id, _, _, _ in rows) == sorted(ids)
     assert sessions < 500 / 2, f"{sessions} transactions for 500 messages: batches were not used"
     print(f"\nbatch mode: 500 messages in {sessions} transactions")
+
+
+class BatchRecorder:
+    """A batch handler: records all of a batch's messages in one statement, and what it was
+    given; raises for a batch holding a message whose payload starts with "poison"."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[tuple[str, int, int]]] = []  # (payload, partition, offset)
+
+    def __call__(self, session: Session, messages: Sequence[Message]) -> None:
+        seen = [(m.value() or b"").decode() for m in messages]
+        self.batches.append(
+            [(p, m.partition() or 0, m.offset() or 0) for p, m in zip(seen, messages, strict=True)]
+        )
+        if any(p.startswith("poison") for p in seen):
+            raise Poison(f"cannot process a batch holding {seen}")
+        session.execute(
+            sa.text("INSERT INTO effects VALUES (:id, :payload, :partition, :offset)"),
+            [
+                {"id": event_id_or_position(m), "payload": p, "partition": m.partition(),
+                 "offset": m.offset()}
+                for p, m in zip(seen, messages, strict=True)
+            ],
+        )  # fmt: skip
+
+    def calls(self, payload: str) -> int:
+        return sum(p == payload for batch in self.batches for p, _, _ in batch)
+
+
+def test_a_batch_handler_gets_each_new_message_once_in_order(
+    database_url: str, engine: sa.Engine, kafka_bootstrap: str, topic: str, effects: str
+) -> None:
+    """BatchConsumeLoop over 300 messages on one partition, 30 of them sent again (some
+    within the same batch, some later): the handler gets whole batches of new messages only,
+    in offset order; each side effect happens once; the committed offset is past the last."""
+    name = unique_name()
+    ids = [str(uuid.uuid4()) for _ in range(270)]
+    sent = [(f"m-{i}", event_id) for i, event_id in enumerate(ids)]
+    sent[100:100] = sent[90:100]  # again, right behind the first copies
+    sent += sent[:20]  # again, after everything else
+    produce(kafka_bootstrap, topic, sent, partition=0)
+    handler = BatchRecorder()
+    loop = BatchConsumeLoop(
+        settings(name, topic, kafka_bootstrap, batch_size=100), handler, sessionmaker(engine)
+    )
+    run = Running(loop)
+    try:
+        wait_until(lambda: run.seen >= 300, timeout=WAIT)
+        time.sleep(0.5)
+    finally:
+        run.stop()
+    assert run.error is None, repr(run.error)
+    assert (loop.stats.processed, loop.stats.duplicates, loop.stats.failures) == (270, 30, 0)
+    assert payload_counts(database_url) == Counter({f"m-{i}": 1 for i in range(270)})
+    assert dedup_ids(database_url, name) == set(ids)
+    handed = [offset for batch in handler.batches for _, _, offset in batch]
+    assert handed == sorted(handed), "messages reached the handler out of order"
+    assert [p for batch in handler.batches for p, _, _ in batch] == [f"m-{i}" for i in range(270)]
+    assert len(handler.batches) < 270 / 2, f"{len(handler.batches)} calls: batches were not used"
+    assert committed_offset(kafka_bootstrap, name, topic, 0) == 300
+
+
+def test_a_failing_batch_is_replayed_to_the_batch_handler_one_message_at_a_time(
+    database_url: str, engine: sa.Engine, kafka_bootstrap: str, topic: str, effects: str
+) -> None:
+    """A batch holding a poison message rolls back whole; it is replayed in batches of one:
+    the poison message is retried max_attempts times and dead-lettered, every other message's
+    side effect happens once."""
+    name = unique_name()
+    dlq = create_topic(kafka_bootstrap, partitions=1)
+    payloads = [f"ok-{i}" for i in range(4)] + ["poison"] + [f"ok-{i}" for i in range(4, 9)]
+    ids = {payload: str(uuid.uuid4()) for payload in payloads}
+    produce(kafka_bootstrap, topic, [(p, ids[p]) for p in payloads], partition=0)
+    handler = BatchRecorder()
+    s = settings(name, topic, kafka_bootstrap, batch_size=50, dead_letter_topic=dlq)
+    run = Running(BatchConsumeLoop(s, handler, sessionmaker(engine)))
+    try:
+        wait_until(lambda: run.seen >= len(payloads), timeout=WAIT)
+        time.sleep(0.5)
+    finally:
+        run.stop()
+    assert run.error is None, repr(run.error)
+    stats = run.loop.stats
+    assert (stats.processed, stats.dead_lettered, stats.duplicates, stats.failures) == (9, 1, 0, 3)
+    assert len(handler.batches[0]) > 1, "the poison message was not in a batch with others"
+    assert all(len(batch) == 1 for batch in handler.batches[1:])
+    assert handler.calls("poison") == 1 + 3
+    assert payload_counts(database_url) == Counter({p: 1 for p in payloads if p != "poison"})
+    assert dedup_ids(database_url, name) == {ids[p] for p in payloads if p != "poison"}
+    (dead,) = read_all(kafka_bootstrap, dlq, expect=1)
+    assert dead.value() == b"poison"
 
 
 # --- failures ------------------------------------------------------------------------------------

@@ -203,6 +203,23 @@ def test_claim_many_returns_only_the_ids_claimed_now(
     assert claims(database_url) == [("billing", f"evt-{i}") for i in range(1, 5)]
 
 
+AWKWARD_IDS = ['a"b', "back\\slash", "comma,id", "{braces}", " spaced ", "NULL", "ünï €", "x" * 1024]
+
+
+def test_claim_many_keeps_ids_with_quotes_commas_and_backslashes_intact(
+    transaction: Opener, database_url: str
+) -> None:
+    """Ids that mean something in an array literal are claimed as themselves: each recorded
+    exactly as given, and recognised again by claim and by claim_many."""
+    with transaction() as db:
+        assert dedup.claim_many(db, "billing", AWKWARD_IDS) == set(AWKWARD_IDS)
+    with transaction() as db:
+        assert dedup.claim_many(db, "billing", [*AWKWARD_IDS, "new"]) == {"new"}
+        assert all(dedup.claim(db, "billing", i) is False for i in AWKWARD_IDS)
+    # Sorted here, not by the server's collation, which orders spaces and accents its own way.
+    assert sorted(claims(database_url)) == sorted(("billing", i) for i in [*AWKWARD_IDS, "new"])
+
+
 @pytest.mark.asyncio
 async def test_claim_many_async_returns_only_the_ids_claimed_now(
     async_transaction: AsyncOpener, database_url: str

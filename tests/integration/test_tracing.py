@@ -14,7 +14,7 @@ import json
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import psycopg
@@ -29,12 +29,20 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, StatusCode, TraceFlags
 from opentelemetry.trace.span import TraceState
 from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 import outbox
 from outbox.tracing import TRACEPARENT_HEADER, TRACESTATE_HEADER
+from relay.consumer import BatchConsumeLoop
 from tests.acceptance.relay_harness import read_topic, run_relay, wait_until
-from tests.integration.test_consumer import WAIT, produce, running, settings, unique_name
+from tests.integration.test_consumer import (
+    WAIT,
+    Running,
+    produce,
+    running,
+    settings,
+    unique_name,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -351,6 +359,64 @@ def test_the_consume_loop_continues_the_trace(
         "messaging.consumer.group.name": name,
         "messaging.message.id": traced,
     }
+
+
+@pytest.mark.kafka
+def test_the_batch_consume_loop_links_its_span_to_each_message_s_trace(
+    spans: InMemorySpanExporter,
+    database_url: str,
+    engine: sa.Engine,
+    kafka_bootstrap: str,
+    topic: str,
+) -> None:
+    """BatchConsumeLoop: the handler runs inside one CONSUMER span per batch, linked to the
+    trace of each message that carries one (the span around outbox.add) and to nothing for a
+    message that carries none; the span counts the batch's messages."""
+    with (
+        REQUESTS.start_as_current_span("POST /orders") as request,
+        psycopg.connect(database_url) as c,
+    ):
+        outbox.add(c, topic, "traced", key="k")
+    with psycopg.connect(database_url) as c:
+        outbox.add(c, topic, "untraced", key="k")
+    result = run_relay(database_url, kafka_bootstrap, "--exit-when-idle", timeout=60)
+    assert result.returncode == 0, result.stderr
+
+    current: list[SpanContext] = []
+
+    def handler(_session: Session, messages: Sequence[Message]) -> None:
+        current.extend(trace.get_current_span().get_span_context() for _ in messages)
+
+    spans.clear()
+    name = unique_name()
+    loop = BatchConsumeLoop(
+        settings(name, topic, kafka_bootstrap, batch_size=50), handler, sessionmaker(engine)
+    )
+    run = Running(loop)
+    try:
+        wait_until(lambda: loop.stats.processed >= 2, timeout=WAIT)
+    finally:
+        run.stop()
+    assert run.error is None, repr(run.error)
+
+    batch_spans = process_spans(spans, topic)
+    assert batch_spans, "no process span"
+    assert {s.get_span_context().span_id for s in batch_spans} == {c.span_id for c in current}
+    assert sum(s.attributes["messaging.batch.message_count"] for s in batch_spans) == 2  # type: ignore[index,misc]
+    assert all(s.kind is SpanKind.CONSUMER and s.parent is None for s in batch_spans)
+    links = [link.context for s in batch_spans for link in s.links]
+    assert [(link.trace_id, link.span_id) for link in links] == [
+        (request.get_span_context().trace_id, request.get_span_context().span_id)
+    ]
+    assert (
+        dict(batch_spans[0].attributes or {}).items()
+        >= {
+            "messaging.system": "kafka",
+            "messaging.operation.type": "process",
+            "messaging.destination.name": topic,
+            "messaging.consumer.group.name": name,
+        }.items()
+    )
 
 
 @pytest.mark.kafka
