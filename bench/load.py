@@ -30,16 +30,20 @@ import math
 import multiprocessing
 import threading
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
 import common
 import psycopg
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 import outbox
+from outbox.envelope import EVENT_ID_HEADER
+from relay.config import RelaySettings
+from relay.kafka import producer_config
 
 SIZE = 256
 #: A writer commits at most this many events a second (measured: one Python process commits
@@ -182,31 +186,68 @@ def warm_up(database_url: str, topic: str, receiver: Receiver, relay: common.Rel
             raise TimeoutError(f"the warm-up event did not arrive within {timeout} s:\n{tail}")
 
 
+def _paced(rate: float, seconds: float, per_commit: int, index: int, writers: int,
+           start_at: float, send: Callable[[int], float]) -> array.array[float]:  # fmt: skip
+    """Call ``send(first)`` for events ``first .. first + per_commit`` (this writer's share)
+    ``rate / per_commit`` times a second for ``seconds`` from wall time ``start_at``; the wall
+    times the calls return (when their events were committed or handed over)."""
+    times = array.array("d")
+    interval = per_commit / rate
+    time.sleep(max(0.0, start_at - time.time()))
+    next_at = time.monotonic()
+    end = next_at + seconds
+    k = 0
+    while time.monotonic() < end:
+        times.append(send(index + writers * k))
+        k += per_commit
+        next_at += interval
+        time.sleep(max(0.0, next_at - time.monotonic()))
+    return times
+
+
 def _writer(database_url: str, topics: list[str], rotate_s: float, rate: float, seconds: float,
             per_commit: int, index: int, writers: int, start_at: float,
             out: Connection) -> None:  # fmt: skip
     """A writer process: ``rate`` events/s for ``seconds`` from wall time ``start_at``, on the
     topic of the moment; sends back its commit times."""
-    commits = array.array("d")
     with psycopg.connect(database_url) as conn:
-        interval = per_commit / rate
-        time.sleep(max(0.0, start_at - time.time()))
-        next_at = time.monotonic()
-        end = next_at + seconds
-        k = 0
-        while time.monotonic() < end:
+
+        def commit(first: int) -> float:
             topic = topics[topic_index(start_at, rotate_s, len(topics), time.time())]
-            first = index + writers * k
             if per_commit == 1:
                 outbox.add(conn, topic, common.payload(first, SIZE), key=common.key(first))
             else:
                 common.insert_rows(conn, topic, per_commit, SIZE, first=first, step=writers)
             conn.commit()
-            commits.append(time.time())
-            k += per_commit
-            next_at += interval
-            time.sleep(max(0.0, next_at - time.monotonic()))
+            return time.time()
+
+        commits = _paced(rate, seconds, per_commit, index, writers, start_at, commit)
     out.send_bytes(commits.tobytes())
+    out.close()
+
+
+def _producer(bootstrap: str, topics: list[str], rotate_s: float, rate: float, seconds: float,
+              per_commit: int, index: int, writers: int, start_at: float,
+              out: Connection) -> None:  # fmt: skip
+    """:func:`_writer` without the database: the same events straight to Kafka with the
+    relay's producer settings (the baseline of the latency section), each group flushed before
+    the next as the relay flushes each batch; sends back the time each group was handed to the
+    producer."""
+    settings = RelaySettings(database_url="postgresql://unused", kafka_bootstrap_servers=bootstrap)
+    producer = Producer(producer_config(settings) | common.QUIET)
+
+    def send(first: int) -> float:
+        topic = topics[topic_index(start_at, rotate_s, len(topics), time.time())]
+        for i in range(first, first + writers * per_commit, writers):
+            producer.produce(topic, value=common.payload(i, SIZE), key=common.key(i),
+                             headers=[(EVENT_ID_HEADER, str(uuid.uuid4()).encode())])  # fmt: skip
+        handed_over = time.time()
+        if producer.flush(60):
+            raise RuntimeError("the producer could not deliver a group of events")
+        return handed_over
+
+    sent = _paced(rate, seconds, per_commit, index, writers, start_at, send)
+    out.send_bytes(sent.tobytes())
     out.close()
 
 
@@ -248,16 +289,26 @@ def capacity(rate: float, seconds: float) -> int:
 def write(database_url: str, plan: Plan, receiver: Receiver, relay: common.Relay) -> Load:
     """Run the writers to the end; their commit times. Stops them and raises as soon as the
     relay exits with an error."""
+    return _run_writers(_writer, database_url, plan, receiver, relay.check)
+
+
+def produce(bootstrap: str, plan: Plan, receiver: Receiver) -> Load:
+    """The same load as :func:`write`, sent straight to Kafka; the send times."""
+    return _run_writers(_producer, bootstrap, plan, receiver, lambda: None)
+
+
+def _run_writers(target: Callable[..., None], address: str, plan: Plan, receiver: Receiver,
+                 check: Callable[[], None]) -> Load:  # fmt: skip
     rate, seconds = plan.rate, plan.seconds
     writers, per_commit = shape(rate)
     ctx = multiprocessing.get_context("spawn")
     plan.start_at = time.time() + 1.0  # every writer started and connected by then
     receiver.following.set()
     procs, pipes = [], []
-    args = (database_url, plan.topics, plan.rotate_s, rate / writers, seconds, per_commit)
+    args = (address, plan.topics, plan.rotate_s, rate / writers, seconds, per_commit)
     for index in range(writers):
         receive, send = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_writer, args=(*args, index, writers, plan.start_at, send))
+        proc = ctx.Process(target=target, args=(*args, index, writers, plan.start_at, send))
         proc.start()
         send.close()
         procs.append(proc)
@@ -266,7 +317,7 @@ def write(database_url: str, plan: Plan, receiver: Receiver, relay: common.Relay
     try:
         for proc, pipe in zip(procs, pipes, strict=True):
             while not pipe.poll(0.5):
-                relay.check()
+                check()
                 if not proc.is_alive():
                     break
             try:

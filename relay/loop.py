@@ -180,7 +180,10 @@ class Relay:
                 return
             self._wait(self.settings.poll_interval)
             return
-        if self.settings.prefetch and limit == self.settings.batch_size:
+        # A short batch took everything deliverable: the next claim would find only what
+        # commits meanwhile, so it waits until this batch is done instead of taking a core
+        # from it (which, at low rates, is latency).
+        if self.settings.prefetch and limit == self.settings.batch_size and len(rows) == limit:
             self._start_prefetch(limit, in_flight=[row.id for row in rows])
         outcomes, sent = self._publish(rows, held)
         self._finish(rows, outcomes, sent=sent)

@@ -135,3 +135,24 @@ def test_prefetching_drains_everything_once_in_order(database_url: str, stop: St
     drain(relay_for(database_url, publisher, stop, batch_size=4), steps=50)
     assert publisher.sent == [name.encode() for _, name in names]
     assert unpublished(database_url) == []
+
+
+@pytest.mark.parametrize(("backlog", "prefetched"), [(3, False), (4, True), (9, True)])
+def test_only_a_full_batch_starts_claiming_the_next(
+    database_url: str, stop: StopSignal, backlog: int, prefetched: bool
+) -> None:
+    """A batch shorter than the batch size took everything deliverable, so no second claim
+    runs beside it (it would take a core from the batch at low rates for nothing); a full
+    batch claims the next one while it is published."""
+    write(database_url, [(f"k{i}", f"e{i}") for i in range(backlog)])
+    publisher = ScriptedPublisher(fail=set())
+    relay = relay_for(database_url, publisher, stop, batch_size=4)
+    try:
+        relay.step()
+        assert publisher.batches[0] == [f"e{i}".encode() for i in range(min(backlog, 4))]
+        assert (relay._prefetch is not None) is prefetched
+    finally:
+        relay.close_connections()
+        relay.shutdown()
+    drain(relay_for(database_url, publisher, stop, batch_size=4))
+    assert unpublished(database_url) == []
