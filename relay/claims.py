@@ -212,7 +212,8 @@ class OutboxSource:
             "dead_letters_block": self._settings.dead_letter_blocks_key,
             "max_bytes": self._settings.batch_max_bytes,
         }
-        rows = self.connection.execute(self._claim_sql, params).fetchall()
+        # Binary results: payloads arrive as they are stored, not hex-encoded and decoded.
+        rows = self.connection.execute(self._claim_sql, params, binary=True).fetchall()
         # Positional, and no zip for the (common) rows without headers: this runs per row.
         return [
             ClaimedRow(r[0], r[1], r[2], r[3], r[4],
