@@ -203,7 +203,8 @@ def test_claim_many_returns_only_the_ids_claimed_now(
     assert claims(database_url) == [("billing", f"evt-{i}") for i in range(1, 5)]
 
 
-AWKWARD_IDS = ['a"b', "back\\slash", "comma,id", "{braces}", " spaced ", "NULL", "ünï €", "x" * 1024]
+AWKWARD_IDS = ['a"b', "back\\slash", "comma,id", "{braces}", " spaced ", "NULL", "ünï €"]
+AWKWARD_IDS += ["x" * 1024]
 
 
 def test_claim_many_keeps_ids_with_quotes_commas_and_backslashes_intact(
