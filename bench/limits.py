@@ -5,9 +5,9 @@
   layout, keys, payload sizes and headers (an ``event_id`` header each), produce to flush, on a
   producer that has delivered one message to the topic already;
 * PostgreSQL alone: one connection claiming the same rows as the relay would (``SELECT ... FOR
-  UPDATE SKIP LOCKED``, oldest first, 2,000 a batch), then marking them (``DELETE``, the relay's
-  default; ``UPDATE ... SET published_at``, what it does with ``--retention``) and committing,
-  until the outbox is empty. No Kafka.
+  UPDATE SKIP LOCKED``, oldest first, in batches of the relay's default ``--batch-size``), then
+  marking them (``DELETE``, the relay's default; ``UPDATE ... SET published_at``, what it does
+  with ``--retention``) and committing, until the outbox is empty. No Kafka.
 
 The lower limit is the smaller of the raw producer and PostgreSQL claim + DELETE.
 
@@ -28,7 +28,10 @@ from outbox.envelope import EVENT_ID_HEADER
 from relay.config import RelaySettings
 from relay.kafka import producer_config
 
-CLAIM_LIMIT = 2000
+#: The relay's own batch size: the same rows in the same batches.
+CLAIM_LIMIT = RelaySettings(
+    database_url="postgresql://unused", kafka_bootstrap_servers="unused:9092"
+).batch_size
 CLAIM = f"""
 SELECT id, event_id, topic, key, payload, header_names, header_values FROM outbox_events
 WHERE published_at IS NULL AND dead_lettered_at IS NULL
