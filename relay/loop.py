@@ -62,6 +62,15 @@ def undelivered_by_key(rows: Sequence[ClaimedRow], outcomes: Sequence[Outcome]) 
     return undelivered
 
 
+def filled(rows: Sequence[ClaimedRow], limit: int, max_bytes: int) -> bool:
+    """Whether a claimed batch was cut by the row limit or the byte budget (so more rows may
+    be waiting), rather than holding every deliverable row. The claim stops before the first
+    row whose predecessors' payloads reach ``max_bytes``, so a batch cut by bytes carries at
+    least that many (unless the per-key check dropped some of them: then the next batch is
+    claimed afterwards instead of meanwhile, which is slower, never wrong)."""
+    return len(rows) >= limit or sum(len(row.payload) for row in rows) >= max_bytes
+
+
 def held_back(rows: Sequence[ClaimedRow], undelivered: Undelivered) -> set[int]:
     """Rows of the next batch that must not be sent: those with an earlier undelivered row of
     their key that is not in this batch (pure). An undelivered row claimed again in this batch
@@ -180,10 +189,14 @@ class Relay:
                 return
             self._wait(self.settings.poll_interval)
             return
-        # A short batch took everything deliverable: the next claim would find only what
-        # commits meanwhile, so it waits until this batch is done instead of taking a core
-        # from it (which, at low rates, is latency).
-        if self.settings.prefetch and limit == self.settings.batch_size and len(rows) == limit:
+        # A batch cut by neither limit took everything deliverable: the next claim would find
+        # only what commits meanwhile, so it waits until this batch is done instead of taking a
+        # core from it (which, at low rates, is latency).
+        if (
+            self.settings.prefetch
+            and limit == self.settings.batch_size
+            and filled(rows, limit, self.settings.batch_max_bytes)
+        ):
             self._start_prefetch(limit, in_flight=[row.id for row in rows])
         outcomes, sent = self._publish(rows, held)
         self._finish(rows, outcomes, sent=sent)

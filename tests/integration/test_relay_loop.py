@@ -137,19 +137,27 @@ def test_prefetching_drains_everything_once_in_order(database_url: str, stop: St
     assert unpublished(database_url) == []
 
 
-@pytest.mark.parametrize(("backlog", "prefetched"), [(3, False), (4, True), (9, True)])
+@pytest.mark.parametrize(
+    ("backlog", "max_bytes", "first_batch", "prefetched"),
+    [(3, 1024, 3, False), (4, 1024, 4, True), (9, 1024, 4, True), (3, 4, 2, True)],
+)
 def test_only_a_full_batch_starts_claiming_the_next(
-    database_url: str, stop: StopSignal, backlog: int, prefetched: bool
+    database_url: str,
+    stop: StopSignal,
+    backlog: int,
+    max_bytes: int,
+    first_batch: int,
+    prefetched: bool,
 ) -> None:
-    """A batch shorter than the batch size took everything deliverable, so no second claim
-    runs beside it (it would take a core from the batch at low rates for nothing); a full
-    batch claims the next one while it is published."""
-    write(database_url, [(f"k{i}", f"e{i}") for i in range(backlog)])
+    """A batch cut by neither the batch size nor the byte budget took everything deliverable,
+    so no second claim runs beside it (it would take a core from the batch at low rates for
+    nothing); a batch cut by either claims the next one while it is published."""
+    write(database_url, [(f"k{i}", f"e{i}") for i in range(backlog)])  # 2-byte payloads
     publisher = ScriptedPublisher(fail=set())
-    relay = relay_for(database_url, publisher, stop, batch_size=4)
+    relay = relay_for(database_url, publisher, stop, batch_size=4, batch_max_bytes=max_bytes)
     try:
         relay.step()
-        assert publisher.batches[0] == [f"e{i}".encode() for i in range(min(backlog, 4))]
+        assert publisher.batches[0] == [f"e{i}".encode() for i in range(first_batch)]
         assert (relay._prefetch is not None) is prefetched
     finally:
         relay.close_connections()
