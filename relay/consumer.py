@@ -35,7 +35,7 @@ import select
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import structlog
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
@@ -112,18 +112,23 @@ class ConsumeStats:
     dead_lettered: int = 0
 
 
-class _Loop:
-    """The loop without its handler: consuming, dedup, transactions, offsets, retries and dead
+H = TypeVar("H", Handler, BatchHandler)
+
+
+class _Loop(Generic[H]):
+    """The loop around its handler: consuming, dedup, transactions, offsets, retries and dead
     letters. Subclasses say how the new messages of one transaction reach the handler."""
 
     def __init__(
         self,
         settings: ConsumerSettings,
+        handler: H,
         session_factory: Callable[[], Session],
         *,
         message_id: MessageId = event_id_or_position,
     ) -> None:
         self.settings = settings
+        self.handler: H = handler
         self.session_factory = session_factory
         self.message_id = message_id
         self.stats = ConsumeStats()
@@ -338,20 +343,9 @@ def next_offsets(messages: Sequence[Message]) -> list[TopicPartition]:
     return [TopicPartition(topic, partition, offset) for (topic, partition), offset in last.items()]
 
 
-class ConsumeLoop(_Loop):
+class ConsumeLoop(_Loop[Handler]):
     """The consume loop with a handler called once per message, each inside a CONSUMER span
     that continues the trace of the message (with OpenTelemetry)."""
-
-    def __init__(
-        self,
-        settings: ConsumerSettings,
-        handler: Handler,
-        session_factory: Callable[[], Session],
-        *,
-        message_id: MessageId = event_id_or_position,
-    ) -> None:
-        super().__init__(settings, session_factory, message_id=message_id)
-        self.handler = handler
 
     def _handle_new(self, session: Session, messages: list[Message], ids: list[str]) -> None:
         for message, message_id in zip(messages, ids, strict=True):
@@ -377,21 +371,10 @@ class ConsumeLoop(_Loop):
             self.handler(session, message)
 
 
-class BatchConsumeLoop(_Loop):
+class BatchConsumeLoop(_Loop[BatchHandler]):
     """The consume loop with a handler called once per transaction with all of its new messages
     (duplicates already left out), in the order consumed. With OpenTelemetry, the call runs
     inside one CONSUMER span linked to the trace of each message."""
-
-    def __init__(
-        self,
-        settings: ConsumerSettings,
-        handler: BatchHandler,
-        session_factory: Callable[[], Session],
-        *,
-        message_id: MessageId = event_id_or_position,
-    ) -> None:
-        super().__init__(settings, session_factory, message_id=message_id)
-        self.handler = handler
 
     def _handle_new(self, session: Session, messages: list[Message], ids: list[str]) -> None:
         if not tracing.available():
