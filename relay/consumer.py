@@ -202,6 +202,15 @@ class _Loop(Generic[H]):
         """Hand the transaction's new messages (in order, never empty) to the handler."""
         raise NotImplementedError
 
+    def _span_attributes(self) -> dict[str, str | int]:
+        """What every process span of this loop says (OpenTelemetry's messaging conventions)."""
+        return {
+            "messaging.system": "kafka",
+            "messaging.operation.type": "process",
+            "messaging.operation.name": "process",
+            "messaging.consumer.group.name": self.settings.name,
+        }
+
     def _apply(self, session: Session, message: Message) -> bool:
         """Claim and handle inside the caller's transaction; False for a duplicate."""
         message_id = self.message_id(message)
@@ -357,14 +366,11 @@ class ConsumeLoop(_Loop[Handler]):
         if not tracing.available():
             self.handler(session, message)
             return
-        attributes: dict[str, str | int] = {
-            "messaging.system": "kafka",
-            "messaging.operation.type": "process",
-            "messaging.operation.name": "process",
+        attributes = {
+            **self._span_attributes(),
             "messaging.destination.name": message.topic() or "",
             "messaging.destination.partition.id": str(message.partition()),
             "messaging.kafka.offset": message.offset() or 0,
-            "messaging.consumer.group.name": self.settings.name,
             "messaging.message.id": message_id,
         }
         with tracing.consuming(message.topic() or "", header_pairs(message), attributes):
@@ -382,13 +388,7 @@ class BatchConsumeLoop(_Loop[BatchHandler]):
             return
         topics = {message.topic() for message in messages}
         topic = next(iter(topics)) if len(topics) == 1 else None
-        attributes: dict[str, str | int] = {
-            "messaging.system": "kafka",
-            "messaging.operation.type": "process",
-            "messaging.operation.name": "process",
-            "messaging.batch.message_count": len(messages),
-            "messaging.consumer.group.name": self.settings.name,
-        }
+        attributes = {**self._span_attributes(), "messaging.batch.message_count": len(messages)}
         if topic:
             attributes["messaging.destination.name"] = topic
         with tracing.consuming_batch(topic, map(header_pairs, messages), attributes):
