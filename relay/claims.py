@@ -9,13 +9,14 @@ simply unpublished again.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 
-from outbox.settings import OutboxSettings
+from outbox.settings import SHARD_COUNT, OutboxSettings
 from relay.config import RelaySettings
 from relay.pg import relay_connect
 from relay.ports import ClaimedRow, Outcome, Result
@@ -31,11 +32,17 @@ from relay.ports import ClaimedRow, Outcome, Result
 # publishing while it claims the next (``in_flight``) does not block its keys: it is sent first,
 # and the loop holds back the next batch's rows of any key that batch failed to deliver.
 _CLAIM = """
-WITH owned AS (  -- computed once, so the planner walks the claim index in id order and stops
-    SELECT array_agg(objid::int) AS shards FROM pg_locks
-    WHERE locktype = 'advisory' AND classid = %(shard_class)s AND objsubid = 2
-      AND pid = %(owner_pid)s AND granted
-      AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+WITH owned AS (
+    -- Computed once, so the planner walks the claim index in id order and stops: one flag per
+    -- shard, element shard + 1 (a lookup per row, where "shard = ANY (owned shards)" would
+    -- compare each row with every owned shard).
+    SELECT ARRAY(SELECT s.shard IN (
+                     SELECT objid::int FROM pg_locks
+                     WHERE locktype = 'advisory' AND classid = %(shard_class)s AND objsubid = 2
+                       AND pid = %(owner_pid)s AND granted
+                       AND database = (SELECT oid FROM pg_database
+                                       WHERE datname = current_database()))
+                 FROM generate_series(0, {shard_count} - 1) AS s(shard) ORDER BY s.shard) AS mine
 ), any_failed AS (  -- usually not: then the probe below is skipped for every row
     SELECT EXISTS (SELECT 1 FROM {events}
                    WHERE published_at IS NULL AND next_attempt_at IS NOT NULL
@@ -46,7 +53,7 @@ WITH owned AS (  -- computed once, so the planner walks the claim index in id or
     FROM {events} AS e
     WHERE e.published_at IS NULL AND e.dead_lettered_at IS NULL
       AND (e.next_attempt_at IS NULL OR e.next_attempt_at <= now())
-      AND e.shard = ANY ((SELECT shards FROM owned)::int[])
+      AND (SELECT mine FROM owned)[e.shard + 1]
       -- Rows stuck behind a failed row of their key (waiting for its retry, or a dead letter
       -- that blocks) are passed over here, before the limit: however many pile up, they cannot
       -- fill the batch and starve the other keys. A probe of the small index of failed rows.
@@ -61,9 +68,15 @@ WITH owned AS (  -- computed once, so the planner walks the claim index in id or
     FOR UPDATE SKIP LOCKED
 ), in_flight AS (  -- the batch this relay is publishing right now, claimed before this one
     SELECT unnest(%(in_flight)s::bigint[]) AS id
-), sized AS (  -- payload bytes of the batch's earlier rows, for the byte budget
-    SELECT batch.*, sum(octet_length(payload)) OVER (ORDER BY id) - octet_length(payload) AS before
-    FROM batch
+), cut AS (
+    -- The byte budget: the oldest rows that fit it, at least one; the first row past it, if
+    -- any. Usually the whole batch fits, and its rows are not summed one by one.
+    SELECT CASE WHEN (SELECT sum(octet_length(payload)) FROM batch) < %(max_bytes)s THEN NULL
+           ELSE (SELECT min(id) FROM (
+                     SELECT id, sum(octet_length(payload)) OVER (ORDER BY id)
+                                - octet_length(payload) AS before
+                     FROM batch) AS sized
+                 WHERE before >= %(max_bytes)s) END AS id
 ), gapless AS (
     -- Whether the batch holds every unpublished row of our shards up to its last one (but those
     -- in flight): then no row of it can have an earlier row of its key outside, and the
@@ -71,15 +84,15 @@ WITH owned AS (  -- computed once, so the planner walks the claim index in id or
     -- retry, gone by the time it was locked) makes the counts differ. Same snapshot throughout.
     SELECT (SELECT count(*) FROM {events} AS g
             WHERE g.published_at IS NULL AND g.dead_lettered_at IS NULL
-              AND g.shard = ANY ((SELECT shards FROM owned)::int[])
+              AND (SELECT mine FROM owned)[g.shard + 1]
               AND g.id <= (SELECT max(id) FROM batch)
               AND g.id NOT IN (SELECT id FROM in_flight))
            = (SELECT count(*) FROM batch) AS yes
 )
 SELECT s.id, s.event_id::text, s.topic, s.key, s.payload, s.header_names, s.header_values,
        s.attempts
-FROM sized AS s
-WHERE s.before < %(max_bytes)s  -- the oldest rows that fit the byte budget (at least one)
+FROM batch AS s
+WHERE (s.id < (SELECT id FROM cut) OR (SELECT id FROM cut) IS NULL)
   AND (s.key IS NULL
        -- dead letters that block their key are not in the counted index: always check then
        OR (NOT %(dead_letters_block)s AND (SELECT yes FROM gapless))
@@ -88,8 +101,7 @@ WHERE s.before < %(max_bytes)s  -- the oldest rows that fit the byte budget (at 
             WHERE b.key = s.key AND b.id < s.id AND b.published_at IS NULL
               AND (%(dead_letters_block)s OR b.dead_lettered_at IS NULL)
               AND b.id NOT IN (SELECT id FROM batch UNION ALL SELECT id FROM in_flight)))
-ORDER BY s.id
-"""
+"""  # in the batch's order, which is id order; ``claim`` makes sure of it without a sort here
 # The ids arrive as one array literal (see ``id_array``).
 _DELETE_PUBLISHED = "DELETE FROM {events} WHERE id = ANY(%s::bigint[])"
 _MARK_PUBLISHED = "UPDATE {events} SET published_at = now() WHERE id = ANY(%s::bigint[])"
@@ -126,8 +138,13 @@ FROM {events} WHERE published_at IS NULL AND dead_lettered_at IS NULL
 """
 
 
+_by_id = operator.itemgetter(0)
+
+
 def _sql(template: str, settings: OutboxSettings) -> str:
-    return template.replace("{events}", settings.events_table)
+    return template.replace("{events}", settings.events_table).replace(
+        "{shard_count}", str(SHARD_COUNT)
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,6 +231,7 @@ class OutboxSource:
         }
         # Binary results: payloads arrive as they are stored, not hex-encoded and decoded.
         rows = self.connection.execute(self._claim_sql, params, binary=True).fetchall()
+        rows.sort(key=_by_id)  # sent in id order: a pass over rows that are in order already
         # Positional, and no zip for the (common) rows without headers: this runs per row.
         return [
             ClaimedRow(r[0], r[1], r[2], r[3], r[4],

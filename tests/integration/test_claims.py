@@ -177,6 +177,33 @@ def test_only_owned_shards_are_claimed(
         shards.close()
 
 
+def test_exactly_the_owned_shards_are_claimed_the_first_and_last_included(
+    database_url: str, settings: RelaySettings, sources: tuple[OutboxSource, OutboxSource]
+) -> None:
+    """Ownership is looked up per shard number: the edges (0 and 255) and a shard between."""
+    write(database_url, [None] * 600)  # rows without a key: shard id % 256, every shard
+    owned = (0, 17, 255)
+    shards = ShardOwner(settings)
+    shards.connect()
+    try:
+        for shard in owned:
+            shards._connection.execute(
+                "SELECT pg_advisory_lock(%s, %s)", (shards.shard_class, shard)
+            )
+        with psycopg.connect(database_url) as conn:
+            expected = [
+                int(r[0])
+                for r in conn.execute(
+                    "SELECT id FROM outbox_events WHERE shard = ANY(%s) ORDER BY id",
+                    (list(owned),),
+                )
+            ]
+        assert len(expected) >= 6
+        assert claim(sources[0], shards, limit=1000) == expected
+    finally:
+        shards.close()
+
+
 def test_the_byte_budget_bounds_a_batch_but_the_oldest_row_always_fits(
     database_url: str, owner: ShardOwner
 ) -> None:
