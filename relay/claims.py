@@ -9,12 +9,14 @@ simply unpublished again.
 
 from __future__ import annotations
 
+import functools
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import psycopg
+from psycopg.rows import RowMaker
 
 from outbox.settings import SHARD_COUNT, OutboxSettings
 from relay.config import RelaySettings
@@ -90,7 +92,7 @@ WITH owned AS (
            = (SELECT count(*) FROM batch) AS yes
 )
 SELECT s.id, s.event_id::text, s.topic, s.key, s.payload, s.header_names, s.header_values,
-       s.attempts
+       s.attempts  -- ClaimedRow's fields, in order
 FROM batch AS s
 WHERE (s.id < (SELECT id FROM cut) OR (SELECT id FROM cut) IS NULL)
   AND (s.key IS NULL
@@ -139,6 +141,12 @@ FROM {events} WHERE published_at IS NULL AND dead_lettered_at IS NULL
 
 
 _by_id = operator.itemgetter(0)
+
+
+def _claimed_row(_cursor: psycopg.Cursor[Any]) -> RowMaker[ClaimedRow]:
+    """Claimed rows as they come, columns in ``ClaimedRow``'s field order: the record is built
+    in C, without a Python call per row."""
+    return cast("RowMaker[ClaimedRow]", functools.partial(tuple.__new__, ClaimedRow))
 
 
 def _sql(template: str, settings: OutboxSettings) -> str:
@@ -230,14 +238,10 @@ class OutboxSource:
             "max_bytes": self._settings.batch_max_bytes,
         }
         # Binary results: payloads arrive as they are stored, not hex-encoded and decoded.
-        rows = self.connection.execute(self._claim_sql, params, binary=True).fetchall()
+        cursor = self.connection.cursor(row_factory=_claimed_row, binary=True)
+        rows = cursor.execute(self._claim_sql, params).fetchall()
         rows.sort(key=_by_id)  # sent in id order: a pass over rows that are in order already
-        # Positional, and no zip for the (common) rows without headers: this runs per row.
-        return [
-            ClaimedRow(r[0], r[1], r[2], r[3], r[4],
-                       tuple(zip(r[5], r[6], strict=True)) if r[5] else (), r[7])
-            for r in rows
-        ]  # fmt: skip
+        return rows
 
     def finish(self, delivered: Sequence[int], failures: Sequence[Failure]) -> None:
         """Mark exactly the delivered rows published, record the failures, and commit."""

@@ -161,7 +161,8 @@ class KafkaPublisher:
             if row.key is not None and row.key in held_keys:
                 held[row.id] = Outcome(row.id, Result.NOT_SENT, "an earlier row of its key failed")
                 continue
-            headers: Headers = [*row.headers, (EVENT_ID_HEADER, row.event_id.encode())]
+            event_id = (EVENT_ID_HEADER, row.event_id.encode())
+            headers: Headers = [*row.headers, event_id] if row.header_names else [event_id]
             report = functools.partial(self._on_failure, failed, row.id)
             try:
                 produce(row.topic, row.payload, row.key, headers=headers, on_delivery=report)

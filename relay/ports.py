@@ -23,8 +23,15 @@ class ClaimedRow(NamedTuple):
     topic: str
     key: bytes | None
     payload: bytes
-    headers: tuple[tuple[str, bytes], ...]
+    #: The event's own headers, as two parallel sequences (as stored).
+    header_names: Sequence[str]
+    header_values: Sequence[bytes]
     attempts: int
+
+    @property
+    def headers(self) -> list[tuple[str, bytes]]:
+        """The event's own headers, as (name, value) pairs."""
+        return list(zip(self.header_names, self.header_values, strict=True))
 
 
 class Result(enum.Enum):

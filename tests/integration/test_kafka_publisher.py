@@ -17,7 +17,8 @@ pytestmark = pytest.mark.kafka
 
 
 def row(row_id: int, topic: str, key: bytes | None = b"k") -> ClaimedRow:
-    return ClaimedRow(row_id, f"00000000-0000-7000-8000-{row_id:012d}", topic, key, b"{}", (), 0)
+    event_id = f"00000000-0000-7000-8000-{row_id:012d}"
+    return ClaimedRow(row_id, event_id, topic, key, b"{}", (), (), 0)
 
 
 def publisher(bootstrap: str, **config: str) -> KafkaPublisher:

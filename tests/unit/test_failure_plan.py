@@ -17,7 +17,8 @@ def _row(row_id: int, attempts: int = 0, key: bytes | None = b"k") -> ClaimedRow
         topic="orders",
         key=key,
         payload=b"{}",
-        headers=(),
+        header_names=(),
+        header_values=(),
         attempts=attempts,
     )
 

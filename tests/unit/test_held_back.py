@@ -7,7 +7,7 @@ from relay.ports import ClaimedRow, Outcome, Result
 
 
 def row(row_id: int, key: bytes | None) -> ClaimedRow:
-    return ClaimedRow(row_id, f"e{row_id}", "t", key, b"", (), 0)
+    return ClaimedRow(row_id, f"e{row_id}", "t", key, b"", (), (), 0)
 
 
 def test_undelivered_rows_are_grouped_by_key_and_keyless_ones_ignored() -> None:

@@ -52,7 +52,7 @@ class FakeClock:
 
 
 def row(row_id: int, topic: str) -> ClaimedRow:
-    return ClaimedRow(row_id, f"e{row_id}", topic, None, b"", (), 0)
+    return ClaimedRow(row_id, f"e{row_id}", topic, None, b"", (), (), 0)
 
 
 def samples(metrics: RelayMetrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
