@@ -8,11 +8,10 @@ producer would choose. ``message.timeout.ms`` bounds every message's delivery.
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import structlog
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
@@ -62,9 +61,17 @@ _PERMANENT_ERRORS = frozenset(
 #: enough to keep the queue short, rare enough not to cost a C call per message.
 _POLL_EVERY = 100
 
-#: Message headers as confluent-kafka takes them, and a delivery report callback.
+#: Message headers as confluent-kafka takes them.
 Headers = list[tuple[str, str | bytes | None]]
-Report = Callable[[KafkaError | None, Message], None]
+
+
+class Report(NamedTuple):
+    """A failed delivery as librdkafka reports it: the message's topic, key and payload."""
+
+    topic: str | None
+    key: str | bytes | None
+    value: str | bytes | None
+    error: KafkaError
 
 
 class BrokerUnavailableError(Exception):
@@ -82,6 +89,36 @@ def classify(error: KafkaError) -> Result:
 
 def describe(error: KafkaError) -> str:
     return f"{error.name()}: {error.str()}"
+
+
+def failures_by_row(
+    rows: Sequence[ClaimedRow], reports: Sequence[Report]
+) -> tuple[dict[int, Outcome], bool]:
+    """The failure reports of a batch as outcomes by row id (pure), and whether some report
+    matched no row (then no row can be taken as delivered).
+
+    A report is matched by topic, key and payload. Rows alike in all three (rare: the same
+    event written twice) all take the failure: one of them may in fact have been delivered,
+    and is sent again (a duplicate, never a loss; the same bytes to the same partition fail
+    alike). A report that matches no row is a late one of an earlier batch that ran out of time
+    (one more batch is sent again), or is not understood: either way nothing is assumed.
+    """
+    if not reports:
+        return {}, False
+    by_content: dict[tuple[object, object, object], list[int]] = {}
+    for row in rows:
+        by_content.setdefault((row.topic, row.key, row.payload), []).append(row.id)
+    failed: dict[int, Outcome] = {}
+    unmatched = False
+    for report in reports:
+        row_ids = by_content.get((report.topic, report.key, report.value))
+        if not row_ids:
+            unmatched = True
+            continue
+        outcome_of = classify(report.error), describe(report.error)
+        for row_id in row_ids:
+            failed[row_id] = Outcome(row_id, *outcome_of)
+    return failed, unmatched
 
 
 def producer_config(settings: RelaySettings) -> dict[str, Any]:
@@ -117,11 +154,14 @@ class KafkaPublisher:
         self._last_global_error: int | None = None
         #: Why the producer must be replaced before the next batch ("" while it is healthy).
         self._replace_reason = ""
+        #: The failure reports of the batch being published.
+        self._reports: list[Report] = []
         self._producer = self._new_producer()
 
     def _new_producer(self) -> Producer:
         config = producer_config(self._settings)
         config["error_cb"] = self._on_error
+        config["on_delivery"] = self._on_report
         config["logger"] = logging.getLogger(LIBRDKAFKA_LOGGER)
         return Producer(config)
 
@@ -140,19 +180,22 @@ class KafkaPublisher:
     ) -> list[Outcome]:
         """Produce every row, then flush until Kafka has answered for each or time runs out.
 
-        The producer reports failed deliveries only (``delivery.report.only.error``), each to
-        its row's callback: a Python call per acknowledged message would cost more than
-        producing it. Once the producer's queue is empty (which counts reports not yet served),
-        Kafka has acknowledged every row that has no failure report. If time runs
-        out first, no row without an error report counts as delivered: the batch stays
-        unpublished and is sent again (duplicates, never a loss).
+        The producer reports failed deliveries only (``delivery.report.only.error``), to one
+        callback for the whole producer: a callback object per message costs a quarter of
+        producing it (measured: 3.9 against 3.1 µs a message). A report names its message by
+        topic, key and payload (librdkafka does not hand the headers back), which
+        :func:`failures_by_row` matches to the batch's rows. Once the producer's queue is
+        empty (which counts reports not yet served), Kafka has acknowledged every row that has
+        no failure report. If time runs out first, or a report matches no row, no row without
+        an error report counts as delivered: the batch stays unpublished and is sent again
+        (duplicates, never a loss).
 
         A row whose earlier same-key row could not even be enqueued is held back (NOT_SENT), so
         a key's rows never overtake each other.
         """
         if self._replace_reason:
             self._replace_producer()
-        failed: dict[int, Outcome] = {}  # filled by the failure reports
+        self._reports = []  # filled by the failure reports
         held: dict[int, Outcome] = {}  # rows never handed to the producer
         held_keys: set[bytes] = set()
         deadline = time.monotonic() + self._settings.delivery_timeout + 5.0
@@ -163,11 +206,10 @@ class KafkaPublisher:
                 continue
             event_id = (EVENT_ID_HEADER, row.event_id.encode())
             headers: Headers = [*row.headers, event_id] if row.header_names else [event_id]
-            report = functools.partial(self._on_failure, failed, row.id)
             try:
-                produce(row.topic, row.payload, row.key, headers=headers, on_delivery=report)
+                produce(row.topic, row.payload, row.key, headers=headers)
             except (BufferError, KafkaException):
-                failure = self._produce_slowly(row, headers, report, deadline)
+                failure = self._produce_slowly(row, headers, deadline)
                 if failure is not None:
                     held[row.id] = failure
                     if row.key is not None:
@@ -177,7 +219,8 @@ class KafkaPublisher:
         waiting = self._producer.flush(0)
         while waiting and time.monotonic() < deadline and not should_abort():
             waiting = self._producer.flush(0.1)
-        answered = waiting == 0
+        failed, unmatched = failures_by_row(rows, self._reports)
+        answered = waiting == 0 and not unmatched
         return [
             held.get(row.id)
             or failed.get(row.id)
@@ -189,16 +232,12 @@ class KafkaPublisher:
             for row in rows
         ]
 
-    def _produce_slowly(
-        self, row: ClaimedRow, headers: Headers, report: Report, deadline: float
-    ) -> Outcome | None:
+    def _produce_slowly(self, row: ClaimedRow, headers: Headers, deadline: float) -> Outcome | None:
         """Produce one row whose first attempt failed: wait while the local queue is full,
         classify any other refusal. None once it is enqueued."""
         while True:
             try:
-                self._producer.produce(
-                    row.topic, value=row.payload, key=row.key, headers=headers, on_delivery=report
-                )
+                self._producer.produce(row.topic, value=row.payload, key=row.key, headers=headers)
                 return None
             except BufferError:  # the local queue is full: serve reports, then try again
                 if time.monotonic() > deadline:
@@ -208,13 +247,11 @@ class KafkaPublisher:
                 error: KafkaError = exc.args[0]
                 return Outcome(row.id, classify(error), describe(error))
 
-    def _on_failure(
-        self, failed: dict[int, Outcome], row_id: int, error: KafkaError | None, _msg: Message
-    ) -> None:
-        """A row's delivery report: with ``delivery.report.only.error`` only failures come."""
+    def _on_report(self, error: KafkaError | None, msg: Message) -> None:
+        """A delivery report: with ``delivery.report.only.error`` only failures come."""
         if error is None:
             return  # a success, reported because delivery.report.only.error was overridden
-        failed[row_id] = Outcome(row_id, classify(error), describe(error))
+        self._reports.append(Report(msg.topic(), msg.key(), msg.value(), error))
         if error.code() in _PRODUCER_STATE_ERRORS and not self._replace_reason:
             self._replace_reason = describe(error)
 
