@@ -3,7 +3,9 @@
 * relays: 1, 2 and 4 relays (``--exit-when-idle``, started together) on the same backlog of
   ``--events`` events of 256 bytes;
 * backlog: one relay on 10,000 rows against 1,000,000 rows (``--backlog-big``): the speed must
-  not fall with the size of the table.
+  not fall with the size of the table. Beside each, PostgreSQL alone claiming and deleting the
+  same backlog (as in ``limits``), which shows how much the database itself slows down when the
+  table outgrows its buffers.
 
 Backlogs are filled by one ``INSERT ... SELECT generate_series`` and VACUUM ANALYZEd. The drain
 time of a run is from the first message the relays produced (its producer timestamp on the
@@ -20,6 +22,7 @@ import time
 from typing import Any
 
 import common
+import limits
 
 SIZE = 256
 
@@ -81,16 +84,25 @@ def measure_relays(env: common.Env, opts: common.Options) -> dict[str, Any]:
 
 
 def measure_backlog(env: common.Env, opts: common.Options) -> dict[str, Any]:
+    """One relay on both backlogs, each next to PostgreSQL alone claiming and deleting the same
+    backlog (``limits.pg_claim``): how much of any slowdown is the database's own."""
     small, big = opts.backlog_small, opts.backlog_big
     runs: dict[int, list[dict[str, float]]] = {small: [], big: []}
     for run in range(opts.runs):
         for events in (small, big):
-            runs[events].append(drain_with(env, events, 1))
+            result = drain_with(env, events, 1)
+            result["pg_claim_delete_events_per_s"] = limits.pg_claim(env, events, SIZE, "delete")
+            runs[events].append(result)
             common.progress(
                 f"backlog run {run + 1}/{opts.runs}, {events:,} rows: "
-                f"{runs[events][-1]['events_per_s']:,.0f} events/s"
+                f"{result['events_per_s']:,.0f} events/s, PostgreSQL alone "
+                f"{result['pg_claim_delete_events_per_s']:,.0f}"
             )
     out = {str(n): _summary(r) for n, r in runs.items()}
+    for n, r in out.items():
+        r["pg_claim_delete_events_per_s"] = common.median(
+            run["pg_claim_delete_events_per_s"] for run in runs[int(n)]
+        )
     return {
         "size": SIZE,
         "small": small,
@@ -98,6 +110,10 @@ def measure_backlog(env: common.Env, opts: common.Options) -> dict[str, Any]:
         "backlogs": out,
         "ratio_big_to_small": common.ratio(
             out[str(big)]["events_per_s"], out[str(small)]["events_per_s"]
+        ),
+        "pg_ratio_big_to_small": common.ratio(
+            out[str(big)]["pg_claim_delete_events_per_s"],
+            out[str(small)]["pg_claim_delete_events_per_s"],
         ),
     }
 
@@ -139,6 +155,21 @@ def rows(result: dict[str, Any]) -> list[common.Row]:
                 "events/s",
                 f"{b['ratio_big_to_small']:.2f} of the small backlog; "
                 f"{big['delivered']:,} on the broker",
+            ),
+            common.Row(
+                "scale",
+                f"PostgreSQL claim + DELETE alone, backlog of {b['small']:,} rows",
+                common.num(small["pg_claim_delete_events_per_s"]),
+                "events/s",
+                "baseline",
+            ),
+            common.Row(
+                "scale",
+                f"PostgreSQL claim + DELETE alone, backlog of {b['big']:,} rows",
+                common.num(big["pg_claim_delete_events_per_s"]),
+                "events/s",
+                f"{b['pg_ratio_big_to_small']:.2f} of the small backlog (the relay: "
+                f"{b['ratio_big_to_small']:.2f})",
             ),
         ]
     return out

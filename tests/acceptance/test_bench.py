@@ -64,7 +64,9 @@ def test_quick_suite_reports_every_section(
         positive(results, "scale", "relays", "relays", relays, "events_per_s")
     for rows in ("1000", "5000"):
         positive(results, "scale", "backlog", "backlogs", rows, "events_per_s")
+        positive(results, "scale", "backlog", "backlogs", rows, "pg_claim_delete_events_per_s")
     positive(results, "scale", "backlog", "ratio_big_to_small")
+    positive(results, "scale", "backlog", "pg_ratio_big_to_small")
     positive(results, "soak", "latency", "p99_ms")
     positive(results, "soak", "size_at_end_bytes")
     positive(results, "soak", "size_after_first_minute_bytes")
