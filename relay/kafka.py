@@ -220,14 +220,17 @@ class KafkaPublisher:
         while waiting and time.monotonic() < deadline and not should_abort():
             waiting = self._producer.flush(0.1)
         failed, unmatched = failures_by_row(rows, self._reports)
-        answered = waiting == 0 and not unmatched
+        unanswered = (
+            "no delivery report in time" if waiting else
+            "a failure report matched no row of the batch" if unmatched else ""
+        )  # fmt: skip
         return [
             held.get(row.id)
             or failed.get(row.id)
             or (
-                Outcome(row.id, Result.DELIVERED)
-                if answered
-                else Outcome(row.id, Result.NOT_SENT, "no delivery report in time")
+                Outcome(row.id, Result.NOT_SENT, unanswered)
+                if unanswered
+                else Outcome(row.id, Result.DELIVERED)
             )
             for row in rows
         ]
