@@ -228,8 +228,11 @@ class TcpProxy:
                 listener = self._listener
                 pairs = list(self._pairs)
             sel = selectors.DefaultSelector()
+            # Any socket may be closed by cut() between the lock above and here: skip it (the
+            # next round sees the new state) instead of letting the proxy thread die.
             if listener is not None:
-                sel.register(listener, selectors.EVENT_READ, None)
+                with contextlib.suppress(ValueError, KeyError, OSError):
+                    sel.register(listener, selectors.EVENT_READ, None)
             for a, b in pairs:
                 with contextlib.suppress(ValueError, KeyError, OSError):
                     sel.register(a, selectors.EVENT_READ, b)
