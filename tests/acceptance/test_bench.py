@@ -62,7 +62,7 @@ def test_quick_suite_reports_every_section(
         positive(results, "latency", "rates", rate, "p99_ms")
     for relays in ("1", "2", "4"):
         positive(results, "scale", "relays", "relays", relays, "events_per_s")
-    for rows in ("1000", "5000"):
+    for rows in ("1000", "3000", "5000"):  # small, --events in between, --backlog-big
         positive(results, "scale", "backlog", "backlogs", rows, "events_per_s")
         positive(results, "scale", "backlog", "backlogs", rows, "pg_claim_delete_events_per_s")
     positive(results, "scale", "backlog", "ratio_big_to_small")
