@@ -49,6 +49,8 @@ WITH owned AS (
     SELECT EXISTS (SELECT 1 FROM {events}
                    WHERE published_at IS NULL AND next_attempt_at IS NOT NULL
                      AND key IS NOT NULL) AS failed
+), in_flight AS (  -- the batch this relay is publishing right now, claimed before this one
+    SELECT unnest(%(in_flight)s::bigint[]) AS id
 ), batch AS (
     SELECT e.id, e.event_id, e.topic, e.key, e.payload, e.header_names, e.header_values,
            e.attempts
@@ -56,6 +58,9 @@ WITH owned AS (
     WHERE e.published_at IS NULL AND e.dead_lettered_at IS NULL
       AND (e.next_attempt_at IS NULL OR e.next_attempt_at <= now())
       AND (SELECT mine FROM owned)[e.shard + 1]
+      -- Locked by our other connection, so never ours to take: passed over with a hash probe
+      -- instead of a lock attempt that fails, as SKIP LOCKED would make for each of them.
+      AND e.id NOT IN (SELECT id FROM in_flight)
       -- Rows stuck behind a failed row of their key (waiting for its retry, or a dead letter
       -- that blocks) are passed over here, before the limit: however many pile up, they cannot
       -- fill the batch and starve the other keys. A probe of the small index of failed rows.
@@ -68,8 +73,6 @@ WITH owned AS (
     ORDER BY e.id
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
-), in_flight AS (  -- the batch this relay is publishing right now, claimed before this one
-    SELECT unnest(%(in_flight)s::bigint[]) AS id
 ), cut AS (
     -- The byte budget: the oldest rows that fit it, at least one; the first row past it, if
     -- any. Usually the whole batch fits, and its rows are not summed one by one.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import structlog
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
@@ -60,6 +60,10 @@ _PERMANENT_ERRORS = frozenset(
 #: Produce calls between two polls of the delivery reports while a batch is handed over: often
 #: enough to keep the queue short, rare enough not to cost a C call per message.
 _POLL_EVERY = 100
+
+#: ``Outcome``'s fields as one tuple, without the named tuple's ``__new__`` written in Python: a
+#: third of the cost, for one outcome per row at the full rate.
+_new_outcome = cast("Callable[[type[Outcome], tuple[int, Result, str]], Outcome]", tuple.__new__)
 
 #: Message headers as confluent-kafka takes them.
 Headers = list[tuple[str, str | bytes | None]]
@@ -224,6 +228,9 @@ class KafkaPublisher:
             "no delivery report in time" if waiting else
             "a failure report matched no row of the batch" if unmatched else ""
         )  # fmt: skip
+        if not (held or failed or unanswered):  # the common case: one pass, no lookups
+            delivered = Result.DELIVERED
+            return [_new_outcome(Outcome, (row.id, delivered, "")) for row in rows]
         return [
             held.get(row.id)
             or failed.get(row.id)

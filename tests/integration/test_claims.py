@@ -154,6 +154,19 @@ def test_in_flight_does_not_excuse_other_gaps(
     assert claim(second, owner, in_flight=ids[:1]) == [ids[2]]
 
 
+def test_rows_named_in_flight_are_never_claimed_again(
+    database_url: str, owner: ShardOwner, sources: tuple[OutboxSource, OutboxSource]
+) -> None:
+    """The prefetching claim passes over the batch in flight by its ids, not only by its row
+    locks: even with those locks gone (the batch ended while the claim ran), its rows are not
+    taken a second time into the next batch."""
+    ids = write(database_url, ["a", "b", "a", None])
+    first, second = sources
+    assert claim(first, owner, limit=2) == ids[:2]
+    first.release()  # the locks are gone; the rows are still unpublished
+    assert claim(second, owner, in_flight=ids[:2]) == ids[2:]
+
+
 def test_only_owned_shards_are_claimed(
     database_url: str, settings: RelaySettings, sources: tuple[OutboxSource, OutboxSource]
 ) -> None:
