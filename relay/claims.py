@@ -73,10 +73,12 @@ WITH owned AS (
     ORDER BY e.id
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
+), totals AS (  -- one pass over the batch for the three figures the checks below need
+    SELECT sum(octet_length(payload)) AS bytes, max(id) AS last_id, count(*) AS size FROM batch
 ), cut AS (
     -- The byte budget: the oldest rows that fit it, at least one; the first row past it, if
     -- any. Usually the whole batch fits, and its rows are not summed one by one.
-    SELECT CASE WHEN (SELECT sum(octet_length(payload)) FROM batch) < %(max_bytes)s THEN NULL
+    SELECT CASE WHEN (SELECT bytes FROM totals) < %(max_bytes)s THEN NULL
            ELSE (SELECT min(id) FROM (
                      SELECT id, sum(octet_length(payload)) OVER (ORDER BY id)
                                 - octet_length(payload) AS before
@@ -90,9 +92,9 @@ WITH owned AS (
     SELECT (SELECT count(*) FROM {events} AS g
             WHERE g.published_at IS NULL AND g.dead_lettered_at IS NULL
               AND (SELECT mine FROM owned)[g.shard + 1]
-              AND g.id <= (SELECT max(id) FROM batch)
+              AND g.id <= (SELECT last_id FROM totals)
               AND g.id NOT IN (SELECT id FROM in_flight))
-           = (SELECT count(*) FROM batch) AS yes
+           = (SELECT size FROM totals) AS yes
 )
 SELECT s.id, s.event_id::text, s.topic, s.key, s.payload, s.header_names, s.header_values,
        s.attempts  -- ClaimedRow's fields, in order
