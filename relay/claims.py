@@ -59,7 +59,7 @@ WITH owned AS (
       AND (e.next_attempt_at IS NULL OR e.next_attempt_at <= now())
       AND (SELECT mine FROM owned)[e.shard + 1]
       -- Locked by our other connection, so never ours to take: passed over with a hash probe
-      -- instead of a lock attempt that fails, as SKIP LOCKED would make for each of them.
+      -- instead of the failing lock attempt SKIP LOCKED would make for each of them.
       AND e.id NOT IN (SELECT id FROM in_flight)
       -- Rows stuck behind a failed row of their key (waiting for its retry, or a dead letter
       -- that blocks) are passed over here, before the limit: however many pile up, they cannot

@@ -159,7 +159,8 @@ def test_rows_named_in_flight_are_never_claimed_again(
 ) -> None:
     """The prefetching claim passes over the batch in flight by its ids, not only by its row
     locks: even with those locks gone (the batch ended while the claim ran), its rows are not
-    taken a second time into the next batch."""
+    taken a second time into the next batch. (Keeping the order of a key that batch did not
+    deliver is the loop's part: it holds back the later rows, see ``held_back``.)"""
     ids = write(database_url, ["a", "b", "a", None])
     first, second = sources
     assert claim(first, owner, limit=2) == ids[:2]
