@@ -253,7 +253,9 @@ def server_version(env: Env) -> str:
 # --- the relay -------------------------------------------------------------------------------
 
 
-def relay_cmd(database_url: str, bootstrap: str, *extra: str) -> list[str]:
+def relay_cmd(
+    database_url: str, bootstrap: str, *extra: str, log_level: str = "warning"
+) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -261,7 +263,7 @@ def relay_cmd(database_url: str, bootstrap: str, *extra: str) -> list[str]:
         "--log-format",
         "json",
         "--log-level",
-        "warning",
+        log_level,
         "run",
         "--database-url",
         database_url,
@@ -272,10 +274,12 @@ def relay_cmd(database_url: str, bootstrap: str, *extra: str) -> list[str]:
 
 
 class Relay:
-    """One relay process; its log (stderr, warnings and worse) goes to a file of its own."""
+    """One relay process; its log (stderr, ``log_level`` and worse) goes to a file of its own."""
 
-    def __init__(self, env: Env, database_url: str, *extra: str) -> None:
-        self.command = relay_cmd(database_url, env.bootstrap, *extra)
+    def __init__(
+        self, env: Env, database_url: str, *extra: str, log_level: str = "warning"
+    ) -> None:
+        self.command = relay_cmd(database_url, env.bootstrap, *extra, log_level=log_level)
         self.log_path = env.logs / f"relay-{time.monotonic_ns()}.log"
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT)
@@ -284,10 +288,17 @@ class Relay:
     def pid(self) -> int:
         return self.proc.pid
 
-    def log_lines(self) -> list[str]:
+    def log_text(self) -> str:
         with contextlib.suppress(OSError):
-            return self.log_path.read_text(errors="replace").splitlines()
-        return []
+            return self.log_path.read_text(errors="replace")
+        return ""
+
+    def log_lines(self) -> list[str]:
+        return self.log_text().splitlines()
+
+    def log_events(self, event: str) -> list[dict[str, Any]]:
+        """Its JSON log lines of one event."""
+        return testing.log_events(self.log_text(), event)
 
     def check(self) -> None:
         """Raise, with the end of its log, if it exited with an error."""

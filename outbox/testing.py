@@ -9,6 +9,7 @@ used and nothing is started.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import socket
@@ -133,6 +134,20 @@ def wait_for_port(
 def unique_name(prefix: str) -> str:
     """A name no other test or run uses: for databases and topics."""
     return f"{prefix}_{os.getpid()}_{secrets.token_hex(4)}"
+
+
+def log_events(output: str, event: str | None = None) -> list[dict[str, Any]]:
+    """The JSON lines of a relay's output (``--log-format json``), optionally only those of one
+    event; other lines, and a line still being written, are left out."""
+    lines = []
+    for text in output.splitlines():
+        if not text.startswith("{"):
+            continue
+        with contextlib.suppress(json.JSONDecodeError):
+            line = json.loads(text)
+            if event is None or line.get("event") == event:
+                lines.append(line)
+    return lines
 
 
 def create_database(server_url: str, name: str, *, template: str = "template0") -> str:

@@ -131,6 +131,10 @@ class Relay:
         self._published_at_progress = 0
         self._next_backlog = 0.0
         self._breaker_reported: BreakerState | None = None
+        #: When the first batch's claim began and the last batch committed (``clock``): what
+        #: ``relay.drained`` reports when ``exit_when_idle`` ends the run.
+        self._first_claim_at: float | None = None
+        self._last_commit_at: float | None = None
 
     def connect(self) -> None:
         """Open the work connection(s) and the ownership one; raises when PostgreSQL is
@@ -185,6 +189,7 @@ class Relay:
         if not rows:
             self.source.release()
             if self.settings.exit_when_idle and not self.source.deliverable():
+                self._log_drained()
                 self.stop.request("idle")
                 return
             self._wait(self.settings.poll_interval)
@@ -198,10 +203,13 @@ class Relay:
             and filled(rows, limit, self.settings.batch_max_bytes)
         ):
             self._start_prefetch(limit, in_flight=[row.id for row in rows])
+        if self._first_claim_at is None:
+            self._first_claim_at = started
         outcomes, sent = self._publish(rows, held)
         self._finish(rows, outcomes, sent=sent)
+        self._last_commit_at = self.clock()
         if self.metrics is not None:
-            self.metrics.observe_batch(rows, outcomes, self.clock() - started)
+            self.metrics.observe_batch(rows, outcomes, self._last_commit_at - started)
 
     def _take_batch(self, limit: int) -> tuple[list[ClaimedRow], Undelivered]:
         """The prefetched batch if there is one (making its connection the current one), else a
@@ -339,6 +347,18 @@ class Relay:
             )
             self._published_at_progress = self.published
         self._next_progress = now + PROGRESS_EVERY
+
+    def _log_drained(self) -> None:
+        """How long the run took from its first claim to its last commit: a one-shot drain's
+        own timing, without start-up, shard assignment or shut-down."""
+        first, last = self._first_claim_at, self._last_commit_at
+        seconds = round(last - first, 4) if first is not None and last is not None else 0.0
+        log.info(
+            "relay.drained",
+            published=self.published,
+            seconds=seconds,
+            events_per_s=round(self.published / seconds) if seconds > 0 else None,
+        )
 
     def _recover_database(self, exc: psycopg.Error) -> None:
         """Drop both connections (and so our shards), then reconnect with backoff until it works.

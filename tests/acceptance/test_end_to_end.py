@@ -17,6 +17,7 @@ from confluent_kafka import Message
 from sqlalchemy.orm import Session, sessionmaker
 
 import outbox
+from outbox.testing import log_events
 from relay.consumer import ConsumeLoop, ConsumerSettings, event_id_or_position
 from tests.acceptance.relay_harness import (
     create_topic,
@@ -127,6 +128,11 @@ def test_exactly_one_side_effect_per_event_through_a_relay_crash(
         )
         assert result.returncode == 0, result.stderr[-3000:]
         assert unpublished(database_url) == 0
+        # The restarted relay's own account of its drain: every row left at the kill.
+        [drained] = log_events(result.stderr, "relay.drained")
+        assert drained["published"] == left_at_kill
+        assert drained["seconds"] > 0
+        assert drained["events_per_s"] == round(left_at_kill / drained["seconds"])
 
         received = read_topic(kafka_bootstrap, topic, expect_ids=set(ids), timeout=60)
         delivered = len(received)

@@ -8,7 +8,6 @@ crash duplicate nothing.
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import time
@@ -19,6 +18,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from outbox.testing import log_events
 from tests.acceptance.relay_harness import (
     Received,
     broker_behind_proxy,
@@ -61,19 +61,7 @@ def wait_for_progress(
 
 def log_lines(path: Path, event: str | None = None) -> list[dict[str, Any]]:
     """The JSON log lines of a relay (optionally only those of one event)."""
-    if not path.exists():
-        return []
-    lines = []
-    for text in path.read_text().splitlines():
-        if not text.startswith("{"):
-            continue
-        try:
-            line = json.loads(text)
-        except json.JSONDecodeError:  # a line still being written
-            continue
-        if event is None or line.get("event") == event:
-            lines.append(line)
-    return lines
+    return log_events(path.read_text(), event) if path.exists() else []
 
 
 def owned_shards(path: Path) -> int:

@@ -3,7 +3,6 @@ a broker outage, killed database sessions, and an idle relay that must sleep yet
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import time
@@ -92,19 +91,6 @@ def _rows_left(database_url: str) -> int:
     return int(row[0])
 
 
-def _log_events(text: str) -> list[dict[str, Any]]:
-    """The relay's JSON log lines (anything else, such as a signal notice, is skipped)."""
-    lines = []
-    for line in text.splitlines():
-        try:
-            parsed = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(parsed, dict):
-            lines.append(parsed)
-    return lines
-
-
 def _named(log: list[dict[str, Any]], event: str) -> list[dict[str, Any]]:
     return [line for line in log if line.get("event") == event]
 
@@ -133,7 +119,7 @@ def _wait(
 
 def _started(log_path: Path) -> bool:
     """The relay logged its first rebalance: it owns its shards and is waiting or working."""
-    return bool(_named(_log_events(log_path.read_text()), "shards.rebalanced"))
+    return bool(_named(testing.log_events(log_path.read_text()), "shards.rebalanced"))
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -190,7 +176,7 @@ def test_poison_row_is_dead_lettered_and_later_rows_of_its_key_proceed(
     assert "MSG_SIZE_TOO_LARGE" in row["last_error"]
     assert "too large" in row["last_error"].lower()
     assert unpublished(database_url) == 0
-    dead = _named(_log_events(result.stderr), "event.dead_lettered")
+    dead = _named(testing.log_events(result.stderr), "event.dead_lettered")
     assert len(dead) == 1
     assert "MSG_SIZE_TOO_LARGE" in dead[0]["error"]
 
@@ -266,7 +252,7 @@ def test_row_for_a_missing_topic_is_retried_then_dead_lettered(
     print(f"missing topic: dead-lettered after 3 attempts in {dead_after:.1f} s")
     # A timeout instead would count as a broker failure: no attempt, the batch held meanwhile.
     assert dead_after < 0.8 * delivery_timeout
-    log = _log_events(log_path.read_text())
+    log = testing.log_events(log_path.read_text())
     assert not _named(log, "kafka.unavailable")
     assert len(_named(log, "event.dead_lettered")) == 1
 
@@ -310,7 +296,7 @@ def test_relay_rides_out_a_broker_outage_and_drains_by_itself(
                     left_after_settling.add(_rows_left(database_url))
                 time.sleep(0.25)
             assert len(left_after_settling) == 1, "rows were marked published during the outage"
-            outage_log = _log_events(log_path.read_text())
+            outage_log = testing.log_events(log_path.read_text())
             proxy.restore()
             restored_at = time.monotonic()
 
@@ -323,7 +309,7 @@ def test_relay_rides_out_a_broker_outage_and_drains_by_itself(
             code = stop(proc)
         assert code == 0
 
-        log = _log_events(log_path.read_text())
+        log = testing.log_events(log_path.read_text())
         unavailable = _named(outage_log, "kafka.unavailable")
         assert len(unavailable) == 1, unavailable
         assert len(_named(log, "kafka.unavailable")) == 1
@@ -380,7 +366,7 @@ def test_relay_survives_its_database_sessions_being_terminated(
         code = stop(proc)
     assert code == 0
 
-    log = _log_events(log_path.read_text())
+    log = testing.log_events(log_path.read_text())
     names = [line.get("event") for line in log]
     assert "database.unavailable" in names
     assert "database.reconnected" in names

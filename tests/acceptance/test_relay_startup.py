@@ -7,7 +7,6 @@ on stderr (no traceback, never the password); every setting can come from the en
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import subprocess
 
@@ -232,8 +231,7 @@ def test_settings_from_environment_variables(database_url: str, kafka_bootstrap:
     )
     assert result.returncode == ExitCode.OK, result.stderr
     assert unpublished(database_url) == 0
-    lines = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
-    started = [line for line in lines if line["event"] == "relay.started"]
+    started = testing.log_events(result.stderr, "relay.started")
     assert len(started) == 1, result.stderr
     assert started[0]["batch_size"] == 7
     assert started[0]["relay_id"] == "relay-from-env"
