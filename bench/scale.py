@@ -6,8 +6,8 @@
   not fall with the size of the table. Beside each, PostgreSQL alone claiming and deleting the
   same backlog (as in ``limits``), which shows how much the database itself slows down when the
   table outgrows its buffers. A middle backlog (``--events``, 100,000) shows the shape between:
-  10,000 rows are two batches, one of which is sent with no claim running beside it, so that
-  figure is a burst rather than the steady pace of the longer drains.
+  10,000 rows are two batches of 5,000, so that figure shows the start of a drain more than its
+  steady pace.
 
 Backlogs are filled by one ``INSERT ... SELECT generate_series`` and VACUUM ANALYZEd. Every
 event id is then read back from the broker. Runs interleaved. How a drain is timed:
@@ -18,8 +18,8 @@ event id is then read back from the broker. Runs interleaved. How a drain is tim
   claim and shut-down;
 * backlog: by the relay itself (``relay.drained``, logged when ``--exit-when-idle`` ends it):
   from the start of its first claim to the commit of its last batch. The whole drain, the first
-  claim included, and nothing polls the table meanwhile: on 10,000 rows, two batches, the first
-  claim is a third of the claims and a 10 ms poll a tenth of the time.
+  claim included, and nothing polls the table meanwhile (on 10,000 rows the first claim is one
+  of three, and a poll every 10 ms could add up to a tenth of the drain's time).
 
     .venv/bin/python bench/scale.py [--events 100000] [--backlog-big 1000000] [--runs 3]
 """
