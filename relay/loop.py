@@ -197,19 +197,22 @@ class Relay:
         # A batch cut by neither limit took everything deliverable: the next claim would find
         # only what commits meanwhile, so it waits until this batch is done instead of taking a
         # core from it (which, at low rates, is latency).
-        if (
-            self.settings.prefetch
-            and limit == self.settings.batch_size
-            and filled(rows, limit, self.settings.batch_max_bytes)
-        ):
+        more_waiting = filled(rows, limit, self.settings.batch_max_bytes)
+        if self.settings.prefetch and limit == self.settings.batch_size and more_waiting:
             self._start_prefetch(limit, in_flight=[row.id for row in rows])
         if self._first_claim_at is None:
             self._first_claim_at = started
         outcomes, sent = self._publish(rows, held)
-        self._finish(rows, outcomes, sent=sent)
+        all_delivered = self._finish(rows, outcomes, sent=sent)
         self._last_commit_at = self.clock()
         if self.metrics is not None:
             self.metrics.observe_batch(rows, outcomes, self._last_commit_at - started)
+        # And once it is done, whatever commits later announces itself with a NOTIFY (already
+        # waiting if it came meanwhile): sleep on that rather than claim nothing, which at low
+        # rates took as long as the batch itself. Failures keep the next claim immediate (rows
+        # a broker failure left are due at once), and --exit-when-idle claims to find the end.
+        if not (more_waiting or self.settings.exit_when_idle) and all_delivered:
+            self._wait(self.settings.poll_interval)
 
     def _take_batch(self, limit: int) -> tuple[list[ClaimedRow], Undelivered]:
         """The prefetched batch if there is one (making its connection the current one), else a
@@ -266,7 +269,8 @@ class Relay:
 
     def _finish(
         self, rows: Sequence[ClaimedRow], outcomes: Sequence[Outcome], *, sent: bool
-    ) -> None:
+    ) -> bool:
+        """Record the batch's outcomes and commit; whether every row was delivered."""
         delivered = [o.row_id for o in outcomes if o.result is Result.DELIVERED]
         everything_delivered = len(delivered) == len(rows)  # the common case: nothing to plan
         failures = [] if everything_delivered else plan_failures(
@@ -287,10 +291,10 @@ class Relay:
                 if self.metrics is not None:
                     self.metrics.events_dead_lettered.inc()
                 log.warning("event.dead_lettered", row_id=failure.row_id, error=failure.error)
-        if not sent:  # every row waited behind its key: Kafka was not asked, so nothing learnt
-            return
-        broker_failures = [o for o in outcomes if o.result is Result.BROKER]
-        self._record_batch(ok=bool(delivered) or not broker_failures, outcomes=broker_failures)
+        if sent:  # else every row waited behind its key: Kafka was not asked, so nothing learnt
+            broker_failures = [o for o in outcomes if o.result is Result.BROKER]
+            self._record_batch(ok=bool(delivered) or not broker_failures, outcomes=broker_failures)
+        return everything_delivered
 
     def _record_batch(self, *, ok: bool, outcomes: list[Outcome]) -> None:
         before = self.breaker.state

@@ -164,3 +164,26 @@ def test_only_a_full_batch_starts_claiming_the_next(
         relay.shutdown()
     drain(relay_for(database_url, publisher, stop, batch_size=4))
     assert unpublished(database_url) == []
+
+
+@pytest.mark.parametrize(("backlog", "fail", "waits"), [(3, False, True), (4, False, False),
+                                                         (3, True, False)])  # fmt: skip
+def test_a_batch_that_took_everything_is_followed_by_a_wait_not_a_claim(
+    database_url: str, stop: StopSignal, backlog: int, fail: bool, waits: bool
+) -> None:
+    """After a batch cut by neither the batch size nor the byte budget, all delivered, the
+    relay sleeps until a NOTIFY (or the poll interval) instead of claiming again at once (a
+    claim that would find nothing: at low rates as long as the batch itself). A full batch, or
+    one with a failure, is followed by the next claim straight away."""
+    write(database_url, [(f"k{i}", f"e{i}") for i in range(backlog)])
+    publisher = ScriptedPublisher(fail={b"e0"} if fail else set())
+    relay = relay_for(database_url, publisher, stop, batch_size=4, exit_when_idle=False)
+    waited: list[float] = []
+    relay._wait = waited.append  # type: ignore[method-assign]
+    try:
+        relay.step()
+    finally:
+        relay.close_connections()
+        relay.shutdown()
+    assert publisher.batches == [[f"e{i}".encode() for i in range(backlog)]]
+    assert waited == ([relay.settings.poll_interval] if waits else [])
