@@ -119,7 +119,7 @@ def _wait(
 
 def _started(log_path: Path) -> bool:
     """The relay logged its first rebalance: it owns its shards and is waiting or working."""
-    return bool(_named(testing.log_events(log_path.read_text()), "shards.rebalanced"))
+    return bool(testing.log_events(log_path.read_text(), "shards.rebalanced"))
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -176,7 +176,7 @@ def test_poison_row_is_dead_lettered_and_later_rows_of_its_key_proceed(
     assert "MSG_SIZE_TOO_LARGE" in row["last_error"]
     assert "too large" in row["last_error"].lower()
     assert unpublished(database_url) == 0
-    dead = _named(testing.log_events(result.stderr), "event.dead_lettered")
+    dead = testing.log_events(result.stderr, "event.dead_lettered")
     assert len(dead) == 1
     assert "MSG_SIZE_TOO_LARGE" in dead[0]["error"]
 
