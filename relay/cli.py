@@ -365,6 +365,13 @@ def _default(name: str) -> Any:
     default=_default("prefetch"),
 )
 @_option(
+    "--synchronous-commit/--no-synchronous-commit",
+    "OUTBOX_SYNCHRONOUS_COMMIT",
+    "Make the relay's own commits (rows marked published) wait for the disk. Off: a database "
+    "crash can undo its last commits, and those rows are sent again (duplicates, never a loss).",
+    default=_default("synchronous_commit"),
+)
+@_option(
     "--exit-when-idle",
     "OUTBOX_EXIT_WHEN_IDLE",
     "Exit 0 once no deliverable row is left (for scripts and tests), after logging "

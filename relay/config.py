@@ -112,6 +112,12 @@ class RelaySettings:
     probe_size: int = 10
     #: Claim the next batch (on a second connection) while the current one is published.
     prefetch: bool = True
+    #: Whether the relay's own commits (rows marked published, failures recorded) wait for
+    #: PostgreSQL to flush them to disk (``synchronous_commit``). Off by default: it takes the
+    #: WAL flush out of every batch, and a commit lost in a database crash only makes its rows
+    #: unpublished again, so they are sent again (duplicates, never a loss). Events written by
+    #: ``outbox.add`` keep the application's own setting.
+    synchronous_commit: bool = False
     #: Exit 0 once no unpublished, deliverable row is left (for scripts and tests).
     exit_when_idle: bool = False
     #: Port of the HTTP server for /metrics, /healthz and /readyz; None serves nothing.

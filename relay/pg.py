@@ -46,7 +46,9 @@ def relay_connect(
 
     ``idle_in_transaction_session_timeout`` is longer than a batch may take (delivery timeout plus
     grace), so a relay that hangs mid-batch loses its transaction and its row locks, and other
-    relays can take the rows over.
+    relays can take the rows over. ``synchronous_commit`` is the relay's setting: what its
+    sessions commit only records what became of rows, so a commit lost in a crash means
+    duplicates, never a loss.
     """
     idle_limit = settings.delivery_timeout + settings.grace_period + settings.statement_timeout
 
@@ -56,7 +58,8 @@ def relay_connect(
     options = (
         f"-c statement_timeout={ms(settings.statement_timeout)} "
         f"-c lock_timeout={ms(settings.lock_timeout)} "
-        f"-c idle_in_transaction_session_timeout={ms(idle_limit)}"
+        f"-c idle_in_transaction_session_timeout={ms(idle_limit)} "
+        f"-c synchronous_commit={'on' if settings.synchronous_commit else 'off'}"
     )
     return connect(
         settings.database_url,

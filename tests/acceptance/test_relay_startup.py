@@ -50,6 +50,7 @@ SETTING_VARIABLES = {
     "probe_size": ["OUTBOX_PROBE_SIZE"],
     "exit_when_idle": ["OUTBOX_EXIT_WHEN_IDLE"],
     "prefetch": ["OUTBOX_PREFETCH"],
+    "synchronous_commit": ["OUTBOX_SYNCHRONOUS_COMMIT"],
     "metrics_port": ["OUTBOX_METRICS_PORT"],
     "metrics_host": ["OUTBOX_METRICS_HOST"],
 }

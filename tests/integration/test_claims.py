@@ -226,3 +226,18 @@ def test_the_byte_budget_bounds_a_batch_but_the_oldest_row_always_fits(
         assert claim(source, owner) == ids[:2]  # 0 bytes before the first, 7 before the second
     with source_with(database_url, batch_max_bytes=1) as source:
         assert claim(source, owner) == ids[:1]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"), [({}, "off"), ({"synchronous_commit": True}, "on")]
+)
+def test_the_relays_commits_wait_for_the_disk_only_when_configured(
+    database_url: str, overrides: dict[str, bool], expected: str
+) -> None:
+    """Off by default: a relay commit lost in a database crash only means its rows are sent
+    again. The application's own sessions are not touched."""
+    with source_with(database_url, **overrides) as source:
+        row = source.connection.execute("SHOW synchronous_commit").fetchone()
+        assert row == (expected,)
+    with psycopg.connect(database_url) as app:
+        assert app.execute("SHOW synchronous_commit").fetchone() == ("on",)
