@@ -21,11 +21,14 @@ from psycopg.rows import RowMaker
 from outbox.settings import SHARD_COUNT, OutboxSettings
 from relay.config import RelaySettings
 from relay.pg import relay_connect
-from relay.ports import ClaimedRow, Outcome, Result
+from relay.ports import ClaimedRow, Outcome, Ownership, Result
 
-# Ownership is checked inside the claiming transaction: only shards whose advisory lock is held
-# right now by this relay's ownership session qualify, so a relay that lost a shard (its
-# ownership connection died, or it let the shard go) claims no further row of it.
+# Ownership is checked inside the claiming transaction: only the shards this relay holds qualify,
+# and none once its ownership session is gone (its advisory locks went with it, and another relay
+# may hold the shards by now), so a relay that lost a shard claims no further row of it. The
+# session's liveness is one lock-table probe: a shared try-lock of its membership lock, which
+# succeeds only when no session holds that lock any more (reading pg_locks instead copies the
+# whole lock table, and took half of a one-row claim's execution).
 #
 # Per-key order: a row is claimed only if no earlier unpublished row of its key exists outside
 # this batch (locked by another relay, waiting for a retry, or, when dead letters block their
@@ -35,16 +38,12 @@ from relay.ports import ClaimedRow, Outcome, Result
 # and the loop holds back the next batch's rows of any key that batch failed to deliver.
 _CLAIM = """
 WITH owned AS (
-    -- Computed once, so the planner walks the claim index in id order and stops: one flag per
-    -- shard, element shard + 1 (a lookup per row, where "shard = ANY (owned shards)" would
-    -- compare each row with every owned shard).
-    SELECT ARRAY(SELECT s.shard IN (
-                     SELECT objid::int FROM pg_locks
-                     WHERE locktype = 'advisory' AND classid = %(shard_class)s AND objsubid = 2
-                       AND pid = %(owner_pid)s AND granted
-                       AND database = (SELECT oid FROM pg_database
-                                       WHERE datname = current_database()))
-                 FROM generate_series(0, {shard_count} - 1) AS s(shard) ORDER BY s.shard) AS mine
+    -- One flag per shard, element shard + 1, so the planner walks the claim index in id order and
+    -- stops (a lookup per row, where "shard = ANY (owned shards)" would compare each row with
+    -- every owned shard). No flags at all when the ownership session is gone: nothing qualifies.
+    -- The try-lock, when it succeeds, is held until this transaction ends, and nobody waits on it.
+    SELECT CASE WHEN pg_try_advisory_xact_lock_shared(%(member_class)s, %(member_id)s)
+                THEN '{}'::bool[] ELSE %(owned)s::bool[] END AS mine
 ), any_failed AS (  -- usually not: then the probe below is skipped for every row
     SELECT EXISTS (SELECT 1 FROM {events}
                    WHERE published_at IS NULL AND next_attempt_at IS NOT NULL
@@ -155,9 +154,7 @@ def _claimed_row(_cursor: psycopg.Cursor[Any]) -> RowMaker[ClaimedRow]:
 
 
 def _sql(template: str, settings: OutboxSettings) -> str:
-    return template.replace("{events}", settings.events_table).replace(
-        "{shard_count}", str(SHARD_COUNT)
-    )
+    return template.replace("{events}", settings.events_table)
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +171,13 @@ def id_array(ids: Sequence[int]) -> str:
     """A bigint[] literal: psycopg adapts a list of ints element by element in Python, which
     costs a relay at full speed more than the statement that uses it."""
     return "{" + ",".join(map(str, ids)) + "}"
+
+
+@functools.lru_cache(maxsize=4)
+def shard_flags(shards: frozenset[int]) -> str:
+    """A bool[] literal with one flag per shard, element shard + 1 (PostgreSQL counts from 1):
+    built once per ownership change, not per claim."""
+    return "{" + ",".join("t" if shard in shards else "f" for shard in range(SHARD_COUNT)) + "}"
 
 
 def plan_failures(
@@ -222,22 +226,19 @@ class OutboxSource:
         return self._conn
 
     def claim(
-        self,
-        limit: int,
-        *,
-        owner_pid: int,
-        shard_class: int,
-        in_flight: Sequence[int] = (),
+        self, limit: int, *, ownership: Ownership, in_flight: Sequence[int] = ()
     ) -> list[ClaimedRow]:
-        """Lock and return up to ``limit`` due rows of owned shards; the transaction stays open.
+        """Lock and return up to ``limit`` due rows of the owned shards; the transaction stays
+        open. Nothing once the ownership session is gone.
 
         ``in_flight``: ids of the batch being published on another connection meanwhile; its
         rows do not hold back later rows of their keys.
         """
         params = {
             "in_flight": id_array(in_flight),
-            "shard_class": shard_class,
-            "owner_pid": owner_pid,
+            "owned": shard_flags(ownership.shards),
+            "member_class": ownership.member_class,
+            "member_id": ownership.member_id,
             "limit": limit,
             "dead_letters_block": self._settings.dead_letter_blocks_key,
             "max_bytes": self._settings.batch_max_bytes,

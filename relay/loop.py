@@ -227,17 +227,13 @@ class Relay:
             self.source.release()  # the breaker now asks for a probe: claim that instead
         if self.stop.requested:
             return [], {}
-        rows = self.source.claim(
-            limit, owner_pid=self.shards.pid, shard_class=self.shards.shard_class
-        )
+        rows = self.source.claim(limit, ownership=self.shards.ownership)
         return rows, {}  # claimed after the last batch was recorded: nothing to hold back
 
     def _start_prefetch(self, limit: int, *, in_flight: list[int]) -> None:
-        spare, owner_pid, shard_class = self._spare, self.shards.pid, self.shards.shard_class
+        spare, ownership = self._spare, self.shards.ownership
         self._prefetch = self._claimer.submit(
-            lambda: spare.claim(
-                limit, owner_pid=owner_pid, shard_class=shard_class, in_flight=in_flight
-            )
+            lambda: spare.claim(limit, ownership=ownership, in_flight=in_flight)
         )
 
     def _drop_prefetch(self) -> None:

@@ -34,6 +34,16 @@ class ClaimedRow(NamedTuple):
         return list(zip(self.header_names, self.header_values, strict=True))
 
 
+class Ownership(NamedTuple):
+    """Which rows a claim may take: those of ``shards``, as long as the ownership session that
+    holds their advisory locks is alive, which its membership lock (``member_class``,
+    ``member_id``, held by that session alone) proves."""
+
+    shards: frozenset[int]
+    member_class: int
+    member_id: int
+
+
 class Result(enum.Enum):
     DELIVERED = "delivered"  # Kafka acknowledged it: mark it published
     RETRY = "retry"  # the row failed (e.g. unknown topic): count an attempt, back off

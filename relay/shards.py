@@ -8,7 +8,10 @@ the shards it should no longer own, and tries to lock the ones it should. A shar
 its previous owner is picked up at a later rebalance, once that owner has let go between batches.
 
 The connection is kept apart from the one doing batch work, so a slow batch never costs the relay
-its shards; the claim query checks ownership through this connection's backend pid.
+its shards. A claim names the shards this relay holds (:class:`~relay.ports.Ownership`) and checks
+inside its own transaction that this session is still alive, through the membership lock: a
+session's advisory locks go only with the session or when the relay itself lets go of them, and
+shards let go of leave ``owned`` before they are unlocked.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import psycopg
 from outbox.settings import SHARD_COUNT, OutboxSettings, quote_identifier
 from relay.config import RelaySettings
 from relay.pg import relay_connect
+from relay.ports import Ownership
 
 _MEMBERS_SQL = """
 SELECT objid::bigint FROM pg_locks
@@ -72,9 +76,9 @@ class ShardOwner:
         return self._shard_class
 
     @property
-    def pid(self) -> int:
-        """Backend pid of the ownership connection: the claim query checks locks held by it."""
-        return self._connection.info.backend_pid
+    def ownership(self) -> Ownership:
+        """What a claim needs to take this relay's rows, and only while this session lives."""
+        return Ownership(self.owned, self._member_class, self.member_id)
 
     @property
     def _connection(self) -> psycopg.Connection[Any]:
@@ -111,6 +115,8 @@ class ShardOwner:
         desired = assignment(members, self.member_id)
         released = self.owned - desired
         if released:
+            # Out of every claim from now on, before another relay can lock them.
+            self.owned -= released
             self._connection.execute(
                 "SELECT pg_advisory_unlock(%s, s) FROM unnest(%s::int[]) AS s",
                 (self._shard_class, sorted(released)),
@@ -123,7 +129,7 @@ class ShardOwner:
                 (wanted, self._shard_class),
             ).fetchall()
             acquired = frozenset(int(r[0]) for r in rows)
-        self.owned = (self.owned - released) | acquired
+        self.owned |= acquired
         # psycopg keeps notifications that arrive during other statements in an unbounded
         # buffer; a busy relay never waits, so drain it here, remembering whether there was one.
         self._notified |= self._drain_notifications()

@@ -19,6 +19,7 @@ import pytest
 import outbox
 from relay.claims import OutboxSource
 from relay.config import RelaySettings
+from relay.ports import Ownership
 from relay.shards import ShardOwner
 
 
@@ -70,8 +71,11 @@ def source_with(database_url: str, **overrides: Any) -> Iterator[OutboxSource]:
         source.close()
 
 
-def claim(source: OutboxSource, owner: ShardOwner, limit: int = 100, **extra: Any) -> list[int]:
-    rows = source.claim(limit, owner_pid=owner.pid, shard_class=owner.shard_class, **extra)
+def claim(
+    source: OutboxSource, owner: ShardOwner | Ownership, limit: int = 100, **extra: Any
+) -> list[int]:
+    ownership = owner.ownership if isinstance(owner, ShardOwner) else owner
+    rows = source.claim(limit, ownership=ownership, **extra)
     return [row.id for row in rows]
 
 
@@ -174,7 +178,7 @@ def test_only_owned_shards_are_claimed(
     """A relay that owns no shard claims nothing; rows of a shard it owns are claimed."""
     ids = write(database_url, ["a", "b"])
     shards = ShardOwner(settings)
-    shards.connect()
+    shards.connect()  # a member, holding no shard yet
     try:
         assert claim(sources[0], shards) == []
         sources[0].release()
@@ -183,10 +187,8 @@ def test_only_owned_shards_are_claimed(
                 "SELECT shard FROM outbox_events WHERE id = %s", (ids[1],)
             ).fetchone()
         assert row is not None
-        shards._connection.execute(
-            "SELECT pg_advisory_lock(%s, %s)", (shards.shard_class, int(row[0]))
-        )
-        assert claim(sources[0], shards) == [ids[1]]
+        holding = shards.ownership._replace(shards=frozenset({int(row[0])}))
+        assert claim(sources[0], holding) == [ids[1]]
     finally:
         shards.close()
 
@@ -200,10 +202,6 @@ def test_exactly_the_owned_shards_are_claimed_the_first_and_last_included(
     shards = ShardOwner(settings)
     shards.connect()
     try:
-        for shard in owned:
-            shards._connection.execute(
-                "SELECT pg_advisory_lock(%s, %s)", (shards.shard_class, shard)
-            )
         with psycopg.connect(database_url) as conn:
             expected = [
                 int(r[0])
@@ -213,9 +211,46 @@ def test_exactly_the_owned_shards_are_claimed_the_first_and_last_included(
                 )
             ]
         assert len(expected) >= 6
-        assert claim(sources[0], shards, limit=1000) == expected
+        holding = shards.ownership._replace(shards=frozenset(owned))
+        assert claim(sources[0], holding, limit=1000) == expected
     finally:
         shards.close()
+
+
+def test_a_relay_whose_ownership_session_is_gone_claims_nothing(
+    database_url: str, owner: ShardOwner, sources: tuple[OutboxSource, OutboxSource]
+) -> None:
+    """Its shard locks went with the session and another relay may hold the shards now: the
+    claim takes none of their rows, though the relay still names them, until it reconnects."""
+    ids = write(database_url, ["a", "b", None])
+    assert claim(sources[0], owner) == ids  # alive: every shard is its own
+    sources[0].release()
+    ownership = owner.ownership
+    with psycopg.connect(database_url, autocommit=True) as admin:
+        pid = owner._connection.info.backend_pid
+        admin.execute("SELECT pg_terminate_backend(%s, 5000)", (pid,))
+    assert claim(sources[0], ownership) == []
+    sources[0].release()
+    assert claim(sources[1], ownership) == []  # on either work connection
+    sources[1].release()
+    taken_over = ShardOwner(owner._settings)  # a relay that takes the shards over claims them
+    taken_over.connect()
+    try:
+        taken_over.rebalance()
+        assert claim(sources[0], taken_over) == ids
+    finally:
+        taken_over.close()
+
+
+def test_another_relays_membership_does_not_stand_in_for_ours(
+    database_url: str, owner: ShardOwner, settings: RelaySettings,
+    sources: tuple[OutboxSource, OutboxSource],
+) -> None:  # fmt: skip
+    """The liveness probe is of this relay's own membership lock: naming a member id nobody
+    holds claims nothing, even while other members are alive."""
+    write(database_url, ["a"])
+    stranger = owner.ownership._replace(member_id=owner.member_id + 1)
+    assert claim(sources[0], stranger) == []
 
 
 def test_the_byte_budget_bounds_a_batch_but_the_oldest_row_always_fits(
