@@ -20,6 +20,7 @@ from psycopg.rows import RowMaker
 
 from outbox.settings import SHARD_COUNT, OutboxSettings
 from relay.config import RelaySettings
+from relay.floor import FloorSample
 from relay.pg import relay_connect
 from relay.ports import ClaimedRow, Outcome, Ownership, Result
 
@@ -55,6 +56,7 @@ WITH owned AS (
            e.attempts
     FROM {events} AS e
     WHERE e.published_at IS NULL AND e.dead_lettered_at IS NULL
+      AND e.id >= %(floor)s  -- past the entries of rows published already (relay/floor.py)
       AND (e.next_attempt_at IS NULL OR e.next_attempt_at <= now())
       AND (SELECT mine FROM owned)[e.shard + 1]
       -- Locked by our other connection, so never ours to take: passed over with a hash probe
@@ -91,7 +93,7 @@ WITH owned AS (
     SELECT (SELECT count(*) FROM {events} AS g
             WHERE g.published_at IS NULL AND g.dead_lettered_at IS NULL
               AND (SELECT mine FROM owned)[g.shard + 1]
-              AND g.id <= (SELECT last_id FROM totals)
+              AND g.id >= %(floor)s AND g.id <= (SELECT last_id FROM totals)
               AND g.id NOT IN (SELECT id FROM in_flight))
            = (SELECT size FROM totals) AS yes
 )
@@ -109,6 +111,14 @@ WHERE (s.id < (SELECT id FROM cut) OR (SELECT id FROM cut) IS NULL)
               AND b.id NOT IN (SELECT id FROM batch UNION ALL SELECT id FROM in_flight)))
 """  # in the batch's order, which is id order; ``claim`` makes sure of it without a sort here
 # The ids arrive as one array literal (see ``id_array``).
+# The scan floor's sample (relay/floor.py), in its own transaction: the sequence first, then,
+# in a later statement, a transaction id and the snapshot's view.
+_SEQUENCE_BOUND = "SELECT {id_bound}()"  # migration 0004
+_FLOOR_VIEW = """
+SELECT pg_current_xact_id()::text::bigint,
+       pg_snapshot_xmin(pg_current_snapshot())::text::bigint,
+       (SELECT min(id) FROM {events} WHERE published_at IS NULL AND dead_lettered_at IS NULL)
+"""
 _DELETE_PUBLISHED = "DELETE FROM {events} WHERE id = ANY(%s::bigint[])"
 _MARK_PUBLISHED = "UPDATE {events} SET published_at = now() WHERE id = ANY(%s::bigint[])"
 _RECORD_FAILURES = """
@@ -213,6 +223,8 @@ class OutboxSource:
         self._purge_sql = _sql(_PURGE, events)
         self._deliverable_sql = _sql(_DELIVERABLE, events)
         self._backlog_sql = _sql(_BACKLOG, events)
+        self._floor_view_sql = _sql(_FLOOR_VIEW, events)
+        self._bound_sql = _SEQUENCE_BOUND.format(id_bound=settings.outbox.qualified("id_bound"))
         self._conn: psycopg.Connection[Any] | None = None
 
     @property
@@ -226,15 +238,17 @@ class OutboxSource:
         return self._conn
 
     def claim(
-        self, limit: int, *, ownership: Ownership, in_flight: Sequence[int] = ()
+        self, limit: int, *, ownership: Ownership, in_flight: Sequence[int] = (), floor: int = 0
     ) -> list[ClaimedRow]:
         """Lock and return up to ``limit`` due rows of the owned shards; the transaction stays
         open. Nothing once the ownership session is gone.
 
         ``in_flight``: ids of the batch being published on another connection meanwhile; its
-        rows do not hold back later rows of their keys.
+        rows do not hold back later rows of their keys. ``floor``: an id no claimable row is
+        below (``ScanFloor.value``); 0 looks at every row.
         """
         params = {
+            "floor": floor,
             "in_flight": id_array(in_flight),
             "owned": shard_flags(ownership.shards),
             "member_class": ownership.member_class,
@@ -265,6 +279,18 @@ class OutboxSource:
                 ),
             )
         conn.commit()
+
+    def sample_floor(self) -> FloorSample:
+        """One sample for the scan floor (see ``relay.floor``), in a transaction of its own."""
+        conn = self.connection
+        try:
+            bound = conn.execute(self._bound_sql).fetchone()
+            view = conn.execute(self._floor_view_sql).fetchone()
+        finally:
+            conn.rollback()  # nothing was written: the transaction id alone is what counts
+        if bound is None or view is None:  # pragma: no cover - one row each, always
+            raise RuntimeError("the scan floor's sample returned no row")
+        return FloorSample(int(bound[0] or 0), int(view[0]), int(view[1]), view[2])
 
     def release(self) -> None:
         """End the claim transaction without changes (nothing was claimed, or we give up)."""

@@ -31,6 +31,7 @@ import structlog
 from relay.backoff import BreakerState, CircuitBreaker, full_jitter
 from relay.claims import OutboxSource, plan_failures
 from relay.config import RelaySettings
+from relay.floor import ScanFloor
 from relay.pg import DatabaseUnavailableError
 from relay.ports import ClaimedRow, Outcome, Publisher, Result
 from relay.shards import ShardOwner
@@ -116,6 +117,8 @@ class Relay:
         #: those keys, which must wait.
         self._undelivered: Undelivered = {}
         self.shards = ShardOwner(settings)
+        #: Where claims start their index scan (see ``relay.floor``).
+        self.floor = ScanFloor()
         self.breaker = CircuitBreaker(
             threshold=settings.breaker_threshold,
             cooldown=settings.breaker_cooldown,
@@ -176,6 +179,8 @@ class Relay:
         if self.metrics is not None and now >= self._next_backlog:
             self.metrics.set_backlog(*self.source.backlog())
             self._next_backlog = now + BACKLOG_EVERY
+        if self.floor.due(now):
+            self._sample_floor(now)
         self._log_progress(now)
         allowed = self.breaker.allow()
         self._report_breaker()
@@ -227,14 +232,26 @@ class Relay:
             self.source.release()  # the breaker now asks for a probe: claim that instead
         if self.stop.requested:
             return [], {}
-        rows = self.source.claim(limit, ownership=self.shards.ownership)
+        rows = self.source.claim(limit, ownership=self.shards.ownership, floor=self.floor.value)
         return rows, {}  # claimed after the last batch was recorded: nothing to hold back
 
     def _start_prefetch(self, limit: int, *, in_flight: list[int]) -> None:
-        spare, ownership = self._spare, self.shards.ownership
+        spare, ownership, floor = self._spare, self.shards.ownership, self.floor.value
         self._prefetch = self._claimer.submit(
-            lambda: spare.claim(limit, ownership=ownership, in_flight=in_flight)
+            lambda: spare.claim(limit, ownership=ownership, in_flight=in_flight, floor=floor)
         )
+
+    def _sample_floor(self, now: float) -> None:
+        try:
+            self.floor.update(self.source.sample_floor(), now)
+        except psycopg.errors.InsufficientPrivilege as exc:
+            # Claims still work, from the start of the index: slower after big drains, no less.
+            log.warning(
+                "relay.scan_floor_off",
+                error=" ".join(str(exc).split()),
+                hint="grant the relay's role SELECT on the outbox id sequence",
+            )
+            self.floor.disable()
 
     def _drop_prefetch(self) -> None:
         """Give back a prefetched batch unsent (its rows are simply unlocked)."""
@@ -368,6 +385,7 @@ class Relay:
         """
         log.error("database.unavailable", error=" ".join(str(exc).split()) or type(exc).__name__)
         self.close_connections()
+        self.floor.reset()
         if self.metrics is not None:
             self.metrics.health.database_ok = False
             self.metrics.shards_owned.set(0)

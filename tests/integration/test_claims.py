@@ -15,10 +15,12 @@ from typing import Any
 
 import psycopg
 import pytest
+from sqlalchemy.engine import make_url
 
 import outbox
 from relay.claims import OutboxSource
 from relay.config import RelaySettings
+from relay.floor import ScanFloor
 from relay.ports import Ownership
 from relay.shards import ShardOwner
 
@@ -276,3 +278,143 @@ def test_the_relays_commits_wait_for_the_disk_only_when_configured(
         assert row == (expected,)
     with psycopg.connect(database_url) as app:
         assert app.execute("SHOW synchronous_commit").fetchone() == ("on",)
+
+
+# --- the scan floor (relay/floor.py) ----------------------------------------------------------
+
+
+def floor_after_two_samples(source: OutboxSource) -> int:
+    """A relay's floor once two samples agree (the first one alone gives none)."""
+    floor = ScanFloor()
+    assert floor.update(source.sample_floor(), now=0.0) == 0
+    return floor.update(source.sample_floor(), now=1.0)
+
+
+def publish(source: OutboxSource, owner: ShardOwner, limit: int) -> list[int]:
+    """Claim up to ``limit`` rows and record them published (deleted), as a relay would."""
+    ids = claim(source, owner, limit=limit)
+    source.finish(ids, [])
+    return ids
+
+
+def test_the_floor_rises_to_the_oldest_row_still_waiting(
+    database_url: str, owner: ShardOwner, sources: tuple[OutboxSource, OutboxSource]
+) -> None:
+    """Claims from the floor take exactly what claims from the start would."""
+    ids = write(database_url, ["a", "b", None, "a", "c", None])
+    source = sources[0]
+    assert publish(source, owner, limit=3) == ids[:3]
+    floor = floor_after_two_samples(source)
+    assert floor == ids[3]
+    assert claim(source, owner, floor=floor) == ids[3:]
+
+
+def test_with_nothing_waiting_the_floor_is_the_last_id_handed_out(
+    database_url: str, owner: ShardOwner, sources: tuple[OutboxSource, OutboxSource]
+) -> None:
+    ids = write(database_url, ["a", "b"])
+    source = sources[0]
+    assert publish(source, owner, limit=10) == ids
+    floor = floor_after_two_samples(source)
+    assert floor == ids[-1]
+    later = write(database_url, ["a"])
+    assert claim(source, owner, floor=floor) == later
+
+
+def test_a_row_committed_after_the_samples_below_the_floor_they_saw_is_not_passed_over(
+    database_url: str, owner: ShardOwner, sources: tuple[OutboxSource, OutboxSource]
+) -> None:
+    """The case the floor must never get wrong: a transaction takes a row id, stays open while
+    later rows are published and samples are taken, then commits. The floor those samples gave
+    stays at or below its row, so the next claim takes it, before a later row of its key."""
+    source = sources[0]
+    with psycopg.connect(database_url) as writer:
+        outbox.add(writer, "orders", {"n": 0}, key="k")  # open: not visible yet
+        [late] = [int(r[0]) for r in writer.execute("SELECT max(id) FROM outbox_events")]
+        after = write(database_url, ["x", "y", "z"])
+        assert publish(source, owner, limit=10) == after
+        floor = floor_after_two_samples(source)
+        assert floor <= late
+        writer.commit()
+    later_of_its_key = write(database_url, ["k"])[-1]  # (write returns every id there)
+    assert claim(source, owner, floor=floor) == [late, later_of_its_key]
+
+
+def test_a_row_taken_between_two_samples_and_committed_after_them_is_not_passed_over(
+    database_url: str, owner: ShardOwner, sources: tuple[OutboxSource, OutboxSource]
+) -> None:
+    """A transaction younger than the first sample holds a row id the second sample cannot see
+    while a later row is already visible: the floor stays at the first sample's bound."""
+    source = sources[0]
+    floor = ScanFloor()
+    floor.update(source.sample_floor(), now=0.0)
+    with psycopg.connect(database_url) as writer:
+        outbox.add(writer, "orders", {"n": 0}, key="k")  # open: not visible yet
+        [late] = [int(r[0]) for r in writer.execute("SELECT max(id) FROM outbox_events")]
+        [visible] = write(database_url, ["x"])
+        assert visible > late
+        assert floor.update(source.sample_floor(), now=1.0) <= late
+        writer.commit()
+    assert claim(source, owner, floor=floor.value) == [late, visible]
+
+
+def test_a_dead_letter_retried_behind_the_floor_is_claimed_after_the_next_sample(
+    database_url: str, owner: ShardOwner, sources: tuple[OutboxSource, OutboxSource]
+) -> None:
+    """A row put back below the floor waits for one sample, never longer."""
+    ids = write(database_url, ["a", "b", "c"])
+    source = sources[0]
+    sql(database_url, "UPDATE outbox_events SET dead_lettered_at = now() WHERE id = %s", (ids[0],))
+    assert publish(source, owner, limit=10) == ids[1:]
+    floor = ScanFloor()
+    floor.update(source.sample_floor(), now=0.0)
+    assert floor.update(source.sample_floor(), now=1.0) > ids[0]
+    sql(database_url, "UPDATE outbox_events SET dead_lettered_at = NULL WHERE id = %s", (ids[0],))
+    assert floor.update(source.sample_floor(), now=2.0) <= ids[0]
+    assert claim(source, owner, floor=floor.value) == ids[:1]
+
+
+def test_a_sequence_with_a_cache_gives_no_floor(
+    database_url: str, owner: ShardOwner, sources: tuple[OutboxSource, OutboxSource]
+) -> None:
+    """Ids from per-session caches can be handed out below the sequence's last value."""
+    sql(database_url, "ALTER TABLE outbox_events ALTER COLUMN id SET CACHE 20")
+    ids = write(database_url, ["a", "b", "c"])
+    source = sources[0]
+    assert publish(source, owner, limit=2) == ids[:2]
+    assert floor_after_two_samples(source) == 0
+
+
+def test_the_sequence_bound_needs_no_privilege_on_the_sequence(
+    database_url: str, owner: ShardOwner
+) -> None:
+    """The bound is read with the outbox owner's rights (migration 0004), so a relay's role
+    needs only its rights on the table; a role that may not even call that function gets a
+    clear error, on which the loop turns the floor off (``relay.scan_floor_off``)."""
+    ids = write(database_url, ["a", "b"])
+    sql(database_url, "CREATE ROLE floor_test_relay LOGIN")
+    sql(database_url, "GRANT SELECT, DELETE ON outbox_events TO floor_test_relay")
+    limited = make_url(database_url).set(username="floor_test_relay")
+    limited_url = limited.render_as_string(hide_password=False)
+    try:
+        with source_with(limited_url) as source:
+            assert source.sample_floor().bound == ids[-1]
+            sql(database_url, "REVOKE EXECUTE ON FUNCTION outbox_id_bound() FROM PUBLIC")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                source.sample_floor()
+    finally:
+        sql(database_url, "DROP OWNED BY floor_test_relay")
+        sql(database_url, "DROP ROLE floor_test_relay")
+
+
+def test_every_insert_takes_its_transaction_id_before_its_row_ids(database_url: str) -> None:
+    """Migration 0004: the floor's reasoning rests on this statement trigger being there."""
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            "SELECT tgtype, tgenabled FROM pg_trigger WHERE tgrelid = 'outbox_events'::regclass"
+            " AND tgname = 'outbox_events_take_xid'"
+        ).fetchone()
+        assert row is not None
+        tgtype, enabled = row
+        # BEFORE (2) and INSERT (4), not ROW (1): once per statement, before any row is built.
+        assert (tgtype & 1, tgtype & 2, tgtype & 4, enabled) == (0, 2, 4, "O")

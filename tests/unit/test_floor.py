@@ -1,0 +1,61 @@
+"""The scan floor's rule, on samples written out by hand (relay/floor.py)."""
+
+from __future__ import annotations
+
+from relay.floor import FloorSample, ScanFloor
+
+
+def sample(*, bound: int, xid: int, oldest_running: int, lowest: int | None) -> FloorSample:
+    return FloorSample(bound=bound, xid=xid, oldest_running=oldest_running, lowest=lowest)
+
+
+def test_one_sample_alone_gives_no_floor() -> None:
+    floor = ScanFloor()
+    assert floor.update(sample(bound=500, xid=10, oldest_running=11, lowest=400), now=0.0) == 0
+
+
+def test_the_floor_is_the_lower_of_the_oldest_waiting_row_and_the_previous_bound() -> None:
+    floor = ScanFloor()
+    floor.update(sample(bound=500, xid=10, oldest_running=9, lowest=100), now=0.0)
+    assert floor.update(sample(bound=900, xid=20, oldest_running=11, lowest=450), now=1.0) == 450
+    assert floor.update(sample(bound=950, xid=30, oldest_running=21, lowest=920), now=2.0) == 900
+
+
+def test_with_nothing_waiting_the_floor_is_the_previous_bound() -> None:
+    floor = ScanFloor()
+    floor.update(sample(bound=500, xid=10, oldest_running=10, lowest=None), now=0.0)
+    assert floor.update(sample(bound=500, xid=20, oldest_running=20, lowest=None), now=1.0) == 500
+
+
+def test_a_transaction_as_old_as_the_previous_sample_drops_the_floor() -> None:
+    """It may hold row ids below anything seen so far, so the claim starts at the beginning."""
+    floor = ScanFloor()
+    floor.update(sample(bound=500, xid=10, oldest_running=9, lowest=None), now=0.0)
+    floor.update(sample(bound=600, xid=20, oldest_running=11, lowest=550), now=1.0)
+    assert floor.value == 500
+    assert floor.update(sample(bound=700, xid=30, oldest_running=20, lowest=650), now=2.0) == 0
+    assert floor.update(sample(bound=800, xid=40, oldest_running=31, lowest=650), now=3.0) == 650
+
+
+def test_samples_are_due_once_an_interval() -> None:
+    floor = ScanFloor(interval=1.0)
+    assert floor.due(0.0)
+    floor.update(sample(bound=1, xid=1, oldest_running=1, lowest=None), now=5.0)
+    assert not floor.due(5.9)
+    assert floor.due(6.0)
+
+
+def test_a_reset_floor_waits_for_two_new_samples() -> None:
+    floor = ScanFloor()
+    floor.update(sample(bound=500, xid=10, oldest_running=9, lowest=None), now=0.0)
+    floor.update(sample(bound=500, xid=20, oldest_running=11, lowest=None), now=1.0)
+    floor.reset()
+    assert (floor.value, floor.due(1.0)) == (0, True)
+    assert floor.update(sample(bound=600, xid=30, oldest_running=21, lowest=None), now=2.0) == 0
+
+
+def test_a_disabled_floor_is_never_sampled_again() -> None:
+    floor = ScanFloor()
+    floor.disable()
+    assert floor.value == 0
+    assert not floor.due(1e12)
