@@ -110,7 +110,6 @@ WHERE (s.id < (SELECT id FROM cut) OR (SELECT id FROM cut) IS NULL)
               AND (%(dead_letters_block)s OR b.dead_lettered_at IS NULL)
               AND b.id NOT IN (SELECT id FROM batch UNION ALL SELECT id FROM in_flight)))
 """  # in the batch's order, which is id order; ``claim`` makes sure of it without a sort here
-# The ids arrive as one array literal (see ``id_array``).
 # The scan floor's sample (relay/floor.py), in its own transaction: the sequence first, then,
 # in a later statement, a transaction id and the snapshot's view.
 _SEQUENCE_BOUND = "SELECT {id_bound}()"  # migration 0004
@@ -119,6 +118,7 @@ SELECT pg_current_xact_id()::text::bigint,
        pg_snapshot_xmin(pg_current_snapshot())::text::bigint,
        (SELECT min(id) FROM {events} WHERE published_at IS NULL AND dead_lettered_at IS NULL)
 """
+# The ids arrive as one array literal (see ``id_array``).
 _DELETE_PUBLISHED = "DELETE FROM {events} WHERE id = ANY(%s::bigint[])"
 _MARK_PUBLISHED = "UPDATE {events} SET published_at = now() WHERE id = ANY(%s::bigint[])"
 _RECORD_FAILURES = """

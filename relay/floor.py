@@ -7,7 +7,8 @@ claim of 5,000 rows grew from 18 to 26 ms. With one, the claim starts at the flo
 
 The floor is refreshed from a sample (``OutboxSource.sample_floor``), taken in this order:
 
-1. ``bound``: the id sequence's last value. Every row id handed out later is at least that.
+1. ``bound``: the id sequence's last value. Every row id handed out later is at least that
+   (0, so no floor, when the sequence hands out ids from per-session caches).
 2. ``xid``: a transaction id taken for the sample, after ``bound`` was read; in the same
    statement ``oldest_running``, the oldest transaction still running, and ``lowest``, the
    lowest id of an unpublished, not dead-lettered row (any shard, locked or not).
@@ -70,12 +71,12 @@ class ScanFloor:
         return self.value
 
     def disable(self) -> None:
-        """No floor, and no more samples (the relay may not read the sequence)."""
+        """No floor, and no more samples (the relay may not read the sequence's bound)."""
         self.value = 0
         self._next_sample = math.inf
 
     def reset(self) -> None:
-        """No floor until two new samples (the connection was lost, so was the sequence)."""
+        """No floor until two new samples: after a lost connection, start over as at start-up."""
         self.value = 0
         self._previous = None
         self._next_sample = 0.0

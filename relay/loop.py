@@ -249,7 +249,7 @@ class Relay:
             log.warning(
                 "relay.scan_floor_off",
                 error=" ".join(str(exc).split()),
-                hint="grant the relay's role SELECT on the outbox id sequence",
+                hint="grant the relay's role EXECUTE on the outbox's id_bound() function",
             )
             self.floor.disable()
 
