@@ -246,10 +246,11 @@ class Relay:
             self.floor.update(self.source.sample_floor(), now)
         except psycopg.errors.InsufficientPrivilege as exc:
             # Claims still work, from the start of the index: slower after big drains, no less.
+            function = self.settings.outbox.qualified("id_bound")
             log.warning(
                 "relay.scan_floor_off",
                 error=" ".join(str(exc).split()),
-                hint="grant the relay's role EXECUTE on the outbox's id_bound() function",
+                hint=f"grant the relay's role EXECUTE on {function}()",
             )
             self.floor.disable()
 

@@ -385,9 +385,7 @@ def test_a_sequence_with_a_cache_gives_no_floor(
     assert floor_after_two_samples(source) == 0
 
 
-def test_the_sequence_bound_needs_no_privilege_on_the_sequence(
-    database_url: str, owner: ShardOwner
-) -> None:
+def test_the_sequence_bound_needs_no_privilege_on_the_sequence(database_url: str) -> None:
     """The bound is read with the outbox owner's rights (migration 0004), so a relay's role
     needs only its rights on the table; a role that may not even call that function gets a
     clear error, on which the loop turns the floor off (``relay.scan_floor_off``)."""
