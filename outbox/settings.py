@@ -1,4 +1,4 @@
-"""The one place that names things: PostgreSQL schema, tables, indexes, the NOTIFY channel.
+"""The one place that names things: PostgreSQL schema, tables, indexes, the old NOTIFY channel.
 
 Every SQL identifier the library emits comes from :class:`OutboxSettings`, which validates the
 user-supplied parts (schema and table prefix) against a strict pattern and then quotes them.
@@ -35,7 +35,7 @@ def quote_identifier(name: str) -> str:
 
 
 def quote_literal(text: str) -> str:
-    """Quote a validated identifier as a SQL string literal (used for the NOTIFY channel)."""
+    """Quote a validated identifier as a SQL string literal (the NOTIFY channel of migration 0001)."""
     validate_identifier(text, what="identifier")
     return f"'{text}'"
 
@@ -110,5 +110,5 @@ class OutboxSettings:
 
     @property
     def notify_channel(self) -> str:
-        """The LISTEN/NOTIFY channel woken when events are committed (unquoted)."""
+        """The NOTIFY channel of migration 0001's trigger, dropped by 0005 (unquoted)."""
         return self.name("events")

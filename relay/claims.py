@@ -110,9 +110,22 @@ WHERE (s.id < (SELECT id FROM cut) OR (SELECT id FROM cut) IS NULL)
               AND (%(dead_letters_block)s OR b.dead_lettered_at IS NULL)
               AND b.id NOT IN (SELECT id FROM batch UNION ALL SELECT id FROM in_flight)))
 """  # in the batch's order, which is id order; ``claim`` makes sure of it without a sort here
-# The scan floor's sample (relay/floor.py), in its own transaction: the sequence first, then,
-# in a later statement, a transaction id and the snapshot's view.
+# The scan floor's sample (relay/floor.py), in its own transaction and in this order: the
+# sequence; then the transactions in this database that run a statement without a transaction id
+# (one may hold row ids it has not inserted yet), and whether any the previous sample found still
+# runs; then, in a later statement, a transaction id and the snapshot's view. pg_locks and the
+# two pg_stat_activity columns read here are visible to every role.
 _SEQUENCE_BOUND = "SELECT {id_bound}()"  # migration 0004
+_FLOOR_SUSPECTS = """
+SELECT coalesce(array_agg(l.virtualxid)
+                  FILTER (WHERE a.backend_xid IS NULL AND a.backend_xmin IS NOT NULL), '{}'),
+       coalesce(bool_or(l.virtualxid = ANY (%s::text[])), false)
+FROM pg_locks AS l
+JOIN pg_stat_get_activity(NULL) AS a ON a.pid = l.pid
+WHERE l.locktype = 'virtualxid' AND l.granted AND l.pid <> pg_backend_pid()
+  AND a.datid = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND a.usesysid IS NOT NULL  -- client sessions: autovacuum and the like write no outbox rows
+"""
 _FLOOR_VIEW = """
 SELECT pg_current_xact_id()::text::bigint,
        pg_snapshot_xmin(pg_current_snapshot())::text::bigint,
@@ -280,17 +293,26 @@ class OutboxSource:
             )
         conn.commit()
 
-    def sample_floor(self) -> FloorSample:
-        """One sample for the scan floor (see ``relay.floor``), in a transaction of its own."""
+    def sample_floor(self, suspects_before: Sequence[str] = ()) -> FloorSample:
+        """One sample for the scan floor (see ``relay.floor``), in a transaction of its own;
+        ``suspects_before``: the previous sample's ``suspects``."""
         conn = self.connection
         try:
             bound = conn.execute(self._bound_sql).fetchone()
+            suspects = conn.execute(_FLOOR_SUSPECTS, (list(suspects_before),)).fetchone()
             view = conn.execute(self._floor_view_sql).fetchone()
         finally:
             conn.rollback()  # nothing was written: the transaction id alone is what counts
-        if bound is None or view is None:  # pragma: no cover - one row each, always
+        if bound is None or suspects is None or view is None:  # pragma: no cover - always a row
             raise RuntimeError("the scan floor's sample returned no row")
-        return FloorSample(int(bound[0] or 0), int(view[0]), int(view[1]), view[2])
+        return FloorSample(
+            bound=int(bound[0] or 0),
+            xid=int(view[0]),
+            oldest_running=int(view[1]),
+            lowest=view[2],
+            suspects=tuple(suspects[0]),
+            suspects_before_running=bool(suspects[1]),
+        )
 
     def release(self) -> None:
         """End the claim transaction without changes (nothing was claimed, or we give up)."""

@@ -84,7 +84,8 @@ class RelaySettings:
     batch_size: int = 5000
     #: Payload bytes fetched per batch at most (the first row always fits): bounds memory.
     batch_max_bytes: int = 16 * 1024 * 1024
-    #: Seconds between polls when no notification arrives (the fallback for a missed NOTIFY).
+    #: Seconds an idle relay waits at most before claiming anyway: new events wake it sooner
+    #: (``relay.wakeup``); rows falling due for a retry, and a few late ones, wait for this.
     poll_interval: float = 1.0
     #: Per-row retry delay: random(0, min(backoff_cap, backoff_base * 2**attempt)) seconds.
     backoff_base: float = 1.0

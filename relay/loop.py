@@ -36,6 +36,7 @@ from relay.pg import DatabaseUnavailableError
 from relay.ports import ClaimedRow, Outcome, Publisher, Result
 from relay.shards import ShardOwner
 from relay.signals import StopSignal
+from relay.wakeup import Wakeup
 from schema import migrator
 
 if TYPE_CHECKING:
@@ -117,6 +118,8 @@ class Relay:
         #: those keys, which must wait.
         self._undelivered: Undelivered = {}
         self.shards = ShardOwner(settings)
+        #: Sleeps on the ownership connection until events may be waiting.
+        self.wakeup = Wakeup(settings.outbox)
         #: Where claims start their index scan (see ``relay.floor``).
         self.floor = ScanFloor()
         self.breaker = CircuitBreaker(
@@ -146,6 +149,7 @@ class Relay:
         if self.settings.prefetch:
             self._spare.connect()
         self.shards.connect()
+        self.wakeup.forget()
         self._next_rebalance = 0.0
         if self.metrics is not None:
             self.metrics.health.database_ok = True
@@ -186,7 +190,7 @@ class Relay:
         self._report_breaker()
         if not allowed:
             self._drop_prefetch()
-            self._wait(min(self.breaker.seconds_until_probe(), self.settings.poll_interval))
+            self._pause(min(self.breaker.seconds_until_probe(), self.settings.poll_interval))
             return
         limit = self.breaker.batch_limit(self.settings.batch_size)
         started = self.clock()
@@ -212,9 +216,8 @@ class Relay:
         self._last_commit_at = self.clock()
         if self.metrics is not None:
             self.metrics.observe_batch(rows, outcomes, self._last_commit_at - started)
-        # And once it is done, whatever commits later announces itself with a NOTIFY (already
-        # waiting if it came meanwhile): sleep on that rather than claim nothing, which at low
-        # rates took as long as the batch itself. Failures keep the next claim immediate (rows
+        # And once it is done, wait for what commits later (at once if something did meanwhile)
+        # rather than claim nothing, which at low rates took as long as the batch itself. Failures keep the next claim immediate (rows
         # a broker failure left are due at once), and --exit-when-idle claims to find the end.
         if not (more_waiting or self.settings.exit_when_idle) and all_delivered:
             self._wait(self.settings.poll_interval)
@@ -243,7 +246,7 @@ class Relay:
 
     def _sample_floor(self, now: float) -> None:
         try:
-            self.floor.update(self.source.sample_floor(), now)
+            self.floor.update(self.source.sample_floor(self.floor.suspects), now)
         except psycopg.errors.InsufficientPrivilege as exc:
             # Claims still work, from the start of the index: slower after big drains, no less.
             function = self.settings.outbox.qualified("id_bound")
@@ -345,8 +348,19 @@ class Relay:
             )
 
     def _wait(self, timeout: float) -> None:
+        """Until events may be waiting (``relay.wakeup``), a stop, the timeout or a rebalance."""
         until_rebalance = max(0.0, self._next_rebalance - self.clock())
-        self.shards.wait(min(timeout, until_rebalance), self.stop.fd)
+        self.wakeup.wait(
+            self.shards.connection,
+            min(timeout, until_rebalance),
+            floor=self.floor.value,
+            stop=self.stop,
+            clock=self.clock,
+        )
+
+    def _pause(self, timeout: float) -> None:
+        """Until a stop, the timeout or a rebalance, whatever commits meanwhile."""
+        self._sleep(min(timeout, max(0.0, self._next_rebalance - self.clock())))
 
     def _grace_expired(self) -> bool:
         started = self.stop.requested_at

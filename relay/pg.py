@@ -59,7 +59,10 @@ def relay_connect(
         f"-c statement_timeout={ms(settings.statement_timeout)} "
         f"-c lock_timeout={ms(settings.lock_timeout)} "
         f"-c idle_in_transaction_session_timeout={ms(idle_limit)} "
-        f"-c synchronous_commit={'on' if settings.synchronous_commit else 'off'}"
+        f"-c synchronous_commit={'on' if settings.synchronous_commit else 'off'} "
+        # Claims, the scan floor and the wake-up need a fresh snapshot per statement, whatever
+        # the role's or the database's default.
+        r"-c default_transaction_isolation=read\ committed"
     )
     return connect(
         settings.database_url,

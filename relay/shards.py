@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-import select
 from typing import Any
 
 import psycopg
 
-from outbox.settings import SHARD_COUNT, OutboxSettings, quote_identifier
+from outbox.settings import SHARD_COUNT, OutboxSettings
 from relay.config import RelaySettings
 from relay.pg import relay_connect
 from relay.ports import Ownership
@@ -60,7 +59,8 @@ def assignment(members: list[int], member: int) -> frozenset[int]:
 
 
 class ShardOwner:
-    """Owns shards and listens for new events; all on one autocommit connection."""
+    """Owns shards on an autocommit connection of its own (which also waits for new events,
+    ``relay.wakeup``)."""
 
     def __init__(self, settings: RelaySettings) -> None:
         self._settings = settings
@@ -69,7 +69,6 @@ class ShardOwner:
         self._conn: psycopg.Connection[Any] | None = None
         self.member_id = 0
         self.owned: frozenset[int] = frozenset()
-        self._notified = False
 
     @property
     def shard_class(self) -> int:
@@ -81,16 +80,14 @@ class ShardOwner:
         return Ownership(self.owned, self._member_class, self.member_id)
 
     @property
-    def _connection(self) -> psycopg.Connection[Any]:
+    def connection(self) -> psycopg.Connection[Any]:
         if self._conn is None:
             raise RuntimeError("ShardOwner is not connected")
         return self._conn
 
     def connect(self) -> None:
-        """Open the connection, LISTEN for new events and join the members."""
+        """Open the connection and join the members."""
         conn = relay_connect(self._settings, role="owner", autocommit=True)
-        channel = quote_identifier(self._settings.outbox.notify_channel)
-        conn.execute(f"LISTEN {channel}")
         while True:
             member = 1 + secrets.randbelow(2**31 - 1)
             row = conn.execute(
@@ -101,7 +98,7 @@ class ShardOwner:
         self._conn, self.member_id, self.owned = conn, member, frozenset()
 
     def members(self) -> list[int]:
-        rows = self._connection.execute(_MEMBERS_SQL, (self._member_class,)).fetchall()
+        rows = self.connection.execute(_MEMBERS_SQL, (self._member_class,)).fetchall()
         return sorted(int(r[0]) for r in rows)
 
     def rebalance(self) -> tuple[frozenset[int], frozenset[int]]:
@@ -117,40 +114,20 @@ class ShardOwner:
         if released:
             # Out of every claim from now on, before another relay can lock them.
             self.owned -= released
-            self._connection.execute(
+            self.connection.execute(
                 "SELECT pg_advisory_unlock(%s, s) FROM unnest(%s::int[]) AS s",
                 (self._shard_class, sorted(released)),
             )
         wanted = sorted(desired - self.owned)
         acquired: frozenset[int] = frozenset()
         if wanted:
-            rows = self._connection.execute(
+            rows = self.connection.execute(
                 "SELECT s FROM unnest(%s::int[]) AS s WHERE pg_try_advisory_lock(%s, s)",
                 (wanted, self._shard_class),
             ).fetchall()
             acquired = frozenset(int(r[0]) for r in rows)
         self.owned |= acquired
-        # psycopg keeps notifications that arrive during other statements in an unbounded
-        # buffer; a busy relay never waits, so drain it here, remembering whether there was one.
-        self._notified |= self._drain_notifications()
         return acquired, released
-
-    def _drain_notifications(self) -> bool:
-        return sum(1 for _ in self._connection.notifies(timeout=0)) > 0
-
-    def wait(self, timeout: float, wakeup_fd: int) -> bool:
-        """Sleep until a NOTIFY, a byte on ``wakeup_fd`` (a signal) or ``timeout``.
-
-        Returns True when notified.
-
-        psycopg keeps notifications that arrived during other statements, so none is missed.
-        """
-        conn = self._connection
-        notified, self._notified = self._notified, False
-        if notified or self._drain_notifications():
-            return True
-        readable, _, _ = select.select([conn.fileno(), wakeup_fd], [], [], max(0.0, timeout))
-        return conn.fileno() in readable and self._drain_notifications()
 
     def close(self) -> None:
         """Release every shard and the membership by closing the session."""

@@ -10,6 +10,7 @@ blocks its key, the batch in flight on the other connection) and check both path
 from __future__ import annotations
 
 import contextlib
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -229,7 +230,7 @@ def test_a_relay_whose_ownership_session_is_gone_claims_nothing(
     sources[0].release()
     ownership = owner.ownership
     with psycopg.connect(database_url, autocommit=True) as admin:
-        pid = owner._connection.info.backend_pid
+        pid = owner.connection.info.backend_pid
         admin.execute("SELECT pg_terminate_backend(%s, 5000)", (pid,))
     assert claim(sources[0], ownership) == []
     sources[0].release()
@@ -405,14 +406,74 @@ def test_the_sequence_bound_needs_no_privilege_on_the_sequence(database_url: str
         sql(database_url, "DROP ROLE floor_test_relay")
 
 
-def test_every_insert_takes_its_transaction_id_before_its_row_ids(database_url: str) -> None:
-    """Migration 0004: the floor's reasoning rests on this statement trigger being there."""
-    with psycopg.connect(database_url) as conn:
-        row = conn.execute(
-            "SELECT tgtype, tgenabled FROM pg_trigger WHERE tgrelid = 'outbox_events'::regclass"
-            " AND tgname = 'outbox_events_take_xid'"
-        ).fetchone()
-        assert row is not None
-        tgtype, enabled = row
-        # BEFORE (2) and INSERT (4), not ROW (1): once per statement, before any row is built.
-        assert (tgtype & 1, tgtype & 2, tgtype & 4, enabled) == (0, 2, 4, "O")
+@contextlib.contextmanager
+def copy_holding_row_ids(database_url: str, key: str, rows: int) -> Iterator[tuple[int, int]]:
+    """A COPY of ``rows`` events of ``key`` (at most 30) that is still running: the server has
+    read the rows and taken their ids (it buffers up to 1,000 rows or 64 KiB before writing
+    any), but the transaction has no transaction id yet. Yields its backend's pid and the
+    sequence's value before it. Committed on leaving the block."""
+    with psycopg.connect(database_url, autocommit=True) as admin:
+        # nextval takes a transaction id when it writes WAL, once per 32 values: start the COPY
+        # right after such a write, so that none of its rows makes one.
+        while admin.execute("SELECT log_cnt FROM outbox_events_id_seq").fetchone() < (rows + 1,):
+            admin.execute("SELECT nextval('outbox_events_id_seq')")
+        before = admin.execute("SELECT last_value FROM outbox_events_id_seq").fetchone()
+    assert before is not None
+    writer = psycopg.connect(database_url)
+    try:
+        with writer.cursor().copy(
+            "COPY outbox_events (event_id, topic, key, payload) FROM STDIN"
+        ) as copy:
+            for n in range(rows):  # over psycopg's 32 KiB buffer: sent to the server now
+                copy.write_row((uuid.uuid4(), "orders", key.encode(), b"%d " % n + b"x" * 2000))
+            yield writer.info.backend_pid, int(before[0])
+        writer.commit()
+    finally:
+        writer.close()
+
+
+def test_a_copy_holding_row_ids_without_a_transaction_id_across_samples_is_not_passed_over(
+    database_url: str, owner: ShardOwner, sources: tuple[OutboxSource, OutboxSource]
+) -> None:
+    """No trigger makes writers take a transaction id before their row ids (migration 0005), so
+    a COPY can hold row ids that no snapshot shows while a sample reads the sequence. The
+    samples see it running a statement without a transaction id, and keep the floor off until it
+    is done: its rows are claimed first, before a later row of their key."""
+    source = sources[0]
+    with copy_holding_row_ids(database_url, "k", rows=20) as (pid, before):
+        with psycopg.connect(database_url) as admin:
+            held = admin.execute(
+                "SELECT backend_xid IS NULL, backend_xmin IS NOT NULL,"
+                " (SELECT last_value FROM outbox_events_id_seq)"
+                " FROM pg_stat_activity WHERE pid = %s",
+                (pid,),
+            ).fetchone()
+        assert held is not None
+        assert held[:2] == (True, True)  # the case under test: ids taken, no transaction id
+        assert held[2] > before
+        floor = ScanFloor()
+        floor.update(source.sample_floor(floor.suspects), now=0.0)
+        [visible] = write(database_url, ["x"])
+        assert publish(source, owner, limit=10) == [visible]
+        assert floor.update(source.sample_floor(floor.suspects), now=1.0) == 0
+        assert floor.update(source.sample_floor(floor.suspects), now=2.0) == 0
+    copied = write(database_url, [])  # (the rows there: the COPY's; the visible one is gone)
+    assert len(copied) == 20
+    assert copied[0] < visible  # some of its rows are below the bound the first sample read
+    later_of_its_key = write(database_url, ["k"])[-1]
+    assert claim(source, owner, floor=floor.value, limit=1000) == [*copied, later_of_its_key]
+
+
+def test_the_floor_comes_back_once_the_copy_is_done(
+    database_url: str, owner: ShardOwner, sources: tuple[OutboxSource, OutboxSource]
+) -> None:
+    """A suspect keeps the floor off only while it runs."""
+    source = sources[0]
+    floor = ScanFloor()
+    with copy_holding_row_ids(database_url, "k", rows=20):
+        first = source.sample_floor(floor.suspects)
+        floor.update(first, now=0.0)
+        assert floor.suspects  # the COPY
+    ids = write(database_url, [])
+    assert publish(source, owner, limit=1000) == ids
+    assert floor.update(source.sample_floor(floor.suspects), now=1.0) == first.bound > 0

@@ -101,7 +101,7 @@ def test_rendered_sql_uses_only_quoted_identifiers_from_the_settings(
     # Every table is schema-qualified, every object created carries the prefix.
     schema_q = re.escape(f'"{settings.schema}"')
     prefix = re.escape(settings.table_prefix)
-    tables = re.findall(r"(?:CREATE TABLE|INSERT INTO|\bON)\s+(?:IF NOT EXISTS\s+)?(\S+)", body)
+    tables = re.findall(r"(?:CREATE TABLE|INSERT INTO|\bON)\s+(?:IF NOT EXISTS\s+)?([^\s;]+)", body)
     objects = re.findall(r"(?:CONSTRAINT|CREATE INDEX)\s+(\S+)", body)
     assert tables
     assert objects
