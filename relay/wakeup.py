@@ -7,13 +7,15 @@ commit behind one database-wide lock). Instead the idle relay calls ``wait_for_e
 
 * the id sequence moved past the bound of the relay's last look and a row above it has
   become visible (new rows), or
-* a transaction that was running at that look, so may hold row ids below the bound, has
-  committed unpublished rows (late rows: ids are handed out before commit, in another order).
+* an unpublished row between the scan floor and that bound was written by a transaction the
+  look's snapshot did not show as committed (late rows: a row id is taken before its
+  transaction commits, so rows do not become visible in id order). Checked only in ticks after
+  some transaction ended, so an idle database costs nothing more.
 
-A look (:class:`Look`) is the sequence's last value, then the running transactions, read in that
-order and always *before* the claim that follows it: whatever the claim did not see is then
-either above the bound or belongs to one of those transactions. A claim made without a wait in
-between keeps the older look, which can only make the next wait return sooner.
+A look (:class:`Look`) is the sequence's last value, then a snapshot, taken in that order and
+always *before* the claim that follows it: whatever that claim did not see is then either above
+the bound or written by a transaction the snapshot does not show. A claim made without a wait
+in between keeps the older look, which can only make the next wait return sooner.
 
 Each call lasts at most ``CALL_SECONDS``, so a stop request waits at most that long, and the
 call never holds a snapshot long enough to matter to VACUUM or to the scan floor.
@@ -48,8 +50,8 @@ class Look(NamedTuple):
 
     #: The id sequence's last value; None when the sequence caches ids (no monotonic bound).
     bound: int | None
-    #: Transactions running just after ``bound`` was read (xid8 values, as text).
-    running: list[str]
+    #: A snapshot taken just after ``bound`` was read (``pg_snapshot`` as text).
+    seen: str | None
 
 
 class Wakeup:
@@ -57,7 +59,7 @@ class Wakeup:
 
     def __init__(self, settings: OutboxSettings) -> None:
         function = settings.qualified("wait_for_events")
-        self._sql = f"SELECT * FROM {function}(%s, %s::xid8[], %s, %s, %s, %s)"
+        self._sql = f"SELECT * FROM {function}(%s, %s::pg_snapshot, %s, %s, %s, %s)"
         self._look: Look | None = None
         self._polling_reported = False
 
@@ -80,40 +82,36 @@ class Wakeup:
         caller claims next, and the look taken last stands for that claim.
         """
         if self._look is None:  # nothing to compare with yet: look now, and claim
-            self._look = self._call(conn, None, [], floor, 0, FIRST_TICK_MS)[1]
+            self._look = self._call(conn, Look(None, None), floor, 0, FIRST_TICK_MS)[1]
             return True
         deadline = clock() + seconds
         look, first_tick = self._look, FIRST_TICK_MS
         while not stop.requested:
             remaining = deadline - clock()
             timeout_ms = max(0, round(min(remaining, CALL_SECONDS) * 1000))
-            (woken, still_running), fresh = self._call(
-                conn, look.bound, look.running, floor, timeout_ms, first_tick
-            )
+            woken, fresh = self._call(conn, look, floor, timeout_ms, first_tick)
             if woken or remaining <= CALL_SECONDS:
                 self._look = fresh
                 return woken
-            look, first_tick = Look(look.bound, still_running), MAX_TICK_MS
+            first_tick = MAX_TICK_MS
         return False
 
     def _call(
         self,
         conn: psycopg.Connection[Any],
-        bound: int | None,
-        running: list[str],
+        look: Look,
         floor: int,
         timeout_ms: int,
         first_tick_ms: int,
-    ) -> tuple[tuple[bool, list[str]], Look]:
-        params = (bound, running, floor, timeout_ms, first_tick_ms, MAX_TICK_MS)
+    ) -> tuple[bool, Look]:
+        params = (look.bound, look.seen, floor, timeout_ms, first_tick_ms, MAX_TICK_MS)
         row = conn.execute(self._sql, params).fetchone()
         if row is None:  # pragma: no cover - the function always returns one row
             raise RuntimeError("wait_for_events returned no row")
-        woken, still_running, new_bound, new_running = row
-        fresh = Look(new_bound, [str(x) for x in new_running or ()])
+        woken, new_bound, new_seen = row
         if new_bound is None:
             self._report_polling()
-        return (bool(woken), [str(x) for x in still_running or ()]), fresh
+        return bool(woken), Look(new_bound, str(new_seen))
 
     def _report_polling(self) -> None:
         if not self._polling_reported:

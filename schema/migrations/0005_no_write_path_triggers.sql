@@ -11,30 +11,35 @@ DROP FUNCTION {{schema}}.{{p:take_xid}}();
 
 -- What an idle relay runs: returns as soon as an event it has not seen may be claimable, or
 -- after timeout_ms. One call covers a short stretch (the relay calls again), so it never holds a
--- snapshot for long. Checked every tick (first_tick_ms, doubling up to max_tick_ms), all
--- without writing anything:
+-- snapshot for long. Checked every tick (first_tick_ms, doubling up to max_tick_ms), writing
+-- nothing:
 -- * new rows: the id sequence moved past `bound` and a row above it has become visible;
--- * late rows: a transaction in `running` (those running when the relay last looked, so
---   possibly holding row ids up to `bound`) has committed unpublished rows.
--- Returns what to pass next time: after a claim, new_bound and new_running (read in that order,
--- before the claim); otherwise `bound` and still_running. new_bound is NULL when the sequence
--- hands out ids from per-session caches: ids then do not grow with time, and the relay polls.
+-- * late rows: once any transaction has ended since the last tick, whether an unpublished row
+--   from `lowest` to `bound` was written by a transaction that `seen` (the snapshot of the
+--   relay's last look) does not show as committed: row ids are taken before commit, so such
+--   rows can appear below the bound. xmin is compared as the 32-bit id it is (modulo 2^32).
+-- new_bound and new_seen are a fresh look (the bound read first) for the claim that follows.
+-- new_bound is NULL when the sequence hands out ids from per-session caches: ids then do not
+-- grow with time, and the relay polls instead.
 -- Runs with the outbox owner's rights, so the relay's role needs no privilege on the sequence.
 CREATE FUNCTION {{schema}}.{{p:wait_for_events}}(
-    bound bigint, running xid8[], lowest bigint,
+    bound bigint, seen pg_snapshot, lowest bigint,
     timeout_ms integer, first_tick_ms integer, max_tick_ms integer,
-    OUT woken boolean, OUT still_running xid8[], OUT new_bound bigint, OUT new_running xid8[])
+    OUT woken boolean, OUT new_bound bigint, OUT new_seen pg_snapshot)
     LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     seq constant regclass := pg_get_serial_sequence('{{schema}}.{{p:events}}', 'id')::regclass;
     cached constant boolean := (SELECT s.seqcache <> 1 FROM pg_sequence AS s
                                 WHERE s.seqrelid = seq);
     deadline constant timestamptz := clock_timestamp() + make_interval(secs => timeout_ms / 1e3);
+    seen_xmax constant bigint := pg_snapshot_xmax(seen)::text::bigint % 4294967296;
+    seen_running constant bigint[] := ARRAY(SELECT x::text::bigint % 4294967296
+                                            FROM pg_snapshot_xip(seen) AS x);
     tick integer := greatest(first_tick_ms, 1);
-    committed xid[];
+    now_snapshot text;
+    last_snapshot text;
 BEGIN
     woken := false;
-    still_running := coalesce(running, '{}');
     LOOP
         IF NOT cached AND coalesce(pg_sequence_last_value(seq), 0) > bound AND EXISTS (
                SELECT 1 FROM {{schema}}.{{p:events}} AS e
@@ -42,25 +47,23 @@ BEGIN
             woken := true;
             EXIT;
         END IF;
-        IF cardinality(still_running) > 0 THEN
-            SELECT coalesce(array_agg(xid(x)) FILTER (WHERE pg_visible_in_snapshot(x, s)), '{}'),
-                   coalesce(array_agg(x) FILTER (
-                       WHERE x = ANY (ARRAY(SELECT pg_snapshot_xip(s)))), '{}')
-              INTO committed, still_running
-              FROM unnest(still_running) AS x, pg_current_snapshot() AS s;
-            IF cardinality(committed) > 0 AND EXISTS (
-                   SELECT 1 FROM {{schema}}.{{p:events}} AS e
-                   WHERE e.published_at IS NULL AND e.dead_lettered_at IS NULL
-                     AND e.id >= lowest AND e.id <= bound AND e.xmin = ANY (committed)) THEN
-                woken := true;
-                EXIT;
-            END IF;
+        now_snapshot := pg_current_snapshot()::text;
+        IF now_snapshot IS DISTINCT FROM last_snapshot AND EXISTS (
+               SELECT 1 FROM {{schema}}.{{p:events}} AS e
+               WHERE e.published_at IS NULL AND e.dead_lettered_at IS NULL
+                 AND e.id >= lowest AND e.id <= bound
+                 AND e.xmin::text::bigint > 2  -- not frozen
+                 AND ((e.xmin::text::bigint - seen_xmax + 4294967296) % 4294967296 < 2147483648
+                      OR e.xmin::text::bigint = ANY (seen_running))) THEN
+            woken := true;
+            EXIT;
         END IF;
+        last_snapshot := now_snapshot;
         EXIT WHEN clock_timestamp() >= deadline;
         PERFORM pg_sleep(least(tick, greatest(timeout_ms, 1)) / 1e3);
         tick := least(tick * 2, greatest(max_tick_ms, 1));
     END LOOP;
     new_bound := CASE WHEN NOT cached THEN coalesce(pg_sequence_last_value(seq), 0) END;
-    new_running := ARRAY(SELECT pg_snapshot_xip(pg_current_snapshot()));
+    new_seen := pg_current_snapshot();
 END;
 $$;

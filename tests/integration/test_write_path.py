@@ -1,0 +1,194 @@
+"""The write path is the INSERT and nothing else, and an idle relay still wakes for new events.
+
+Migration 0005 removed the two triggers writers used to run (a NOTIFY, which serialized every
+writer's commit behind one database-wide lock, and a statement trigger that took a transaction
+id). These tests pin that no trigger or rule comes back, that installations at 0004 are carried
+over with their rows, and what ``wait_for_events`` (``relay.wakeup``) wakes for: rows committed
+above the bound of the last look, and late rows of transactions running at that look; not an
+uncommitted row, nor another table's commit. Timing belongs to the benchmark (``bench/idle.py``).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from structlog.testing import capture_logs
+
+import outbox
+import schema
+from outbox.settings import OutboxSettings
+from relay.config import RelaySettings
+from relay.loop import Relay
+from relay.signals import StopSignal
+from relay.wakeup import Wakeup
+from schema import migrator
+from tests.integration.test_relay_loop import ScriptedPublisher
+
+DEFAULT = OutboxSettings()
+
+
+@pytest.fixture
+def stop() -> Iterator[StopSignal]:
+    signal = StopSignal()
+    yield signal
+    signal.close()
+
+
+@pytest.fixture
+def waiter(database_url: str) -> Iterator[psycopg.Connection[Any]]:
+    """The relay's ownership connection, as the relay opens it (autocommit)."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        yield conn
+
+
+def add(database_url: str, key: str = "k") -> None:
+    with psycopg.connect(database_url) as conn:
+        outbox.add(conn, "orders", {"key": key}, key=key)
+
+
+def test_the_outbox_table_has_no_trigger_and_no_rule(database_url: str) -> None:
+    """Nothing runs in the writer's transaction but the INSERT: no trigger (so none that calls
+    pg_notify, whose commit-time lock is database-wide), no rule, and no function of the outbox
+    that notifies."""
+    with psycopg.connect(database_url) as conn:
+        triggers = conn.execute(
+            "SELECT tgname FROM pg_trigger"
+            " WHERE tgrelid = 'outbox_events'::regclass AND NOT tgisinternal"
+        ).fetchall()
+        rules = conn.execute(
+            "SELECT rulename FROM pg_rewrite WHERE ev_class = 'outbox_events'::regclass"
+        ).fetchall()
+        notifying = conn.execute(
+            "SELECT proname FROM pg_proc WHERE pronamespace = 'public'::regnamespace"
+            " AND proname LIKE 'outbox\\_%%' AND prosrc ~* '(pg_notify|\\mnotify\\M)'"
+        ).fetchall()
+    assert triggers == []
+    assert rules == []
+    assert notifying == []
+
+
+def _apply_up_to(url: str, version: int) -> None:
+    """The schema as an installation of that version has it."""
+    with psycopg.connect(url) as conn:
+        for statement in schema.bootstrap_statements(DEFAULT):
+            conn.execute(statement)
+        for migration in schema.all_migrations()[:version]:
+            conn.execute(migration.render(DEFAULT))
+            conn.execute(schema.record_statement(DEFAULT, migration))
+
+
+def test_an_installation_at_0004_is_carried_over_with_its_rows(
+    empty_database_url: str, stop: StopSignal
+) -> None:
+    """Rows written under 0004 (with its triggers) survive 0005, which drops the triggers; a
+    relay of this version then publishes them and later ones, each key in order."""
+    url = empty_database_url
+    _apply_up_to(url, 4)
+    with psycopg.connect(url) as conn:
+        assert conn.execute(
+            "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'outbox_events'::regclass"
+            " AND NOT tgisinternal"
+        ).fetchone() == (2,)
+        outbox.add_many(conn, [outbox.Event("orders", f"old{i}".encode(), key="k") for i in range(3)])
+    with psycopg.connect(url) as conn:
+        assert [m.version for m in migrator.apply(conn, DEFAULT)] == [5]
+        migrator.require_current(conn, DEFAULT)
+        outbox.add_many(conn, [outbox.Event("orders", f"new{i}".encode(), key="k") for i in range(2)])
+    publisher = ScriptedPublisher(fail=set())
+    settings = RelaySettings(
+        database_url=url, kafka_bootstrap_servers="unused:9092", exit_when_idle=True
+    )
+    relay = Relay(settings, publisher, stop)
+    relay.connect()
+    try:
+        for _ in range(10):
+            if stop.requested:
+                break
+            relay.step()
+    finally:
+        relay.close_connections()
+        relay.shutdown()
+    assert publisher.sent == [b"old0", b"old1", b"old2", b"new0", b"new1"]
+
+
+# --- the wake-up (relay.wakeup) ---------------------------------------------------------------
+
+
+def test_the_first_wait_only_looks(waiter: psycopg.Connection[Any], stop: StopSignal) -> None:
+    """With nothing seen yet, the relay must claim: the wait returns at once."""
+    assert Wakeup(DEFAULT).wait(waiter, 30, floor=0, stop=stop) is True
+
+
+def test_a_committed_event_wakes_the_wait_and_an_uncommitted_one_does_not(
+    database_url: str, waiter: psycopg.Connection[Any], stop: StopSignal
+) -> None:
+    wakeup = Wakeup(DEFAULT)
+    wakeup.wait(waiter, 0, floor=0, stop=stop)  # the look
+    assert wakeup.wait(waiter, 0.3, floor=0, stop=stop) is False  # nothing new
+    with psycopg.connect(database_url) as writer:
+        outbox.add(writer, "orders", {}, key="k")  # holds a new id, not committed
+        assert wakeup.wait(waiter, 0.3, floor=0, stop=stop) is False
+        timer = threading.Timer(0.2, writer.commit)
+        timer.start()
+        try:
+            assert wakeup.wait(waiter, 20, floor=0, stop=stop) is True
+        finally:
+            timer.join()
+
+
+def test_a_late_row_of_a_transaction_running_at_the_look_wakes_the_wait(
+    database_url: str, waiter: psycopg.Connection[Any], stop: StopSignal
+) -> None:
+    """Its id is below the bound of the look (it was taken before), so only its commit tells:
+    the transaction was running at the look, and has committed an unpublished row."""
+    wakeup = Wakeup(DEFAULT)
+    with psycopg.connect(database_url) as late:
+        outbox.add(late, "orders", {}, key="k")  # id taken and a transaction id: running
+        wakeup.wait(waiter, 0, floor=0, stop=stop)  # the look: bound past that id
+        assert wakeup.wait(waiter, 0.3, floor=0, stop=stop) is False
+        timer = threading.Timer(0.2, late.commit)
+        timer.start()
+        try:
+            assert wakeup.wait(waiter, 20, floor=0, stop=stop) is True
+        finally:
+            timer.join()
+
+
+def test_a_commit_that_wrote_no_event_does_not_wake_the_wait(
+    database_url: str, waiter: psycopg.Connection[Any], stop: StopSignal
+) -> None:
+    """Busy applications commit all the time; only commits with outbox rows count."""
+    wakeup = Wakeup(DEFAULT)
+    with psycopg.connect(database_url) as other:
+        other.execute("CREATE TABLE unrelated (n int)")
+        other.execute("INSERT INTO unrelated VALUES (1)")  # a transaction id: running
+        wakeup.wait(waiter, 0, floor=0, stop=stop)
+        other.commit()
+    assert wakeup.wait(waiter, 0.5, floor=0, stop=stop) is False
+
+
+def test_a_stop_request_ends_the_wait(waiter: psycopg.Connection[Any], stop: StopSignal) -> None:
+    wakeup = Wakeup(DEFAULT)
+    wakeup.wait(waiter, 0, floor=0, stop=stop)
+    threading.Timer(0.2, stop.request, args=("test",)).start()
+    assert wakeup.wait(waiter, 60, floor=0, stop=stop) is False
+    assert stop.requested
+
+
+def test_a_sequence_with_a_cache_falls_back_to_polling_and_says_so(
+    database_url: str, waiter: psycopg.Connection[Any], stop: StopSignal
+) -> None:
+    """Ids from per-session caches do not grow with time, so the sequence tells nothing: the
+    wait sleeps its whole timeout (the poll interval) and the relay logs why, once."""
+    with psycopg.connect(database_url) as conn:
+        conn.execute("ALTER TABLE outbox_events ALTER COLUMN id SET CACHE 20")
+    wakeup = Wakeup(DEFAULT)
+    with capture_logs() as logs:
+        wakeup.wait(waiter, 0, floor=0, stop=stop)
+        add(database_url)
+        assert wakeup.wait(waiter, 0.3, floor=0, stop=stop) is False
+    assert [entry["event"] for entry in logs] == ["relay.wakeup_by_polling"]
