@@ -9,6 +9,9 @@ Sections (``--only`` takes a comma-separated list of them):
 * scale:    1, 2 and 4 relays on one backlog; 10,000 against 1,000,000 rows of backlog;
 * soak:     writers and a relay for --soak-seconds at 5,000 events/s: latency over time,
             table size, backlog;
+* writers:  commits/s into the outbox table against a copy without triggers, 1 to 64 clients
+            (pgbench), and with migration 0004's triggers (before);
+* idle:     an idle relay's CPU and transactions; a lone event after an idle minute;
 * writer:   outbox.add against a bare INSERT; add_many's cost and round trips;
 * consumer: the consume loop with dedup against without;
 * memory:   the relay's peak RSS, from the drain, latency, scale and soak runs (no runs of
@@ -39,13 +42,26 @@ from typing import Any
 import common
 import consumer
 import drain
+import idle
 import latency
 import limits
 import scale
 import soak
 import writer
+import writers
 
-SECTIONS = ("limits", "drain", "latency", "scale", "soak", "writer", "consumer", "memory")
+SECTIONS = (
+    "limits",
+    "drain",
+    "latency",
+    "scale",
+    "soak",
+    "writers",
+    "idle",
+    "writer",
+    "consumer",
+    "memory",
+)
 DEFAULT_JSON = Path(__file__).resolve().parent / "results.json"
 
 
@@ -143,7 +159,8 @@ def main() -> int:
             run_section("limits", lambda: sections.update(limits=limits.measure(env, opts)),
                         results)  # fmt: skip
         steps = {"latency": latency.measure, "scale": scale.measure, "soak": soak.measure,
-                 "writer": writer.measure, "consumer": consumer.measure}  # fmt: skip
+                 "writers": writers.measure, "idle": idle.measure, "writer": writer.measure,
+                 "consumer": consumer.measure}  # fmt: skip
         for name, measure in steps.items():
             if name in selected:
                 run_section(name, lambda m=measure, n=name: sections.update({n: m(env, opts)}),
@@ -161,6 +178,8 @@ def main() -> int:
         "latency": (latency.rows, latency.targets),
         "scale": (scale.rows, scale.targets),
         "soak": (soak.rows, soak.targets),
+        "writers": (writers.rows, writers.targets),
+        "idle": (idle.rows, idle.targets),
         "writer": (writer.rows, writer.targets),
         "consumer": (consumer.rows, consumer.targets),
         "memory": (memory_rows, memory_targets),

@@ -35,7 +35,7 @@ def quote_identifier(name: str) -> str:
 
 
 def quote_literal(text: str) -> str:
-    """Quote a validated identifier as a SQL string literal (the NOTIFY channel of migration 0001)."""
+    """Quote a validated identifier as a SQL string literal (migration 0001's NOTIFY channel)."""
     validate_identifier(text, what="identifier")
     return f"'{text}'"
 

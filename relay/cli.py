@@ -255,7 +255,8 @@ def _default(name: str) -> Any:
 @_option(
     "--poll-interval",
     "OUTBOX_POLL_INTERVAL",
-    "Seconds an idle relay waits at most before it claims anyway (new events wake it sooner; a\n    retry falling due does not).",
+    "Seconds an idle relay waits at most before it claims anyway (new events wake it sooner; "
+    "a retry falling due does not).",
     type=click.FloatRange(min=0.01),
     default=_default("poll_interval"),
 )

@@ -217,8 +217,9 @@ class Relay:
         if self.metrics is not None:
             self.metrics.observe_batch(rows, outcomes, self._last_commit_at - started)
         # And once it is done, wait for what commits later (at once if something did meanwhile)
-        # rather than claim nothing, which at low rates took as long as the batch itself. Failures keep the next claim immediate (rows
-        # a broker failure left are due at once), and --exit-when-idle claims to find the end.
+        # rather than claim nothing, which at low rates took as long as the batch itself.
+        # Failures keep the next claim immediate (rows a broker failure left are due at once),
+        # and --exit-when-idle claims to find the end.
         if not (more_waiting or self.settings.exit_when_idle) and all_delivered:
             self._wait(self.settings.poll_interval)
 

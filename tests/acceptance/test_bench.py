@@ -19,7 +19,18 @@ from outbox import testing
 pytestmark = pytest.mark.kafka
 
 ROOT = Path(__file__).resolve().parents[2]
-SECTIONS = ("limits", "drain", "latency", "scale", "soak", "writer", "consumer", "memory")
+SECTIONS = (
+    "limits",
+    "drain",
+    "latency",
+    "scale",
+    "soak",
+    "writers",
+    "idle",
+    "writer",
+    "consumer",
+    "memory",
+)
 
 
 def positive(results: dict[str, Any], *path: str) -> float:
@@ -44,7 +55,7 @@ def test_quick_suite_reports_every_section(
         "--latency-seconds", "2", "--soak-seconds", "8", "--backlog-big", "5000",
         "--consumer-messages", "1000", "--json", str(out),
     ]  # fmt: skip
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=170)
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=260)
     assert done.returncode == 0, f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
     assert "target" in done.stdout  # the table, with its targets
 
@@ -72,6 +83,12 @@ def test_quick_suite_reports_every_section(
     positive(results, "soak", "size_after_first_minute_bytes")
     assert results["soak"]["windows"]
     assert all(w["events"] > 0 for w in results["soak"]["windows"])
+    for case in ("1x1xon", "10x64xon", "1x32xoff"):
+        positive(results, "writers", "cases", case, "ratio")
+    positive(results, "writers", "cases", "1x32xon", "ratio_before")
+    positive(results, "idle", "lone_event_p99_ms")
+    positive(results, "idle", "transactions_per_s")
+    assert len(results["idle"]["samples"]) == 2
     positive(results, "writer", "worst_ratio")
     positive(results, "writer", "add_many_1000_round_trips")
     for handler in ("batch", "message"):

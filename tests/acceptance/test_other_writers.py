@@ -57,7 +57,9 @@ def _insert_select(conn: psycopg.Connection[Any], rows: list[tuple[Any, ...]]) -
     )
     _raw = f"INSERT INTO staged ({COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s)"
     conn.cursor().executemany(_raw, rows)
-    conn.execute(f"INSERT INTO outbox_events ({COLUMNS}) SELECT {COLUMNS} FROM staged ORDER BY payload")
+    conn.execute(
+        f"INSERT INTO outbox_events ({COLUMNS}) SELECT {COLUMNS} FROM staged ORDER BY payload"
+    )
 
 
 def _as_replica(conn: psycopg.Connection[Any], rows: list[tuple[Any, ...]]) -> None:
@@ -92,7 +94,7 @@ def test_raw_inserts_copy_insert_select_and_replica_sessions_are_published_in_ke
                         conn.commit()
                         written.extend(str(row[0]) for row in rows)  # id order
                     time.sleep(0.05)
-        except BaseException as exc:  # noqa: BLE001 - reported in the main thread
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=write, args=(i,)) for i in range(len(WRITERS))]

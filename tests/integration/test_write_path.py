@@ -93,11 +93,15 @@ def test_an_installation_at_0004_is_carried_over_with_its_rows(
             "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'outbox_events'::regclass"
             " AND NOT tgisinternal"
         ).fetchone() == (2,)
-        outbox.add_many(conn, [outbox.Event("orders", f"old{i}".encode(), key="k") for i in range(3)])
+        outbox.add_many(
+            conn, [outbox.Event("orders", f"old{i}".encode(), key="k") for i in range(3)]
+        )
     with psycopg.connect(url) as conn:
         assert [m.version for m in migrator.apply(conn, DEFAULT)] == [5]
         migrator.require_current(conn, DEFAULT)
-        outbox.add_many(conn, [outbox.Event("orders", f"new{i}".encode(), key="k") for i in range(2)])
+        outbox.add_many(
+            conn, [outbox.Event("orders", f"new{i}".encode(), key="k") for i in range(2)]
+        )
     publisher = ScriptedPublisher(fail=set())
     settings = RelaySettings(
         database_url=url, kafka_bootstrap_servers="unused:9092", exit_when_idle=True

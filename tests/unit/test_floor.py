@@ -59,3 +59,16 @@ def test_a_disabled_floor_is_never_sampled_again() -> None:
     floor.disable()
     assert floor.value == 0
     assert not floor.due(1e12)
+
+
+def test_a_statement_without_a_transaction_id_running_across_two_samples_drops_the_floor() -> None:
+    """It may hold row ids up to the previous bound that no snapshot shows (an INSERT or COPY
+    takes them before its transaction id), so the claim starts at the beginning."""
+    floor = ScanFloor()
+    floor.update(FloorSample(500, 10, 9, None, suspects=("3/7",)), now=0.0)
+    assert floor.suspects == ("3/7",)
+    held = FloorSample(600, 20, 11, 550, suspects=("3/7",), suspects_before_running=True)
+    assert floor.update(held, now=1.0) == 0
+    done = FloorSample(700, 30, 21, 650, suspects=(), suspects_before_running=False)
+    assert floor.update(done, now=2.0) == 600
+    assert floor.suspects == ()
