@@ -115,7 +115,7 @@ WHERE (s.id < (SELECT id FROM cut) OR (SELECT id FROM cut) IS NULL)
 # (one may hold row ids it has not inserted yet), and whether any the previous sample found still
 # runs; then, in a later statement, a transaction id and the snapshot's view. pg_locks and the
 # two pg_stat_activity columns read here are visible to every role.
-_SEQUENCE_BOUND = "SELECT {id_bound}()"  # migration 0004
+_SEQUENCE_BOUND = "SELECT {last_id}()"  # migration 0005
 _FLOOR_SUSPECTS = """
 SELECT coalesce(array_agg(l.virtualxid)
                   FILTER (WHERE a.backend_xid IS NULL AND a.backend_xmin IS NOT NULL), '{}'),
@@ -237,7 +237,7 @@ class OutboxSource:
         self._deliverable_sql = _sql(_DELIVERABLE, events)
         self._backlog_sql = _sql(_BACKLOG, events)
         self._floor_view_sql = _sql(_FLOOR_VIEW, events)
-        self._bound_sql = _SEQUENCE_BOUND.format(id_bound=settings.outbox.qualified("id_bound"))
+        self._bound_sql = _SEQUENCE_BOUND.format(last_id=settings.outbox.qualified("last_id"))
         self._conn: psycopg.Connection[Any] | None = None
 
     @property

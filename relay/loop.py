@@ -250,7 +250,7 @@ class Relay:
             self.floor.update(self.source.sample_floor(self.floor.suspects), now)
         except psycopg.errors.InsufficientPrivilege as exc:
             # Claims still work, from the start of the index: slower after big drains, no less.
-            function = self.settings.outbox.qualified("id_bound")
+            function = self.settings.outbox.qualified("last_id")
             log.warning(
                 "relay.scan_floor_off",
                 error=" ".join(str(exc).split()),

@@ -3,11 +3,28 @@
 -- database-wide lock from a notifying transaction's pre-commit through its WAL flush), and the
 -- statement trigger that took a transaction id before the row ids cost 10-20% more. Relays
 -- now wait for events by watching the id sequence (wait_for_events, below), and the scan floor
--- finds the transactions that may still hold row ids without help from the writers.
+-- finds the transactions that may still hold row ids without help from the writers
+-- (relay/floor.py).
 DROP TRIGGER {{p:events_notify}} ON {{schema}}.{{p:events}};
 DROP FUNCTION {{schema}}.{{p:notify_events}}();
 DROP TRIGGER {{p:events_take_xid}} ON {{schema}}.{{p:events}};
 DROP FUNCTION {{schema}}.{{p:take_xid}}();
+
+-- The scan floor's bound is now last_id(). id_bound() stays for relays of earlier versions
+-- still running during an upgrade: their floor rested on the trigger dropped above, so it
+-- returns 0, which to them means "no floor" (claims from the start: slower, never wrong).
+CREATE OR REPLACE FUNCTION {{schema}}.{{p:id_bound}}() RETURNS bigint
+    LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog AS $$ SELECT 0::bigint $$;
+
+-- The last row id handed out, read with the rights of the outbox's owner (a relay's role needs
+-- no privilege on the sequence); 0, meaning "no floor", when the sequence hands out ids from
+-- per-session caches: those can come out below its last value.
+CREATE FUNCTION {{schema}}.{{p:last_id}}() RETURNS bigint
+    LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog AS $$
+SELECT CASE WHEN s.seqcache = 1 THEN coalesce(pg_sequence_last_value(s.seqrelid), 0) ELSE 0 END
+FROM pg_sequence AS s
+WHERE s.seqrelid = pg_get_serial_sequence('{{schema}}.{{p:events}}', 'id')::regclass;
+$$;
 
 -- What an idle relay runs: returns as soon as an event it has not seen may be claimable, or
 -- after timeout_ms. One call covers a short stretch (the relay calls again), so it never holds a

@@ -387,7 +387,7 @@ def test_a_sequence_with_a_cache_gives_no_floor(
 
 
 def test_the_sequence_bound_needs_no_privilege_on_the_sequence(database_url: str) -> None:
-    """The bound is read with the outbox owner's rights (migration 0004), so a relay's role
+    """The bound is read with the outbox owner's rights (migration 0005), so a relay's role
     needs only its rights on the table; a role that may not even call that function gets a
     clear error, on which the loop turns the floor off (``relay.scan_floor_off``)."""
     ids = write(database_url, ["a", "b"])
@@ -398,7 +398,7 @@ def test_the_sequence_bound_needs_no_privilege_on_the_sequence(database_url: str
     try:
         with source_with(limited_url) as source:
             assert source.sample_floor().bound == ids[-1]
-            sql(database_url, "REVOKE EXECUTE ON FUNCTION outbox_id_bound() FROM PUBLIC")
+            sql(database_url, "REVOKE EXECUTE ON FUNCTION outbox_last_id() FROM PUBLIC")
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 source.sample_floor()
     finally:

@@ -84,8 +84,9 @@ def _apply_up_to(url: str, version: int) -> None:
 def test_an_installation_at_0004_is_carried_over_with_its_rows(
     empty_database_url: str, stop: StopSignal
 ) -> None:
-    """Rows written under 0004 (with its triggers) survive 0005, which drops the triggers; a
-    relay of this version then publishes them and later ones, each key in order."""
+    """Rows written under 0004 (with its triggers) survive 0005, which drops the triggers; the
+    relays of 0004's version, whose scan floor needed them, get no floor; a relay of this
+    version then publishes the old rows and later ones, each key in order."""
     url = empty_database_url
     _apply_up_to(url, 4)
     with psycopg.connect(url) as conn:
@@ -99,6 +100,8 @@ def test_an_installation_at_0004_is_carried_over_with_its_rows(
     with psycopg.connect(url) as conn:
         assert [m.version for m in migrator.apply(conn, DEFAULT)] == [5]
         migrator.require_current(conn, DEFAULT)
+        # A relay of 0004's version still running reads its floor's bound here: 0, no floor.
+        assert conn.execute("SELECT outbox_id_bound()").fetchone() == (0,)
         outbox.add_many(
             conn, [outbox.Event("orders", f"new{i}".encode(), key="k") for i in range(2)]
         )
