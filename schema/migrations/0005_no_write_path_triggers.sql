@@ -31,10 +31,12 @@ $$;
 -- snapshot for long. Checked every tick (first_tick_ms, doubling up to max_tick_ms), writing
 -- nothing:
 -- * new rows: the id sequence moved past `bound` and a row above it has become visible;
--- * late rows: once any transaction has ended since the last tick, whether an unpublished row
---   from `lowest` to `bound` was written by a transaction that `seen` (the snapshot of the
---   relay's last look) does not show as committed: row ids are taken before commit, so such
---   rows can appear below the bound. xmin is compared as the 32-bit id it is (modulo 2^32).
+-- * late rows: once any transaction has ended since the last tick, whether one of the 64
+--   highest unpublished rows from `lowest` to `bound` was written by a transaction that `seen`
+--   (the snapshot of the relay's last look) does not show as committed: row ids are taken
+--   before commit, so such rows can appear below the bound. xmin is compared as the 32-bit id
+--   it is (modulo 2^32). The 64 bound the cost when many rows wait (behind a dead letter, say);
+--   a late row deeper than that waits for the relay's poll interval.
 -- new_bound and new_seen are a fresh look (the bound read first) for the claim that follows.
 -- new_bound is NULL when the sequence hands out ids from per-session caches: ids then do not
 -- grow with time, and the relay polls instead.
@@ -66,12 +68,13 @@ BEGIN
         END IF;
         now_snapshot := pg_current_snapshot()::text;
         IF now_snapshot IS DISTINCT FROM last_snapshot AND EXISTS (
-               SELECT 1 FROM {{schema}}.{{p:events}} AS e
-               WHERE e.published_at IS NULL AND e.dead_lettered_at IS NULL
-                 AND e.id >= lowest AND e.id <= bound
-                 AND e.xmin::text::bigint > 2  -- not frozen
-                 AND ((e.xmin::text::bigint - seen_xmax + 4294967296) % 4294967296 < 2147483648
-                      OR e.xmin::text::bigint = ANY (seen_running))) THEN
+               SELECT 1 FROM (SELECT e.xmin::text::bigint AS x FROM {{schema}}.{{p:events}} AS e
+                              WHERE e.published_at IS NULL AND e.dead_lettered_at IS NULL
+                                AND e.id >= lowest AND e.id <= bound
+                              ORDER BY e.id DESC LIMIT 64) AS r
+               WHERE r.x > 2  -- not frozen
+                 AND ((r.x - seen_xmax + 4294967296) % 4294967296 < 2147483648
+                      OR r.x = ANY (seen_running))) THEN
             woken := true;
             EXIT;
         END IF;
