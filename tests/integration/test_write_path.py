@@ -199,3 +199,21 @@ def test_a_sequence_with_a_cache_falls_back_to_polling_and_says_so(
         add(database_url)
         assert wakeup.wait(waiter, 0.3, floor=0, stop=stop) is False
     assert [entry["event"] for entry in logs] == ["relay.wakeup_by_polling"]
+
+
+def test_rows_waiting_for_a_retry_do_not_keep_waking_the_wait(
+    database_url: str, waiter: psycopg.Connection[Any], stop: StopSignal
+) -> None:
+    """Unpublished rows no claim can take yet (here 100, waiting for a retry) are in the look;
+    they do not wake the wait again (no busy loop), while a late row among them still does."""
+    with psycopg.connect(database_url) as conn:
+        outbox.add_many(conn, [outbox.Event("orders", {"n": i}, key="k") for i in range(100)])
+        conn.execute("UPDATE outbox_events SET next_attempt_at = now() + interval '1 hour'")
+    wakeup = Wakeup(DEFAULT)
+    with psycopg.connect(database_url) as late:
+        outbox.add(late, "orders", {}, key="late")  # the highest id, not committed yet
+        wakeup.wait(waiter, 0, floor=0, stop=stop)  # the look: past that id
+        assert wakeup.wait(waiter, 0.5, floor=0, stop=stop) is False
+        assert wakeup.wait(waiter, 0.5, floor=0, stop=stop) is False
+        late.commit()
+    assert wakeup.wait(waiter, 20, floor=0, stop=stop) is True
