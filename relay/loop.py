@@ -120,6 +120,8 @@ class Relay:
         self.shards = ShardOwner(settings)
         #: Sleeps on the ownership connection until events may be waiting.
         self.wakeup = Wakeup(settings.outbox)
+        #: Whether the last wait ended because events may be waiting (``step`` claims first).
+        self._woken = False
         #: Where claims start their index scan (see ``relay.floor``).
         self.floor = ScanFloor()
         self.breaker = CircuitBreaker(
@@ -150,6 +152,7 @@ class Relay:
             self._spare.connect()
         self.shards.connect()
         self.wakeup.forget()
+        self._woken = False
         self._next_rebalance = 0.0
         if self.metrics is not None:
             self.metrics.health.database_ok = True
@@ -170,22 +173,12 @@ class Relay:
         log.info("relay.stopping", reason=self.stop.reason, published=self.published)
 
     def step(self) -> None:
-        """One pass: rebalance and purge when due, then one batch or one wait."""
-        now = self.clock()
-        if now >= self._next_rebalance:
-            self._rebalance()
-            self._next_rebalance = now + self.settings.rebalance_interval
-        if self.settings.retention and now >= self._next_purge:
-            removed = self.source.purge(self.settings.retention)
-            if removed:
-                log.info("relay.purged", rows=removed, retention_s=self.settings.retention)
-            self._next_purge = now + PURGE_EVERY
-        if self.metrics is not None and now >= self._next_backlog:
-            self.metrics.set_backlog(*self.source.backlog())
-            self._next_backlog = now + BACKLOG_EVERY
-        if self.floor.due(now):
-            self._sample_floor(now)
-        self._log_progress(now)
+        """One pass: the chores that are due (rebalance, purge, gauges, the scan floor), then one
+        batch or one wait. When events just woke the relay, the batch goes first and the chores
+        follow it: they can wait one batch, a lone event's latency cannot."""
+        woken, self._woken = self._woken, False
+        if not woken:
+            self._chores(self.clock())
         allowed = self.breaker.allow()
         self._report_breaker()
         if not allowed:
@@ -197,6 +190,8 @@ class Relay:
         rows, held = self._take_batch(limit)
         if not rows:
             self.source.release()
+            if woken:
+                self._chores(self.clock())
             if self.settings.exit_when_idle and not self.source.deliverable():
                 self._log_drained()
                 self.stop.request("idle")
@@ -216,12 +211,32 @@ class Relay:
         self._last_commit_at = self.clock()
         if self.metrics is not None:
             self.metrics.observe_batch(rows, outcomes, self._last_commit_at - started)
+        if woken:
+            self._chores(self._last_commit_at)
         # And once it is done, wait for what commits later (at once if something did meanwhile)
         # rather than claim nothing, which at low rates took as long as the batch itself.
         # Failures keep the next claim immediate (rows a broker failure left are due at once),
         # and --exit-when-idle claims to find the end.
         if not (more_waiting or self.settings.exit_when_idle) and all_delivered:
             self._wait(self.settings.poll_interval)
+
+    def _chores(self, now: float) -> None:
+        """Whatever is due: rebalance, purge, the backlog gauges, a scan-floor sample, progress.
+        They use the ``source`` connection, so never while it holds a claim."""
+        if now >= self._next_rebalance:
+            self._rebalance()
+            self._next_rebalance = now + self.settings.rebalance_interval
+        if self.settings.retention and now >= self._next_purge:
+            removed = self.source.purge(self.settings.retention)
+            if removed:
+                log.info("relay.purged", rows=removed, retention_s=self.settings.retention)
+            self._next_purge = now + PURGE_EVERY
+        if self.metrics is not None and now >= self._next_backlog:
+            self.metrics.set_backlog(*self.source.backlog())
+            self._next_backlog = now + BACKLOG_EVERY
+        if self.floor.due(now):
+            self._sample_floor(now)
+        self._log_progress(now)
 
     def _take_batch(self, limit: int) -> tuple[list[ClaimedRow], Undelivered]:
         """The prefetched batch if there is one (making its connection the current one), else a
@@ -351,7 +366,7 @@ class Relay:
     def _wait(self, timeout: float) -> None:
         """Until events may be waiting (``relay.wakeup``), a stop, the timeout or a rebalance."""
         until_rebalance = max(0.0, self._next_rebalance - self.clock())
-        self.wakeup.wait(
+        self._woken = self.wakeup.wait(
             self.shards.connection,
             min(timeout, until_rebalance),
             floor=self.floor.value,

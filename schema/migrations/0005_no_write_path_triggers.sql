@@ -60,13 +60,14 @@ DECLARE
 BEGIN
     woken := false;
     LOOP
-        IF NOT cached AND coalesce(pg_sequence_last_value(seq), 0) > bound AND EXISTS (
-               SELECT 1 FROM {{schema}}.{{p:events}} AS e
-               WHERE e.published_at IS NULL AND e.dead_lettered_at IS NULL AND e.id > bound) THEN
-            woken := true;
-            EXIT;
-        END IF;
-        now_snapshot := pg_current_snapshot()::text;
+        -- One statement a tick for both: the snapshot tells whether any transaction ended.
+        SELECT coalesce(NOT cached AND pg_sequence_last_value(seq) > bound AND EXISTS (
+                   SELECT 1 FROM {{schema}}.{{p:events}} AS e
+                   WHERE e.published_at IS NULL AND e.dead_lettered_at IS NULL
+                     AND e.id > bound), false),
+               pg_current_snapshot()::text
+          INTO woken, now_snapshot;
+        EXIT WHEN woken;
         IF now_snapshot IS DISTINCT FROM last_snapshot AND EXISTS (
                SELECT 1 FROM (SELECT e.id FROM {{schema}}.{{p:events}} AS e
                               WHERE e.published_at IS NULL AND e.dead_lettered_at IS NULL
