@@ -444,7 +444,7 @@ class Options:
     writer_rows: int = 2_000
     consumer_messages: int = 20_000
     consumer_batch: int = 500
-    writers_seconds: float = 5.0
+    writers_seconds: float = 4.0
     idle_seconds: float = 60.0
     idle_events: int = 20
     quick: bool = False
@@ -472,7 +472,7 @@ def add_option_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--latency-seconds", type=float, help="per rate and run (12)")
     parser.add_argument("--backlog-big", type=int, help="the big backlog (1000000)")
     parser.add_argument("--consumer-messages", type=int, help="messages per consumer run (20000)")
-    parser.add_argument("--writers-seconds", type=float, help="per pgbench run (5)")
+    parser.add_argument("--writers-seconds", type=float, help="per pgbench run (4)")
     parser.add_argument("--idle-seconds", type=float, help="idle time before a lone event (60)")
     parser.add_argument("--idle-events", type=int, help="lone events, at most 10 at once (20)")
     parser.add_argument(

@@ -1,8 +1,9 @@
 """What an idle relay costs, and how soon it publishes a lone event after an idle minute.
 
-``--idle-relays`` relays run at once with their default settings, each on a database and a
-topic of its own (so the minutes of idling overlap: 20 lone events take two rounds of ten, not
-twenty minutes). Each publishes one warm-up event, then idles for ``--idle-seconds``; meanwhile
+Five relays run at once with their default settings, each on a database and a topic of its
+own (so the minutes of idling overlap: 20 lone events take four rounds of five, not twenty
+minutes; with ten at once, their idle ticks alone took enough of the two cores to add a few
+milliseconds to the slowest lone events). Each publishes one warm-up event, then idles for ``--idle-seconds``; meanwhile
 this measures, per relay:
 
 * the CPU of the relay process (all its threads, from /proc/PID/stat) and of its three
@@ -11,6 +12,9 @@ this measures, per relay:
 
 Then one event per relay, a second apart, committed by ``outbox.add``: commit to arrival at a
 consumer (``fetch.wait.max.ms=2``, as in the latency section), p50 and p99 over all of them.
+Baseline, same rounds: Kafka alone after the same idle time. One producer per relay, with the
+relay's producer settings, sends one message at the start and one after the idle time, next to
+its relay's lone event; hand-over to arrival at the same consumer.
 
     .venv/bin/python bench/idle.py [--idle-seconds 60] [--idle-events 20] [--json out.json]
 """
@@ -27,13 +31,15 @@ from typing import Any
 
 import common
 import psycopg
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 import outbox
 from outbox.envelope import EVENT_ID_HEADER
+from relay.config import RelaySettings
+from relay.kafka import producer_config
 
 #: Relays idling at once.
-RELAYS = 10
+RELAYS = 5
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -93,6 +99,27 @@ def add_one(url: str, topic: str) -> tuple[str, float]:
         return str(event_id), time.time()
 
 
+class AloneProducer:
+    """Kafka alone: a producer with the relay's settings that sends one message at a time."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        settings = RelaySettings(database_url="unused", kafka_bootstrap_servers=bootstrap)
+        self._producer = Producer({**producer_config(settings), **common.QUIET})
+        self._topic = topic
+
+    def send(self) -> tuple[str, float]:
+        """(its event id, when it was handed over)."""
+        event_id = f"alone-{time.monotonic_ns()}"
+        handed_over = time.time()
+        self._producer.produce(self._topic, b"{}", key=b"alone",
+                               headers=[(EVENT_ID_HEADER, event_id.encode())])  # fmt: skip
+        self._producer.poll(0)
+        return event_id, handed_over
+
+    def close(self) -> None:
+        self._producer.flush(10)
+
+
 def backends(server: str, database: str) -> list[int]:
     with psycopg.connect(server) as conn:
         rows = conn.execute(
@@ -123,8 +150,12 @@ def one_round(env: common.Env, relays: int, idle_seconds: float) -> list[dict[st
         procs = [common.Relay(env, url) for url in urls]
         for proc in procs:
             stack.callback(proc.stop)
-        for url, topic in zip(urls, topics, strict=True):  # warm-up: each relay publishes one
+        alone = [AloneProducer(env.bootstrap, topic) for topic in topics]
+        for producer in alone:
+            stack.callback(producer.close)
+        for url, topic, producer in zip(urls, topics, alone, strict=True):  # warm-up
             arrivals.wait_for(add_one(url, topic)[0], timeout=60)
+            arrivals.wait_for(producer.send()[0], timeout=60)
         time.sleep(1.0)
         pids = [
             [proc.pid, *backends(env.server, name)] for proc, name in zip(procs, names, strict=True)
@@ -141,6 +172,9 @@ def one_round(env: common.Env, relays: int, idle_seconds: float) -> list[dict[st
             procs[i].check()
             event_id, committed = add_one(url, topic)
             latency_ms = (arrivals.wait_for(event_id) - committed) * 1000
+            time.sleep(0.5)
+            alone_id, handed_over = alone[i].send()
+            alone_ms = (arrivals.wait_for(alone_id) - handed_over) * 1000
             used = [
                 (a - b) if a is not None and b is not None else None
                 for a, b in zip(after[i], before[i], strict=True)
@@ -153,6 +187,7 @@ def one_round(env: common.Env, relays: int, idle_seconds: float) -> list[dict[st
                 "transactions_per_s": (xacts_after[i] - xacts[i]) / elapsed,
                 "idle_s": round(time.monotonic() - started, 1),
                 "lone_event_ms": latency_ms,
+                "kafka_alone_ms": alone_ms,
             })  # fmt: skip
             time.sleep(1.0)  # one relay at a time: each event has the machine to itself
         return results
@@ -167,15 +202,20 @@ def measure(env: common.Env, opts: common.Options) -> dict[str, Any]:
         common.progress(
             f"idle round {n + 1}/{rounds}: lone events "
             + ", ".join(f"{s['lone_event_ms']:.1f}" for s in samples[-relays:])
+            + " ms; Kafka alone "
+            + ", ".join(f"{s['kafka_alone_ms']:.1f}" for s in samples[-relays:])
             + " ms"
         )
     ordered = sorted(s["lone_event_ms"] for s in samples)
+    alone = sorted(s["kafka_alone_ms"] for s in samples)
     server = [s["backends_cpu_pct"] for s in samples if s["backends_cpu_pct"] is not None]
     return {
         "idle_seconds": opts.idle_seconds,
         "relays_at_once": relays,
         "lone_event_p50_ms": common.percentile(ordered, 50),
         "lone_event_p99_ms": common.percentile(ordered, 99),
+        "kafka_alone_p50_ms": common.percentile(alone, 50),
+        "kafka_alone_p99_ms": common.percentile(alone, 99),
         "relay_cpu_pct": common.median(s["relay_cpu_pct"] for s in samples),
         "relay_cpu_pct_max": max(s["relay_cpu_pct"] for s in samples),
         "backends_cpu_pct": common.median(server) if server else None,
@@ -187,6 +227,9 @@ def measure(env: common.Env, opts: common.Options) -> dict[str, Any]:
 def rows(result: dict[str, Any]) -> list[common.Row]:
     n, idle = len(result["samples"]), result["idle_seconds"]
     out = [
+        common.Row("idle", f"Kafka alone, one message after {idle:.0f} s idle, p50 / p99",
+                   f"{result['kafka_alone_p50_ms']:.1f} / {result['kafka_alone_p99_ms']:.1f}",
+                   "ms", "baseline: a producer with the relay's settings"),
         common.Row("idle", f"lone event after {idle:.0f} s idle, commit to delivery, p50",
                    common.num(result["lone_event_p50_ms"], 1), "ms",
                    f"{n} events, {result['relays_at_once']} relays idling at once"),
