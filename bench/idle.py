@@ -3,8 +3,8 @@
 Five relays run at once with their default settings, each on a database and a topic of its
 own (so the minutes of idling overlap: 20 lone events take four rounds of five, not twenty
 minutes; with ten at once, their idle ticks alone took enough of the two cores to add a few
-milliseconds to the slowest lone events). Each publishes one warm-up event, then idles for ``--idle-seconds``; meanwhile
-this measures, per relay:
+milliseconds to the slowest lone events). Each publishes one warm-up event, then idles for
+``--idle-seconds``; meanwhile this measures, per relay:
 
 * the CPU of the relay process (all its threads, from /proc/PID/stat) and of its three
   PostgreSQL backends (the same, when the server runs on this machine), as % of one core;
