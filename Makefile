@@ -39,7 +39,7 @@ demo: $(STAMP) ## Orders -> outbox -> relay (SIGKILLed once) -> Kafka -> billing
 quickstart: $(STAMP) ## Write events with outbox.add on embedded PostgreSQL and show the outbox
 	$(BIN)/python -m examples.quickstart
 
-bench: $(STAMP) ## Benchmark suite (~15-20 min): one table, JSON in bench/results.json; BENCH_ARGS=--quick|--only drain,...
+bench: $(STAMP) ## Benchmark suite (~30 min): one table, JSON in bench/results.json; BENCH_ARGS=--quick|--only drain,...
 	$(BIN)/python bench/suite.py $(BENCH_ARGS)
 
 format: $(STAMP) ## Reformat the code
