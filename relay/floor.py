@@ -12,7 +12,7 @@ The floor is refreshed from a sample (``OutboxSource.sample_floor``), taken in t
 2. ``suspects``: the transactions of this database that are running a statement but have no
    transaction id yet (from ``pg_locks`` and ``pg_stat_activity``, readable by every role).
    An INSERT or COPY takes its row ids before its transaction id (when it writes its first row;
-   a COPY buffers up to 1,000 rows first), so such a transaction may hold row ids up to
+   a COPY may buffer up to 1,000 rows first), so such a transaction may hold row ids up to
    ``bound`` that no snapshot shows. Also: whether any of the previous sample's suspects
    still runs.
 3. ``xid``: a transaction id taken for the sample; in the same statement ``oldest_running``,

@@ -10,7 +10,8 @@ blocks its key, the batch in flight on the other connection) and check both path
 from __future__ import annotations
 
 import contextlib
-import uuid
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -406,74 +407,93 @@ def test_the_sequence_bound_needs_no_privilege_on_the_sequence(database_url: str
         sql(database_url, "DROP ROLE floor_test_relay")
 
 
+_HOLD = """
+CREATE FUNCTION test_hold() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_advisory_lock(4242);
+    PERFORM pg_advisory_unlock(4242);
+    RETURN NEW;
+END $$;
+CREATE TRIGGER test_hold BEFORE INSERT ON outbox_events FOR EACH ROW
+    WHEN (NEW.key = '\\x686f6c64'::bytea) EXECUTE FUNCTION test_hold();
+"""
+
+
 @contextlib.contextmanager
-def copy_holding_row_ids(database_url: str, key: str, rows: int) -> Iterator[tuple[int, int]]:
-    """A COPY of ``rows`` events of ``key`` (at most 30) that is still running: the server has
-    read the rows and taken their ids (it buffers up to 1,000 rows or 64 KiB before writing
-    any), but the transaction has no transaction id yet. Yields its backend's pid and the
-    sequence's value before it. Committed on leaving the block."""
+def insert_holding_its_row_id(database_url: str) -> Iterator[None]:
+    """An INSERT (key "hold") that has taken its row id but not yet a transaction id, and stays
+    so for the block: a test trigger makes it wait on a lock before its row is written. It
+    stands for any statement in that state: a COPY buffering rows (PostgreSQL 18 buffers up to
+    1,000 before writing any), a slow BEFORE trigger, a big INSERT ... SELECT. Committed on
+    leaving the block. (nextval takes a transaction id when it writes WAL: once per 32 values,
+    and at its first call after a checkpoint; then the INSERT is let go and tried again.)"""
     with psycopg.connect(database_url, autocommit=True) as admin:
-        # nextval takes a transaction id when it writes WAL, once per 32 values: start the COPY
-        # right after such a write, so that none of its rows makes one.
-        while admin.execute("SELECT log_cnt FROM outbox_events_id_seq").fetchone() < (rows + 1,):
-            admin.execute("SELECT nextval('outbox_events_id_seq')")
-        before = admin.execute("SELECT last_value FROM outbox_events_id_seq").fetchone()
-    assert before is not None
-    writer = psycopg.connect(database_url)
-    try:
-        with writer.cursor().copy(
-            "COPY outbox_events (event_id, topic, key, payload) FROM STDIN"
-        ) as copy:
-            for n in range(rows):  # over psycopg's 32 KiB buffer: sent to the server now
-                copy.write_row((uuid.uuid4(), "orders", key.encode(), b"%d " % n + b"x" * 2000))
-            yield writer.info.backend_pid, int(before[0])
-        writer.commit()
-    finally:
-        writer.close()
+        admin.execute(_HOLD)
+        for _ in range(10):
+            while admin.execute("SELECT log_cnt FROM outbox_events_id_seq").fetchone() < (2,):
+                admin.execute("SELECT nextval('outbox_events_id_seq')")
+            admin.execute("SELECT pg_advisory_lock(4242)")
+            writer = psycopg.connect(database_url)
+            insert = threading.Thread(
+                target=outbox.add, args=(writer, "orders", {}), kwargs={"key": "hold"}
+            )
+            insert.start()
+            held = None
+            for _ in range(500):  # until it waits in the trigger
+                held = admin.execute(
+                    "SELECT backend_xid IS NULL FROM pg_stat_activity"
+                    " WHERE pid = %s AND wait_event = 'advisory'",
+                    (writer.info.backend_pid,),
+                ).fetchone()
+                if held is not None:
+                    break
+                time.sleep(0.01)
+            try:
+                if held == (True,):
+                    yield
+            finally:
+                admin.execute("SELECT pg_advisory_unlock(4242)")
+                insert.join()
+                writer.commit()
+                writer.close()
+            if held == (True,):
+                admin.execute("DROP TRIGGER test_hold ON outbox_events")
+                return
+            admin.execute("DELETE FROM outbox_events")  # the row written with a transaction id
+    pytest.fail("could not hold a row id without a transaction id in 10 tries")
 
 
-def test_a_copy_holding_row_ids_without_a_transaction_id_across_samples_is_not_passed_over(
+def test_a_statement_holding_a_row_id_without_a_transaction_id_is_not_passed_over(
     database_url: str, owner: ShardOwner, sources: tuple[OutboxSource, OutboxSource]
 ) -> None:
     """No trigger makes writers take a transaction id before their row ids (migration 0005), so
-    a COPY can hold row ids that no snapshot shows while a sample reads the sequence. The
-    samples see it running a statement without a transaction id, and keep the floor off until it
-    is done: its rows are claimed first, before a later row of their key."""
+    an INSERT or COPY can hold row ids that no snapshot shows while a sample reads the sequence.
+    The samples see it running a statement without a transaction id, and keep the floor off
+    until it is done: its row is claimed first, before a later row of its key."""
     source = sources[0]
-    with copy_holding_row_ids(database_url, "k", rows=20) as (pid, before):
-        with psycopg.connect(database_url) as admin:
-            held = admin.execute(
-                "SELECT backend_xid IS NULL, backend_xmin IS NOT NULL,"
-                " (SELECT last_value FROM outbox_events_id_seq)"
-                " FROM pg_stat_activity WHERE pid = %s",
-                (pid,),
-            ).fetchone()
-        assert held is not None
-        assert held[:2] == (True, True)  # the case under test: ids taken, no transaction id
-        assert held[2] > before
+    with insert_holding_its_row_id(database_url):
         floor = ScanFloor()
         floor.update(source.sample_floor(floor.suspects), now=0.0)
         [visible] = write(database_url, ["x"])
         assert publish(source, owner, limit=10) == [visible]
         assert floor.update(source.sample_floor(floor.suspects), now=1.0) == 0
         assert floor.update(source.sample_floor(floor.suspects), now=2.0) == 0
-    copied = write(database_url, [])  # (the rows there: the COPY's; the visible one is gone)
-    assert len(copied) == 20
-    assert copied[0] < visible  # some of its rows are below the bound the first sample read
-    later_of_its_key = write(database_url, ["k"])[-1]
-    assert claim(source, owner, floor=floor.value, limit=1000) == [*copied, later_of_its_key]
+    [held] = write(database_url, [])  # (the rows there: the held one; the visible one is gone)
+    assert held < visible  # its id was handed out before the first sample read the bound
+    later_of_its_key = write(database_url, ["hold"])[-1]
+    assert claim(source, owner, floor=floor.value) == [held, later_of_its_key]
 
 
-def test_the_floor_comes_back_once_the_copy_is_done(
+def test_the_floor_comes_back_once_the_statement_is_done(
     database_url: str, owner: ShardOwner, sources: tuple[OutboxSource, OutboxSource]
 ) -> None:
     """A suspect keeps the floor off only while it runs."""
     source = sources[0]
     floor = ScanFloor()
-    with copy_holding_row_ids(database_url, "k", rows=20):
+    with insert_holding_its_row_id(database_url):
         first = source.sample_floor(floor.suspects)
         floor.update(first, now=0.0)
-        assert floor.suspects  # the COPY
+        assert floor.suspects  # the INSERT
     ids = write(database_url, [])
     assert publish(source, owner, limit=1000) == ids
     assert floor.update(source.sample_floor(floor.suspects), now=1.0) == first.bound > 0
