@@ -4,8 +4,9 @@ Migration 0005 removed the two triggers writers used to run (a NOTIFY, which ser
 writer's commit behind one database-wide lock, and a statement trigger that took a transaction
 id). These tests pin that no trigger or rule comes back, that installations at 0004 are carried
 over with their rows, and what ``wait_for_events`` (``relay.wakeup``) wakes for: rows committed
-above the bound of the last look, and late rows of transactions running at that look; not an
-uncommitted row, nor another table's commit. Timing belongs to the benchmark (``bench/idle.py``).
+above the bound of the last look, and late rows below it (among the 64 highest waiting); not
+an uncommitted row, nor another table's commit, nor rows already waiting at the look. Timing
+belongs to the benchmark (``bench/idle.py``).
 """
 
 from __future__ import annotations
@@ -125,6 +126,21 @@ def test_an_installation_at_0004_is_carried_over_with_its_rows(
 # --- the wake-up (relay.wakeup) ---------------------------------------------------------------
 
 
+def woken_by_its_commit(
+    wakeup: Wakeup,
+    waiter: psycopg.Connection[Any],
+    stop: StopSignal,
+    writer: psycopg.Connection[Any],
+) -> bool:
+    """Whether a wait (of up to 20 s) returns woken once ``writer`` commits, 0.2 s into it."""
+    timer = threading.Timer(0.2, writer.commit)
+    timer.start()
+    try:
+        return wakeup.wait(waiter, 20, floor=0, stop=stop)
+    finally:
+        timer.join()
+
+
 def test_the_first_wait_only_looks(waiter: psycopg.Connection[Any], stop: StopSignal) -> None:
     """With nothing seen yet, the relay must claim: the wait returns at once."""
     assert Wakeup(DEFAULT).wait(waiter, 30, floor=0, stop=stop) is True
@@ -139,30 +155,20 @@ def test_a_committed_event_wakes_the_wait_and_an_uncommitted_one_does_not(
     with psycopg.connect(database_url) as writer:
         outbox.add(writer, "orders", {}, key="k")  # holds a new id, not committed
         assert wakeup.wait(waiter, 0.3, floor=0, stop=stop) is False
-        timer = threading.Timer(0.2, writer.commit)
-        timer.start()
-        try:
-            assert wakeup.wait(waiter, 20, floor=0, stop=stop) is True
-        finally:
-            timer.join()
+        assert woken_by_its_commit(wakeup, waiter, stop, writer)
 
 
 def test_a_late_row_of_a_transaction_running_at_the_look_wakes_the_wait(
     database_url: str, waiter: psycopg.Connection[Any], stop: StopSignal
 ) -> None:
-    """Its id is below the bound of the look (it was taken before), so only its commit tells:
-    the transaction was running at the look, and has committed an unpublished row."""
+    """Its id is below the bound of the look (it was taken before), so the sequence tells
+    nothing: the wait sees a waiting row that was not there at the look."""
     wakeup = Wakeup(DEFAULT)
     with psycopg.connect(database_url) as late:
         outbox.add(late, "orders", {}, key="k")  # id taken and a transaction id: running
         wakeup.wait(waiter, 0, floor=0, stop=stop)  # the look: bound past that id
         assert wakeup.wait(waiter, 0.3, floor=0, stop=stop) is False
-        timer = threading.Timer(0.2, late.commit)
-        timer.start()
-        try:
-            assert wakeup.wait(waiter, 20, floor=0, stop=stop) is True
-        finally:
-            timer.join()
+        assert woken_by_its_commit(wakeup, waiter, stop, late)
 
 
 def test_a_commit_that_wrote_no_event_does_not_wake_the_wait(
