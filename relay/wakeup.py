@@ -87,11 +87,11 @@ class Wakeup:
             self._look = self._call(conn, Look(None, None), floor, 0, 0)[1]
             return True
         deadline = clock() + seconds
-        look, fast_ms = self._look, FAST_MS
+        fast_ms = FAST_MS  # the first call only: later ones follow a quiet stretch
         while not stop.requested:
             remaining = deadline - clock()
             timeout_ms = max(0, round(min(remaining, CALL_SECONDS) * 1000))
-            woken, fresh = self._call(conn, look, floor, timeout_ms, fast_ms)
+            woken, fresh = self._call(conn, self._look, floor, timeout_ms, fast_ms)
             if woken or remaining <= CALL_SECONDS:
                 self._look = fresh
                 return woken
