@@ -90,12 +90,20 @@ WITH owned AS (
     -- in flight): then no row of it can have an earlier row of its key outside, and the
     -- per-row check below is skipped. Any row passed over (locked elsewhere, waiting for a
     -- retry, gone by the time it was locked) makes the counts differ. Same snapshot throughout.
+    -- Rows below the floor are not counted: the only ones there are rows an operator put back
+    -- (replay, dead-letters retry) since the floor's last sample, and those carry a
+    -- next_attempt_at, so they are in the small index of failed rows: one probe of it sees them.
     SELECT (SELECT count(*) FROM {events} AS g
             WHERE g.published_at IS NULL AND g.dead_lettered_at IS NULL
               AND (SELECT mine FROM owned)[g.shard + 1]
               AND g.id >= %(floor)s AND g.id <= (SELECT last_id FROM totals)
               AND g.id NOT IN (SELECT id FROM in_flight))
-           = (SELECT size FROM totals) AS yes
+           = (SELECT size FROM totals)
+           AND NOT ((SELECT failed FROM any_failed) AND EXISTS (
+                SELECT 1 FROM {events} AS p
+                WHERE p.id < %(floor)s AND p.key IS NOT NULL
+                  AND p.published_at IS NULL AND p.next_attempt_at IS NOT NULL
+                  AND p.dead_lettered_at IS NULL)) AS yes
 )
 SELECT s.id, s.event_id::text, s.topic, s.key, s.payload, s.header_names, s.header_values,
        s.attempts  -- ClaimedRow's fields, in order

@@ -17,6 +17,12 @@ import psycopg
 
 from outbox.settings import OutboxSettings
 
+#: What a row put back in the queue (retried, replayed) gets as ``next_attempt_at``: due at
+#: once, and marked. Such a row is usually below the relays' scan floor (``relay.floor``) until
+#: their next sample; a non-NULL ``next_attempt_at`` puts it in the small index of failed rows,
+#: where the claim looks for rows below the floor that later rows of their key must wait for.
+PUT_BACK = "now()"
+
 
 def default_actor() -> str:
     try:
@@ -155,10 +161,11 @@ def retry(
     actor: str,
     reason: str | None = None,
 ) -> list[int]:
-    """Put dead letters back in the queue with their attempts reset; they keep their event_id."""
+    """Put dead letters back in the queue with their attempts reset; they keep their event_id.
+    Due at once: ``next_attempt_at`` is set (see ``PUT_BACK``)."""
     change = (
         f"UPDATE {settings.events_table} AS e SET dead_lettered_at = NULL, attempts = 0,"
-        " next_attempt_at = NULL FROM target WHERE e.id = target.id"
+        f" next_attempt_at = {PUT_BACK} FROM target WHERE e.id = target.id"
     )
     return _act(conn, settings, selection, action="retry", change=change, reason=reason,
                 actor=actor)  # fmt: skip
@@ -189,7 +196,7 @@ def replay(
     with conn.transaction():
         rows = conn.execute(
             f"UPDATE {settings.events_table} AS e SET published_at = NULL, attempts = 0,"
-            f" next_attempt_at = NULL, last_error = NULL"
+            f" next_attempt_at = {PUT_BACK}, last_error = NULL"
             f" WHERE e.published_at IS NOT NULL AND {where} RETURNING e.id",
             params,
         ).fetchall()

@@ -12,6 +12,8 @@ import psycopg
 import pytest
 
 import outbox
+from relay.config import RelaySettings
+from relay.dead_letters import Selection, replay
 from tests.acceptance.relay_harness import (
     broker_behind_proxy,
     create_topic,
@@ -19,6 +21,7 @@ from tests.acceptance.relay_harness import (
     run_relay,
     start_relay,
     stop,
+    unpublished,
     wait_until,
     write_events,
 )
@@ -200,6 +203,33 @@ def test_replay_republishes_a_range_with_the_original_event_ids(
     gone = cli("replay", "--database-url", database_url, "--since", "1h")
     assert gone.returncode == 7
     assert "--retention" in gone.stderr
+
+
+def test_a_replayed_row_goes_out_before_a_later_row_of_its_key(
+    database_url: str, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """Issue 19's example. A running relay has drained the outbox and its scan floor sits
+    above row X (key K); the operator replays X, and the application then commits a new row of
+    K at once. On the topic, X's second copy comes before the new row."""
+    topic = create_topic(kafka_bootstrap)
+    ids = write_events(database_url, topic, 5, keys=1)
+    relay = start_relay(database_url, kafka_bootstrap, "--retention", "3600",
+                        log=tmp_path / "relay.log")  # fmt: skip
+    try:
+        wait_until(lambda: unpublished(database_url) == 0, timeout=30)
+        time.sleep(2.5)  # two samples of the floor: it is now above every row
+        settings = RelaySettings(database_url=database_url, kafka_bootstrap_servers="-").outbox
+        row_x = int(sql(database_url, "SELECT min(id) FROM outbox_events")[0][0])  # type: ignore[call-overload]
+        with psycopg.connect(database_url) as conn:
+            assert replay(conn, settings, Selection(ids=[row_x])) == [row_x]
+        [later] = write_events(database_url, topic, 1, keys=1)
+        received = read_topic(kafka_bootstrap, topic, expect_ids={*ids, later})
+    finally:
+        assert stop(relay) == 0
+    copies = [m.event_id for m in sorted(received, key=lambda m: m.offset)]
+    assert copies.count(ids[0]) == 2, copies
+    replayed_at = max(n for n, event_id in enumerate(copies) if event_id == ids[0])
+    assert copies.index(later) > replayed_at, f"the later row overtook the replayed one: {copies}"
 
 
 @pytest.mark.parametrize("args", [["replay"], ["dead-letters", "retry"]])

@@ -20,8 +20,10 @@ import pytest
 from sqlalchemy.engine import make_url
 
 import outbox
+from outbox.settings import OutboxSettings
 from relay.claims import OutboxSource
 from relay.config import RelaySettings
+from relay.dead_letters import Selection, replay, retry
 from relay.floor import ScanFloor
 from relay.ports import Ownership
 from relay.shards import ShardOwner
@@ -299,6 +301,20 @@ def publish(source: OutboxSource, owner: ShardOwner, limit: int) -> list[int]:
     return ids
 
 
+def publish_retained(source: OutboxSource, owner: ShardOwner, limit: int) -> list[int]:
+    """Claim up to ``limit`` rows and mark them published, as a relay with --retention would."""
+    ids = claim(source, owner, limit=limit)
+    source.connection.execute(
+        "UPDATE outbox_events SET published_at = now() WHERE id = ANY(%s)", (ids,)
+    )
+    source.connection.commit()
+    return ids
+
+
+def source_settings(database_url: str) -> OutboxSettings:
+    return RelaySettings(database_url=database_url, kafka_bootstrap_servers="unused:9092").outbox
+
+
 def test_the_floor_rises_to_the_oldest_row_still_waiting(
     database_url: str, owner: ShardOwner, sources: tuple[OutboxSource, OutboxSource]
 ) -> None:
@@ -374,6 +390,34 @@ def test_a_dead_letter_retried_behind_the_floor_is_claimed_after_the_next_sample
     sql(database_url, "UPDATE outbox_events SET dead_lettered_at = NULL WHERE id = %s", (ids[0],))
     assert floor.update(source.sample_floor(), now=2.0) <= ids[0]
     assert claim(source, owner, floor=floor.value) == ids[:1]
+
+
+@pytest.mark.parametrize("put_back", ["replay", "dead-letters retry"])
+def test_a_row_put_back_behind_the_floor_holds_back_later_rows_of_its_key(
+    database_url: str, owner: ShardOwner, sources: tuple[OutboxSource, OutboxSource], put_back: str
+) -> None:
+    """A row replayed (or a dead letter retried) below the floor is not claimable until the
+    next sample, but a later row of its key must not overtake it meanwhile."""
+    ids = write(database_url, ["k", "x", "y"])
+    source = sources[0]
+    settings = source_settings(database_url)
+    if put_back == "replay":
+        assert publish_retained(source, owner, limit=10) == ids
+    else:
+        sql(database_url, "UPDATE outbox_events SET dead_lettered_at = now() WHERE id = %s",
+            (ids[0],))  # fmt: skip
+        assert publish(source, owner, limit=10) == ids[1:]
+    floor = floor_after_two_samples(source)
+    assert floor > ids[0]
+    with psycopg.connect(database_url) as conn:
+        if put_back == "replay":
+            assert replay(conn, settings, Selection(ids=[ids[0]])) == [ids[0]]
+        else:
+            assert retry(conn, settings, Selection(ids=[ids[0]]), actor="test") == [ids[0]]
+    later_of_its_key, other_key = write(database_url, ["k", "z"])[-2:]
+    assert claim(source, owner, floor=floor) == [other_key]
+    source.release()
+    assert claim(source, owner, floor=0) == [ids[0], later_of_its_key, other_key]
 
 
 def test_a_sequence_with_a_cache_gives_no_floor(
