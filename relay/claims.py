@@ -23,6 +23,7 @@ from relay.config import RelaySettings
 from relay.floor import FloorSample
 from relay.pg import relay_connect
 from relay.ports import ClaimedRow, Outcome, Ownership, Result
+from relay.retention import PurgeStep
 
 # Ownership is checked inside the claiming transaction: only the shards this relay holds qualify,
 # and none once its ownership session is gone (its advisory locks went with it, and another relay
@@ -151,11 +152,25 @@ SET attempts = e.attempts + 1,
 FROM unnest(%s::bigint[], %s::text[], %s::float8[], %s::bool[]) AS f(id, error, delay, dead)
 WHERE e.id = f.id
 """
-_PURGE = """
-DELETE FROM {events} WHERE id IN (
-    SELECT id FROM {events}
-    WHERE published_at < now() - make_interval(secs => %s)
-    ORDER BY id LIMIT %s)
+# One step of the purge (relay/retention.py): the next rows from the cursor, in id order; of those,
+# delete the ones published before the cutoff; report the lowest one published after it. The
+# DELETE's own condition tests published_at, so READ COMMITTED re-checks it on a row updated
+# after the statement's snapshot (a replay) before deleting it; a condition only in a subquery
+# would not be re-checked.
+_PURGE_CHUNK = """
+WITH chunk AS (
+    SELECT id, published_at FROM {events} WHERE id >= %(from_id)s ORDER BY id LIMIT %(rows)s
+), edge AS (
+    SELECT count(*) AS rows, max(id) AS last_id FROM chunk
+), gone AS (
+    DELETE FROM {events}
+    WHERE id >= %(from_id)s AND id <= (SELECT last_id FROM edge)
+      AND published_at < now() - make_interval(secs => %(retention)s)
+    RETURNING 1
+)
+SELECT (SELECT rows FROM edge), (SELECT last_id FROM edge), (SELECT count(*) FROM gone),
+       (SELECT min(id) FROM chunk
+        WHERE published_at >= now() - make_interval(secs => %(retention)s))
 """
 _DELIVERABLE = """
 SELECT EXISTS (
@@ -241,7 +256,7 @@ class OutboxSource:
             _DELETE_PUBLISHED if settings.retention == 0 else _MARK_PUBLISHED, events
         )
         self._failures_sql = _sql(_RECORD_FAILURES, events)
-        self._purge_sql = _sql(_PURGE, events)
+        self._purge_sql = _sql(_PURGE_CHUNK, events)
         self._deliverable_sql = _sql(_DELIVERABLE, events)
         self._backlog_sql = _sql(_BACKLOG, events)
         self._floor_view_sql = _sql(_FLOOR_VIEW, events)
@@ -341,16 +356,14 @@ class OutboxSource:
         self.connection.rollback()
         return (int(row[0]), float(row[1])) if row else (0, 0.0)
 
-    def purge(self, retention: float, *, batch: int = 1000, max_batches: int = 10) -> int:
-        """Delete published rows older than ``retention`` seconds, in small transactions."""
-        removed = 0
-        for _ in range(max_batches):
-            count = self.connection.execute(self._purge_sql, (retention, batch)).rowcount
-            self.connection.commit()
-            removed += max(count, 0)
-            if count < batch:
-                break
-        return removed
+    def purge_chunk(self, from_id: int, rows: int, retention: float) -> PurgeStep:
+        """One step of the purge (``relay.retention``), in a transaction of its own."""
+        params = {"from_id": from_id, "rows": rows, "retention": retention}
+        row = self.connection.execute(self._purge_sql, params).fetchone()
+        self.connection.commit()
+        if row is None:  # pragma: no cover - always a row
+            raise RuntimeError("the purge returned no row")
+        return PurgeStep(int(row[0]), row[1], int(row[2]), row[3])
 
     def close(self) -> None:
         conn, self._conn = self._conn, None

@@ -34,6 +34,7 @@ from relay.config import RelaySettings
 from relay.floor import ScanFloor
 from relay.pg import DatabaseUnavailableError
 from relay.ports import ClaimedRow, Outcome, Publisher, Result
+from relay.retention import PURGE_EVERY, Purge
 from relay.shards import ShardOwner
 from relay.signals import StopSignal
 from relay.wakeup import Wakeup
@@ -44,9 +45,10 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("relay.loop")
 
-#: How often published rows past their retention are purged, and progress is logged (seconds).
-PURGE_EVERY = 10.0
+#: How often progress is logged (seconds).
 PROGRESS_EVERY = 10.0
+#: The shard whose owner purges published rows past their retention (one relay at a time).
+PURGING_SHARD = 0
 #: How often the backlog gauges are refreshed when metrics are enabled (seconds).
 BACKLOG_EVERY = 5.0
 
@@ -131,8 +133,11 @@ class Relay:
             probe_size=settings.probe_size,
             clock=clock,
         )
+        #: Deletes published rows past ``--retention`` (None: they are deleted on publish).
+        self.purge = Purge(settings.retention) if settings.retention else None
         self.published = 0
         self.dead_lettered = 0
+        self.purged = 0
         self._next_rebalance = 0.0
         self._next_purge = 0.0
         self._next_progress = 0.0
@@ -226,17 +231,25 @@ class Relay:
         if now >= self._next_rebalance:
             self._rebalance()
             self._next_rebalance = now + self.settings.rebalance_interval
-        if self.settings.retention and now >= self._next_purge:
-            removed = self.source.purge(self.settings.retention)
-            if removed:
-                log.info("relay.purged", rows=removed, retention_s=self.settings.retention)
-            self._next_purge = now + PURGE_EVERY
+        if self.purge is not None and now >= self._next_purge:
+            self._purge(self.purge, now)
         if self.metrics is not None and now >= self._next_backlog:
             self.metrics.set_backlog(*self.source.backlog())
             self._next_backlog = now + BACKLOG_EVERY
         if self.floor.due(now):
             self._sample_floor(now)
         self._log_progress(now)
+
+    def _purge(self, purge: Purge, now: float) -> None:
+        """A pass of the purge, by the owner of ``PURGING_SHARD`` only; due again at once
+        while it is behind."""
+        if PURGING_SHARD not in self.shards.owned:
+            purge.start_over()  # when it is ours again, others will have moved on
+            self._next_purge = now + PURGE_EVERY
+            return
+        removed, caught_up = purge.run(self.source, self.clock)
+        self.purged += removed
+        self._next_purge = now + PURGE_EVERY if caught_up else now
 
     def _take_batch(self, limit: int) -> tuple[list[ClaimedRow], Undelivered]:
         """The prefetched batch if there is one (making its connection the current one), else a
@@ -364,19 +377,26 @@ class Relay:
             )
 
     def _wait(self, timeout: float) -> None:
-        """Until events may be waiting (``relay.wakeup``), a stop, the timeout or a rebalance."""
-        until_rebalance = max(0.0, self._next_rebalance - self.clock())
+        """Until events may be waiting (``relay.wakeup``), a stop, the timeout or a chore that
+        cannot wait (a rebalance, a purge pass)."""
         self._woken = self.wakeup.wait(
             self.shards.connection,
-            min(timeout, until_rebalance),
+            min(timeout, self._until_chores()),
             floor=self.floor.value,
             stop=self.stop,
             clock=self.clock,
         )
 
     def _pause(self, timeout: float) -> None:
-        """Until a stop, the timeout or a rebalance, whatever commits meanwhile."""
-        self._sleep(min(timeout, max(0.0, self._next_rebalance - self.clock())))
+        """Until a stop, the timeout or a chore that cannot wait, whatever commits meanwhile."""
+        self._sleep(min(timeout, self._until_chores()))
+
+    def _until_chores(self) -> float:
+        """Seconds until the next rebalance or purge pass is due (0 if one is)."""
+        due = self._next_rebalance
+        if self.purge is not None:
+            due = min(due, self._next_purge)
+        return max(0.0, due - self.clock())
 
     def _grace_expired(self) -> bool:
         started = self.stop.requested_at
@@ -391,6 +411,7 @@ class Relay:
                 published=self.published,
                 published_since_last=self.published - self._published_at_progress,
                 dead_lettered=self.dead_lettered,
+                purged=self.purged,
                 shards=len(self.shards.owned),
             )
             self._published_at_progress = self.published
