@@ -138,7 +138,10 @@ WHERE l.locktype = 'virtualxid' AND l.granted AND l.pid <> pg_backend_pid()
 _FLOOR_VIEW = """
 SELECT pg_current_xact_id()::text::bigint,
        pg_snapshot_xmin(pg_current_snapshot())::text::bigint,
-       (SELECT min(id) FROM {events} WHERE published_at IS NULL AND dead_lettered_at IS NULL)
+       (SELECT min(id) FROM {events} WHERE published_at IS NULL AND dead_lettered_at IS NULL),
+       (SELECT id FROM {events}
+        WHERE published_at IS NULL AND dead_lettered_at IS NULL AND next_attempt_at IS NULL
+        ORDER BY id LIMIT 1)
 """
 # The ids arrive as one array literal (see ``id_array``).
 _DELETE_PUBLISHED = "DELETE FROM {events} WHERE id = ANY(%s::bigint[])"
@@ -335,6 +338,7 @@ class OutboxSource:
             lowest=view[2],
             suspects=tuple(suspects[0]),
             suspects_before_running=bool(suspects[1]),
+            lowest_new=view[3],
         )
 
     def release(self) -> None:

@@ -37,7 +37,15 @@ drains, never wrong.
 
 Rows put back behind the floor (a dead letter retried, published rows replayed) are found by
 the next sample, since each one looks at the whole table: they wait at most one interval. So a
-floor can delay a row, never lose it.
+floor can delay a row, never lose it. (Later rows of their key wait for them: see the claim.)
+
+What the floor cannot see, it detects and then does without: a sample that finds the sequence
+lower than the previous one (``ALTER SEQUENCE ... RESTART``, ``TRUNCATE ... RESTART
+IDENTITY``, ``setval``), or a new row (not one an operator put back) below the floor in use
+(inserted with an id taken earlier, ``OVERRIDING SYSTEM VALUE``), turns the floor off for the
+rest of the run, with a log line (``relay.scan_floor_off``). Such a row may have been passed
+over for one interval, and a later row of its key sent before it; from then on, claims start at
+the beginning.
 """
 
 from __future__ import annotations
@@ -62,6 +70,9 @@ class FloorSample(NamedTuple):
     suspects: tuple[str, ...] = ()
     #: Whether any suspect of the previous sample was still running at step 2.
     suspects_before_running: bool = False
+    #: Step 3 also: the lowest id of such a row that was never tried and not put back by an
+    #: operator (no ``next_attempt_at``): one that no writer the floor sees can put below it.
+    lowest_new: int | None = None
 
 
 @dataclass
@@ -70,6 +81,8 @@ class ScanFloor:
 
     interval: float = FLOOR_EVERY
     value: int = 0
+    #: Why the floor is off for good, from a sample that showed a writer it cannot see.
+    broken: str = ""
     _previous: FloorSample | None = field(default=None, repr=False)
     _next_sample: float = field(default=0.0, repr=False)
 
@@ -82,9 +95,13 @@ class ScanFloor:
         return self._previous.suspects if self._previous is not None else ()
 
     def update(self, sample: FloorSample, now: float) -> int:
-        """The floor after ``sample``, taken at ``now``."""
+        """The floor after ``sample``, taken at ``now``; 0 for good once ``broken`` says why."""
         previous, self._previous = self._previous, sample
         self._next_sample = now + self.interval
+        self.broken = self._broken(previous, sample)
+        if self.broken:
+            self.disable()
+            return self.value
         if (
             previous is None
             or sample.oldest_running <= previous.xid
@@ -96,6 +113,20 @@ class ScanFloor:
         else:
             self.value = min(sample.lowest, previous.bound)
         return self.value
+
+    def _broken(self, previous: FloorSample | None, sample: FloorSample) -> str:
+        """Why ``sample`` shows a writer the floor cannot see ("" when it does not)."""
+        if previous is not None and 0 < sample.bound < previous.bound:
+            return (
+                f"the id sequence went back from {previous.bound} to {sample.bound}"
+                " (ALTER SEQUENCE RESTART, TRUNCATE RESTART IDENTITY or setval)"
+            )
+        if self.value and sample.lowest_new is not None and sample.lowest_new < self.value:
+            return (
+                f"row {sample.lowest_new} was written below the floor {self.value}"
+                " (an id taken before its INSERT, OVERRIDING SYSTEM VALUE)"
+            )
+        return ""
 
     def disable(self) -> None:
         """No floor, and no more samples (the relay may not read the sequence's bound)."""

@@ -276,6 +276,13 @@ class Relay:
     def _sample_floor(self, now: float) -> None:
         try:
             self.floor.update(self.source.sample_floor(self.floor.suspects), now)
+            if self.floor.broken:
+                log.warning(
+                    "relay.scan_floor_off",
+                    error=self.floor.broken,
+                    hint="claims start at the beginning until the relay restarts; a row may"
+                    " have waited one second, and a later row of its key gone first",
+                )
         except psycopg.errors.InsufficientPrivilege as exc:
             # Claims still work, from the start of the index: slower after big drains, no less.
             function = self.settings.outbox.qualified("last_id")

@@ -541,3 +541,36 @@ def test_the_floor_comes_back_once_the_statement_is_done(
     ids = write(database_url, [])
     assert publish(source, owner, limit=1000) == ids
     assert floor.update(source.sample_floor(floor.suspects), now=1.0) == first.bound > 0
+
+
+@pytest.mark.parametrize(
+    ("statement", "reason"),
+    [
+        ("ALTER TABLE outbox_events ALTER COLUMN id RESTART WITH 2", "went back"),
+        (
+            "INSERT INTO outbox_events (id, event_id, topic, key, payload)"
+            " OVERRIDING SYSTEM VALUE VALUES (1, gen_random_uuid(), 'orders', 'k', '\\x00')",
+            "written below the floor",
+        ),
+    ],
+)
+def test_writers_the_floor_cannot_see_turn_it_off(
+    database_url: str,
+    owner: ShardOwner,
+    sources: tuple[OutboxSource, OutboxSource],
+    statement: str,
+    reason: str,
+) -> None:
+    """A sequence restarted, or a row inserted with an id of its own below the floor: the
+    next sample notices, and the floor is off (claims start at the beginning)."""
+    source = sources[0]
+    ids = write(database_url, ["a", "b", "c"])
+    sql(database_url, "DELETE FROM outbox_events WHERE id = %s", (ids[0],))
+    assert publish(source, owner, limit=10) == ids[1:]
+    floor = ScanFloor()
+    floor.update(source.sample_floor(), now=0.0)
+    assert floor.update(source.sample_floor(), now=1.0) == ids[-1]
+    sql(database_url, statement)
+    write(database_url, ["k"])
+    assert floor.update(source.sample_floor(), now=2.0) == 0
+    assert reason in floor.broken

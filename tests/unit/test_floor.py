@@ -72,3 +72,27 @@ def test_a_statement_without_a_transaction_id_running_across_two_samples_drops_t
     done = FloorSample(700, 30, 21, 650, suspects=(), suspects_before_running=False)
     assert floor.update(done, now=2.0) == 600
     assert floor.suspects == ()
+
+
+def test_a_sequence_that_went_back_turns_the_floor_off_for_good() -> None:
+    floor = ScanFloor()
+    floor.update(sample(bound=500, xid=10, oldest_running=9, lowest=None), now=0.0)
+    assert floor.update(sample(bound=500, xid=20, oldest_running=11, lowest=None), now=1.0) == 500
+    assert floor.update(sample(bound=3, xid=30, oldest_running=21, lowest=2), now=2.0) == 0
+    assert "went back from 500 to 3" in floor.broken
+    assert not floor.due(1e9)
+
+
+def test_a_new_row_below_the_floor_turns_it_off_for_good() -> None:
+    """Rows put back by an operator are expected there; a row never tried is not."""
+    floor = ScanFloor()
+    floor.update(sample(bound=500, xid=10, oldest_running=9, lowest=None), now=0.0)
+    floor.update(sample(bound=600, xid=20, oldest_running=11, lowest=None), now=1.0)
+    put_back = FloorSample(bound=600, xid=30, oldest_running=21, lowest=7, lowest_new=None)
+    assert floor.update(put_back, now=2.0) == 7
+    assert not floor.broken
+    floor.update(sample(bound=600, xid=40, oldest_running=31, lowest=None), now=3.0)
+    assert floor.value == 600
+    written_below = FloorSample(bound=600, xid=50, oldest_running=41, lowest=42, lowest_new=42)
+    assert floor.update(written_below, now=4.0) == 0
+    assert "row 42 was written below the floor 600" in floor.broken
