@@ -125,6 +125,38 @@ def failures_by_row(
     return failed, unmatched
 
 
+#: Why a row acknowledged after an earlier row of its key failed is not counted as delivered.
+AFTER_UNDELIVERED = "an earlier row of its key was not delivered: sent again after it"
+
+
+def hold_back_after_failures(
+    rows: Sequence[ClaimedRow], outcomes: Sequence[Outcome]
+) -> list[Outcome]:
+    """The batch's outcomes (one per row, in the rows' order) with every row that follows an
+    undelivered row of its key taken back from delivered to NOT_SENT (pure).
+
+    With the idempotent producer a partition's later messages can still be written after an
+    earlier one failed: librdkafka times out the oldest queued messages, bumps the producer
+    epoch and sends the rest (INTRODUCTION.md, "Message timeout considerations"), and a
+    permanent error on one request likewise leaves a gap (the gap-less guarantee is off). Sent
+    again on its own, the failed row would land after its successor. So the successor stays
+    unpublished too, counts no attempt, and goes again behind it: a duplicate (same
+    ``event_id``) if Kafka had written it, never a key out of order. A row that failed on its
+    own keeps its own outcome; rows without a key are independent.
+    """
+    failed_keys: set[bytes] = set()
+    kept: list[Outcome] = []
+    for row, outcome in zip(rows, outcomes, strict=True):
+        key = row.key
+        if key is not None:
+            if outcome.result is not Result.DELIVERED:
+                failed_keys.add(key)
+            elif key in failed_keys:
+                outcome = Outcome(row.id, Result.NOT_SENT, AFTER_UNDELIVERED)
+        kept.append(outcome)
+    return kept
+
+
 def producer_config(settings: RelaySettings) -> dict[str, Any]:
     """librdkafka settings: the user's pass-through settings, then the ones we guarantee."""
     timeout_ms = round(settings.delivery_timeout * 1000)
@@ -194,8 +226,12 @@ class KafkaPublisher:
         an error report counts as delivered: the batch stays unpublished and is sent again
         (duplicates, never a loss).
 
-        A row whose earlier same-key row could not even be enqueued is held back (NOT_SENT), so
-        a key's rows never overtake each other.
+        A key's rows never overtake each other. A row whose earlier same-key row could not even
+        be enqueued is not produced (NOT_SENT). And as librdkafka may write a partition's later
+        messages after an earlier one failed (a timeout, a permanent error: the idempotent
+        producer bumps its epoch and goes on), a row after an undelivered row of its key does
+        not count as delivered even when acknowledged: :func:`hold_back_after_failures` makes
+        it NOT_SENT, to be sent again behind that row.
         """
         if self._replace_reason:
             self._replace_producer()
@@ -231,7 +267,7 @@ class KafkaPublisher:
         if not (held or failed or unanswered):  # the common case: one pass, no lookups
             delivered = Result.DELIVERED
             return [_new_outcome(Outcome, (row.id, delivered, "")) for row in rows]
-        return [
+        outcomes = [
             held.get(row.id)
             or failed.get(row.id)
             or (
@@ -241,6 +277,7 @@ class KafkaPublisher:
             )
             for row in rows
         ]
+        return hold_back_after_failures(rows, outcomes)
 
     def _produce_slowly(self, row: ClaimedRow, headers: Headers, deadline: float) -> Outcome | None:
         """Produce one row whose first attempt failed: wait while the local queue is full,
