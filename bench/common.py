@@ -441,6 +441,9 @@ class Options:
     backlog_big: int = 1_000_000
     soak_seconds: float = 300.0
     soak_rate: float = 5_000.0
+    retention_seconds: float = 300.0
+    retention_rates: tuple[float, ...] = (5_000.0, 20_000.0)
+    retention: float = 60.0
     writer_rows: int = 2_000
     consumer_messages: int = 20_000
     consumer_batch: int = 500
@@ -457,6 +460,9 @@ QUICK = {
     "backlog_small": 1_000,
     "backlog_big": 20_000,
     "soak_seconds": 20.0,
+    "retention_seconds": 15.0,
+    "retention": 2.0,
+    "retention_rates": (2_000.0,),
     "writer_rows": 300,
     "consumer_messages": 2_000,
     "writers_seconds": 1.0,
@@ -469,6 +475,13 @@ def add_option_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", type=int, help="runs per figure, the median is shown (3)")
     parser.add_argument("--events", type=int, help="backlog of the drain and scale runs (100000)")
     parser.add_argument("--soak-seconds", type=float, help="length of the soak (300)")
+    parser.add_argument("--retention-seconds", type=float, help="per rate, with --retention (300)")
+    parser.add_argument("--retention", type=float, help="the relay's --retention there (60)")
+    parser.add_argument(
+        "--retention-rates",
+        type=lambda s: tuple(float(r) for r in s.split(",")),
+        help="events/s, comma-separated (5000,20000)",
+    )
     parser.add_argument("--latency-seconds", type=float, help="per rate and run (12)")
     parser.add_argument("--backlog-big", type=int, help="the big backlog (1000000)")
     parser.add_argument("--consumer-messages", type=int, help="messages per consumer run (20000)")

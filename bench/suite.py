@@ -9,6 +9,8 @@ Sections (``--only`` takes a comma-separated list of them):
 * scale:    1, 2 and 4 relays on one backlog; 10,000 against 1,000,000 rows of backlog;
 * soak:     writers and a relay for --soak-seconds at 5,000 events/s: latency over time,
             table size, backlog;
+* retention: the same with --retention 60, at 5,000 and 20,000 events/s for --retention-seconds:
+            does the purge keep the table bounded?
 * writers:  commits/s into the outbox table against a copy without triggers, 1 to 64 clients
             (pgbench), and with migration 0004's triggers (before);
 * idle:     an idle relay's CPU and transactions; a lone event after an idle minute;
@@ -45,6 +47,7 @@ import drain
 import idle
 import latency
 import limits
+import retention
 import scale
 import soak
 import writer
@@ -56,6 +59,7 @@ SECTIONS = (
     "latency",
     "scale",
     "soak",
+    "retention",
     "writers",
     "idle",
     "writer",
@@ -159,6 +163,7 @@ def main() -> int:
             run_section("limits", lambda: sections.update(limits=limits.measure(env, opts)),
                         results)  # fmt: skip
         steps = {"latency": latency.measure, "scale": scale.measure, "soak": soak.measure,
+                 "retention": retention.measure,
                  "writers": writers.measure, "idle": idle.measure, "writer": writer.measure,
                  "consumer": consumer.measure}  # fmt: skip
         for name, measure in steps.items():
@@ -178,6 +183,7 @@ def main() -> int:
         "latency": (latency.rows, latency.targets),
         "scale": (scale.rows, scale.targets),
         "soak": (soak.rows, soak.targets),
+        "retention": (retention.rows, retention.targets),
         "writers": (writers.rows, writers.targets),
         "idle": (idle.rows, idle.targets),
         "writer": (writer.rows, writer.targets),

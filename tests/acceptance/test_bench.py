@@ -25,6 +25,7 @@ SECTIONS = (
     "latency",
     "scale",
     "soak",
+    "retention",
     "writers",
     "idle",
     "writer",
@@ -53,9 +54,10 @@ def test_quick_suite_reports_every_section(
     command = [
         sys.executable, str(ROOT / "bench" / "suite.py"), "--quick", "--events", "3000",
         "--latency-seconds", "2", "--soak-seconds", "8", "--backlog-big", "5000",
+        "--retention-seconds", "6",
         "--consumer-messages", "1000", "--json", str(out),
     ]  # fmt: skip
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=260)
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
     assert "target" in done.stdout  # the table, with its targets
 
@@ -83,6 +85,8 @@ def test_quick_suite_reports_every_section(
     positive(results, "soak", "size_after_first_minute_bytes")
     assert results["soak"]["windows"]
     assert all(w["events"] > 0 for w in results["soak"]["windows"])
+    positive(results, "retention", "rates", "2000", "latency", "p99_ms")
+    positive(results, "retention", "rates", "2000", "size_ratio")
     for case in ("1x1xon", "10x64xon", "1x32xoff"):
         positive(results, "writers", "cases", case, "ratio")
     positive(results, "writers", "cases", "1x32xon", "ratio_before")
