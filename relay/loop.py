@@ -33,7 +33,7 @@ from relay.claims import OutboxSource, plan_failures
 from relay.config import RelaySettings
 from relay.floor import ScanFloor
 from relay.pg import DatabaseUnavailableError
-from relay.ports import ClaimedRow, Outcome, Publisher, Result
+from relay.ports import ClaimedRow, Metrics, NoMetrics, Outcome, Publisher, Result
 from relay.retention import PURGE_EVERY, Purge
 from relay.shards import ShardOwner
 from relay.signals import StopSignal
@@ -100,11 +100,11 @@ class Relay:
         stop: StopSignal,
         *,
         clock: Callable[[], float] = time.monotonic,
-        metrics: RelayMetrics | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
-        #: Prometheus metrics and health state, or None (no --metrics-port): nothing recorded.
-        self.metrics = metrics
+        #: Prometheus metrics and health state (--metrics-port), or metrics that are off.
+        self.metrics: Metrics = metrics if metrics is not None else NoMetrics()
         self.publisher = publisher
         self.stop = stop
         self.clock = clock
@@ -159,8 +159,7 @@ class Relay:
         self.wakeup.forget()
         self._woken = False
         self._next_rebalance = 0.0
-        if self.metrics is not None:
-            self.metrics.health.database_ok = True
+        self.metrics.database_ok(True)
 
     def run(self) -> None:
         """Loop until a stop is requested (signal, or idle with ``exit_when_idle``)."""
@@ -171,10 +170,8 @@ class Relay:
             except psycopg.Error as exc:
                 self._recover_database(exc)
             else:
-                if self.metrics is not None:
-                    self.metrics.health.database_ok = True
-            if self.metrics is not None:
-                self.metrics.health.beat()
+                self.metrics.database_ok(True)
+            self.metrics.beat()
         log.info("relay.stopping", reason=self.stop.reason, published=self.published)
 
     def step(self) -> None:
@@ -214,8 +211,7 @@ class Relay:
         outcomes, sent = self._publish(rows, held)
         all_delivered = self._finish(rows, outcomes, sent=sent)
         self._last_commit_at = self.clock()
-        if self.metrics is not None:
-            self.metrics.observe_batch(rows, outcomes, self._last_commit_at - started)
+        self.metrics.observe_batch(rows, outcomes, self._last_commit_at - started)
         if woken:
             self._chores(self._last_commit_at)
         # And once it is done, wait for what commits later (at once if something did meanwhile)
@@ -233,7 +229,7 @@ class Relay:
             self._next_rebalance = now + self.settings.rebalance_interval
         if self.purge is not None and now >= self._next_purge:
             self._purge(self.purge, now)
-        if self.metrics is not None and now >= self._next_backlog:
+        if self.metrics.wants_backlog and now >= self._next_backlog:
             self.metrics.set_backlog(*self.source.backlog())
             self._next_backlog = now + BACKLOG_EVERY
         if self.floor.due(now):
@@ -249,6 +245,7 @@ class Relay:
             return
         removed, caught_up = purge.run(self.source, self.clock)
         self.purged += removed
+        self.metrics.purged(removed)
         self._next_purge = now + PURGE_EVERY if caught_up else now
 
     def _take_batch(self, limit: int) -> tuple[list[ClaimedRow], Undelivered]:
@@ -341,8 +338,7 @@ class Relay:
         for failure in failures:
             if failure.dead:
                 self.dead_lettered += 1
-                if self.metrics is not None:
-                    self.metrics.events_dead_lettered.inc()
+                self.metrics.dead_lettered(1)
                 log.warning("event.dead_lettered", row_id=failure.row_id, error=failure.error)
         if sent:  # else every row waited behind its key: Kafka was not asked, so nothing learnt
             broker_failures = [o for o in outcomes if o.result is Result.BROKER]
@@ -367,14 +363,13 @@ class Relay:
 
     def _report_breaker(self) -> None:
         state = self.breaker.state
-        if self.metrics is not None and state is not self._breaker_reported:
+        if state is not self._breaker_reported:
             self.metrics.set_breaker(state)
             self._breaker_reported = state
 
     def _rebalance(self) -> None:
         acquired, released = self.shards.rebalance()
-        if self.metrics is not None:
-            self.metrics.shards_owned.set(len(self.shards.owned))
+        self.metrics.set_shards_owned(len(self.shards.owned))
         if acquired or released:
             log.info(
                 "shards.rebalanced",
@@ -445,17 +440,14 @@ class Relay:
         log.error("database.unavailable", error=" ".join(str(exc).split()) or type(exc).__name__)
         self.close_connections()
         self.floor.reset()
-        if self.metrics is not None:
-            self.metrics.health.database_ok = False
-            self.metrics.shards_owned.set(0)
+        self.metrics.database_ok(False)
+        self.metrics.set_shards_owned(0)
         attempt = 0
         while not self.stop.requested:
             delay = full_jitter(attempt, base=0.5, cap=30.0)
-            if self.metrics is not None:  # reconnecting is being alive
-                self.metrics.health.beat()
+            self.metrics.beat()  # reconnecting is being alive
             self._sleep(delay)
-            if self.metrics is not None:
-                self.metrics.health.beat()
+            self.metrics.beat()
             if self.stop.requested:
                 return
             try:
@@ -519,8 +511,7 @@ def serve(
     try:
         relay.connect()
         migrator.require_current(relay.source.connection, settings.outbox)
-        if metrics is not None:
-            metrics.health.schema_current = True
+        relay.metrics.schema_checked()
         relay.source.release()
         check_broker()
         relay.run()

@@ -195,6 +195,11 @@ class RelayMetrics:
         self.shards_owned = Gauge(
             PREFIX + "shards_owned", "Shards this relay owns (of 256).", registry=reg
         )
+        self.purged_rows = Counter(
+            PREFIX + "purged_rows",
+            "Published rows past --retention deleted by this relay's purge.",
+            registry=reg,
+        )
         self.circuit_breaker_state = Gauge(
             PREFIX + "circuit_breaker_state",
             "Kafka circuit breaker: 0 closed, 1 half-open (probing), 2 open (not claiming).",
@@ -202,7 +207,27 @@ class RelayMetrics:
         )
         ProcessCollector(registry=reg)  # process_* (memory, CPU, fds) on Linux
 
-    # Updated by the loop thread.
+    # Updated by the loop thread (``relay.ports.Metrics``).
+
+    wants_backlog = True
+
+    def beat(self) -> None:
+        self.health.beat()
+
+    def database_ok(self, ok: bool) -> None:
+        self.health.database_ok = ok
+
+    def schema_checked(self) -> None:
+        self.health.schema_current = True
+
+    def dead_lettered(self, count: int) -> None:
+        self.events_dead_lettered.inc(count)
+
+    def purged(self, count: int) -> None:
+        self.purged_rows.inc(count)
+
+    def set_shards_owned(self, count: int) -> None:
+        self.shards_owned.set(count)
 
     def observe_batch(
         self, rows: Sequence[ClaimedRow], outcomes: Sequence[Outcome], seconds: float

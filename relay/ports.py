@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Sequence
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
+
+if TYPE_CHECKING:
+    from relay.backoff import BreakerState
 
 
 class ClaimedRow(NamedTuple):
@@ -66,3 +69,69 @@ class Publisher(Protocol):
     ) -> list[Outcome]:
         """Send every row, wait for each one's delivery report (bounded), one outcome per row."""
         ...
+
+
+class Metrics(Protocol):
+    """What the loop reports: implemented by ``relay.metrics.RelayMetrics`` (Prometheus, and the
+    health probes) and by ``NoMetrics`` (without ``--metrics-port``)."""
+
+    #: Whether the backlog gauges are worth a query every few seconds.
+    wants_backlog: bool
+
+    def beat(self) -> None:
+        """The loop is alive."""
+
+    def database_ok(self, ok: bool) -> None:
+        """Whether the loop's last database operation succeeded."""
+
+    def schema_checked(self) -> None:
+        """The schema was found current at start."""
+
+    def observe_batch(
+        self, rows: Sequence[ClaimedRow], outcomes: Sequence[Outcome], seconds: float
+    ) -> None: ...
+
+    def set_backlog(self, events: int, oldest_age: float) -> None: ...
+
+    def dead_lettered(self, count: int) -> None: ...
+
+    def purged(self, count: int) -> None: ...
+
+    def set_breaker(self, state: BreakerState) -> None: ...
+
+    def set_shards_owned(self, count: int) -> None: ...
+
+
+class NoMetrics:
+    """Metrics that are off: every report is dropped."""
+
+    wants_backlog = False
+
+    def beat(self) -> None:
+        pass
+
+    def database_ok(self, ok: bool) -> None:
+        pass
+
+    def schema_checked(self) -> None:
+        pass
+
+    def observe_batch(
+        self, rows: Sequence[ClaimedRow], outcomes: Sequence[Outcome], seconds: float
+    ) -> None:
+        pass
+
+    def set_backlog(self, events: int, oldest_age: float) -> None:
+        pass
+
+    def dead_lettered(self, count: int) -> None:
+        pass
+
+    def purged(self, count: int) -> None:
+        pass
+
+    def set_breaker(self, state: BreakerState) -> None:
+        pass
+
+    def set_shards_owned(self, count: int) -> None:
+        pass
