@@ -90,6 +90,11 @@ class ScanFloor:
         return now >= self._next_sample
 
     @property
+    def next_sample(self) -> float:
+        """When the next sample is due (infinity once the floor is disabled)."""
+        return self._next_sample
+
+    @property
     def suspects(self) -> tuple[str, ...]:
         """What the next sample must check again: the last sample's suspects."""
         return self._previous.suspects if self._previous is not None else ()

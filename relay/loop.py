@@ -19,6 +19,7 @@ and a failure of the current batch's marking discards the prefetched claim with 
 from __future__ import annotations
 
 import contextlib
+import functools
 import select
 import time
 from collections.abc import Callable, Sequence
@@ -35,6 +36,7 @@ from relay.floor import ScanFloor
 from relay.pg import DatabaseUnavailableError
 from relay.ports import ClaimedRow, Metrics, NoMetrics, Outcome, Publisher, Result
 from relay.retention import PURGE_EVERY, Purge
+from relay.schedule import Schedule, Task
 from relay.shards import ShardOwner
 from relay.signals import StopSignal
 from relay.wakeup import Wakeup
@@ -138,11 +140,8 @@ class Relay:
         self.published = 0
         self.dead_lettered = 0
         self.purged = 0
-        self._next_rebalance = 0.0
-        self._next_purge = 0.0
-        self._next_progress = 0.0
         self._published_at_progress = 0
-        self._next_backlog = 0.0
+        self.chores = self._schedule()
         self._breaker_reported: BreakerState | None = None
         #: When the first batch's claim began and the last batch committed (``clock``): what
         #: ``relay.drained`` reports when ``exit_when_idle`` ends the run.
@@ -158,7 +157,7 @@ class Relay:
         self.shards.connect()
         self.wakeup.forget()
         self._woken = False
-        self._next_rebalance = 0.0
+        self.chores.make_due("rebalance")
         self.metrics.database_ok(True)
 
     def run(self) -> None:
@@ -221,32 +220,34 @@ class Relay:
         if not (more_waiting or self.settings.exit_when_idle) and all_delivered:
             self._wait(self.settings.poll_interval)
 
-    def _chores(self, now: float) -> None:
-        """Whatever is due: rebalance, purge, the backlog gauges, a scan-floor sample, progress.
-        They use the ``source`` connection, so never while it holds a claim."""
-        if now >= self._next_rebalance:
-            self._rebalance()
-            self._next_rebalance = now + self.settings.rebalance_interval
-        if self.purge is not None and now >= self._next_purge:
-            self._purge(self.purge, now)
-        if self.metrics.wants_backlog and now >= self._next_backlog:
-            self.metrics.set_backlog(*self.source.backlog())
-            self._next_backlog = now + BACKLOG_EVERY
-        if self.floor.due(now):
-            self._sample_floor(now)
-        self._log_progress(now)
+    def _schedule(self) -> Schedule:
+        """The chores. They use the ``source`` connection, so never run while it holds a claim;
+        a rebalance and a purge pass end a wait when due."""
+        tasks = [Task("rebalance", self._rebalance, ends_wait=True)]
+        if self.purge is not None:
+            tasks.append(Task("purge", functools.partial(self._purge, self.purge), ends_wait=True))
+        if self.metrics.wants_backlog:
+            tasks.append(Task("backlog", self._refresh_backlog))
+        tasks += [Task("floor", self._sample_floor), Task("progress", self._log_progress)]
+        return Schedule(tasks)
 
-    def _purge(self, purge: Purge, now: float) -> None:
+    def _chores(self, now: float) -> None:
+        self.chores.run_due(now)
+
+    def _purge(self, purge: Purge, now: float) -> float:
         """A pass of the purge, by the owner of ``PURGING_SHARD`` only; due again at once
         while it is behind."""
         if PURGING_SHARD not in self.shards.owned:
             purge.start_over()  # when it is ours again, others will have moved on
-            self._next_purge = now + PURGE_EVERY
-            return
+            return now + PURGE_EVERY
         removed, caught_up = purge.run(self.source, self.clock)
         self.purged += removed
         self.metrics.purged(removed)
-        self._next_purge = now + PURGE_EVERY if caught_up else now
+        return now + PURGE_EVERY if caught_up else now
+
+    def _refresh_backlog(self, now: float) -> float:
+        self.metrics.set_backlog(*self.source.backlog())
+        return now + BACKLOG_EVERY
 
     def _take_batch(self, limit: int) -> tuple[list[ClaimedRow], Undelivered]:
         """The prefetched batch if there is one (making its connection the current one), else a
@@ -270,7 +271,7 @@ class Relay:
             lambda: spare.claim(limit, ownership=ownership, in_flight=in_flight, floor=floor)
         )
 
-    def _sample_floor(self, now: float) -> None:
+    def _sample_floor(self, now: float) -> float:
         try:
             self.floor.update(self.source.sample_floor(self.floor.suspects), now)
             if self.floor.broken:
@@ -289,6 +290,7 @@ class Relay:
                 hint=f"grant the relay's role EXECUTE on {function}()",
             )
             self.floor.disable()
+        return self.floor.next_sample
 
     def _drop_prefetch(self) -> None:
         """Give back a prefetched batch unsent (its rows are simply unlocked)."""
@@ -367,7 +369,7 @@ class Relay:
             self.metrics.set_breaker(state)
             self._breaker_reported = state
 
-    def _rebalance(self) -> None:
+    def _rebalance(self, now: float) -> float:
         acquired, released = self.shards.rebalance()
         self.metrics.set_shards_owned(len(self.shards.owned))
         if acquired or released:
@@ -377,6 +379,7 @@ class Relay:
                 acquired=len(acquired),
                 released=len(released),
             )
+        return now + self.settings.rebalance_interval
 
     def _wait(self, timeout: float) -> None:
         """Until events may be waiting (``relay.wakeup``), a stop, the timeout or a chore that
@@ -395,18 +398,13 @@ class Relay:
 
     def _until_chores(self) -> float:
         """Seconds until the next rebalance or purge pass is due (0 if one is)."""
-        due = self._next_rebalance
-        if self.purge is not None:
-            due = min(due, self._next_purge)
-        return max(0.0, due - self.clock())
+        return self.chores.until_next(self.clock())
 
     def _grace_expired(self) -> bool:
         started = self.stop.requested_at
         return started is not None and self.clock() - started > self.settings.grace_period
 
-    def _log_progress(self, now: float) -> None:
-        if now < self._next_progress:
-            return
+    def _log_progress(self, now: float) -> float:
         if self.published != self._published_at_progress:
             log.info(
                 "relay.progress",
@@ -417,7 +415,7 @@ class Relay:
                 shards=len(self.shards.owned),
             )
             self._published_at_progress = self.published
-        self._next_progress = now + PROGRESS_EVERY
+        return now + PROGRESS_EVERY
 
     def _log_drained(self) -> None:
         """How long the run took from its first claim to its last commit: a one-shot drain's
@@ -440,6 +438,7 @@ class Relay:
         log.error("database.unavailable", error=" ".join(str(exc).split()) or type(exc).__name__)
         self.close_connections()
         self.floor.reset()
+        self.chores.make_due("floor")
         self.metrics.database_ok(False)
         self.metrics.set_shards_owned(0)
         attempt = 0
