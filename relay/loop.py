@@ -7,13 +7,6 @@ connection drops, the relay is killed), the rows that did reach Kafka stay unpub
 table, their locks vanish with the transaction, and they are sent again. Duplicates, never loss;
 the duplicates are exactly the rows of the batch in flight at the failure, and consumers
 recognise them by their ``event_id`` header.
-
-Why the next batch is claimed while the current one is published: the database step and the
-Kafka step then overlap instead of taking turns (the claim runs on a second connection, in a
-thread; psycopg waits for the server without the GIL). Batches are still *sent* one after the
-other and *marked* one after the other, so the guarantees above are unchanged: the next batch's
-rows of a key the current batch failed to deliver are held back (not sent, no attempt counted),
-and a failure of the current batch's marking discards the prefetched claim with it.
 """
 
 from __future__ import annotations
@@ -23,17 +16,16 @@ import functools
 import select
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import psycopg
 import structlog
 
 from relay.backoff import BreakerState, CircuitBreaker, full_jitter
-from relay.claims import OutboxSource, plan_failures
 from relay.config import RelaySettings
 from relay.floor import ScanFloor
 from relay.pg import DatabaseUnavailableError
+from relay.pipeline import Pipeline, filled
 from relay.ports import ClaimedRow, Metrics, NoMetrics, Outcome, Publisher, Result
 from relay.retention import PURGE_EVERY, Purge
 from relay.schedule import Schedule, Task
@@ -55,43 +47,6 @@ PURGING_SHARD = 0
 BACKLOG_EVERY = 5.0
 
 
-#: Ids of a batch's undelivered rows, by key.
-Undelivered = dict[bytes, list[int]]
-
-
-def undelivered_by_key(rows: Sequence[ClaimedRow], outcomes: Sequence[Outcome]) -> Undelivered:
-    """The keyed rows of a batch that were not delivered (pure)."""
-    undelivered: Undelivered = {}
-    for row, outcome in zip(rows, outcomes, strict=True):
-        if row.key is not None and outcome.result is not Result.DELIVERED:
-            undelivered.setdefault(row.key, []).append(row.id)
-    return undelivered
-
-
-def filled(rows: Sequence[ClaimedRow], limit: int, max_bytes: int) -> bool:
-    """Whether a claimed batch was cut by the row limit or the byte budget (so more rows may
-    be waiting), rather than holding every deliverable row. The claim stops before the first
-    row whose predecessors' payloads reach ``max_bytes``, so a batch cut by bytes carries at
-    least that many (unless the per-key check dropped some of them: then the next batch is
-    claimed afterwards instead of meanwhile, which is slower, never wrong)."""
-    return len(rows) >= limit or sum(len(row.payload) for row in rows) >= max_bytes
-
-
-def held_back(rows: Sequence[ClaimedRow], undelivered: Undelivered) -> set[int]:
-    """Rows of the next batch that must not be sent: those with an earlier undelivered row of
-    their key that is not in this batch (pure). An undelivered row claimed again in this batch
-    goes first, in id order, so the rows after it may follow."""
-    if not undelivered:
-        return set()
-    ids = {row.id for row in rows}
-    return {
-        row.id
-        for row in rows
-        if row.key is not None
-        and any(earlier < row.id and earlier not in ids for earlier in undelivered.get(row.key, ()))
-    }
-
-
 class Relay:
     """One relay process: owns shards, claims their rows, publishes them, records outcomes."""
 
@@ -110,17 +65,8 @@ class Relay:
         self.publisher = publisher
         self.stop = stop
         self.clock = clock
-        #: Two work connections: one batch is published from one while the next is claimed on
-        #: the other. ``source`` is the one not claiming (schema checks, purges, gauges).
-        self.source = OutboxSource(settings)
-        self._spare = OutboxSource(settings)
-        self._claimer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-claim")
-        #: The next batch being claimed on ``_spare`` while the current one is published.
-        self._prefetch: Future[list[ClaimedRow]] | None = None
-        #: Ids of the rows of the batch just finished that were not delivered, by key: the next
-        #: batch was claimed before those outcomes were recorded, so it may hold later rows of
-        #: those keys, which must wait.
-        self._undelivered: Undelivered = {}
+        #: Claim, publish, record, with the next batch claimed meanwhile (relay/pipeline.py).
+        self.batches = Pipeline(settings, publisher)
         self.shards = ShardOwner(settings)
         #: Sleeps on the ownership connection until events may be waiting.
         self.wakeup = Wakeup(settings.outbox)
@@ -151,9 +97,7 @@ class Relay:
     def connect(self) -> None:
         """Open the work connection(s) and the ownership one; raises when PostgreSQL is
         unreachable."""
-        self.source.connect()
-        if self.settings.prefetch:
-            self._spare.connect()
+        self.batches.connect()
         self.shards.connect()
         self.wakeup.forget()
         self._woken = False
@@ -183,17 +127,22 @@ class Relay:
         allowed = self.breaker.allow()
         self._report_breaker()
         if not allowed:
-            self._drop_prefetch()
+            self.batches.drop_prefetch()
             self._pause(min(self.breaker.seconds_until_probe(), self.settings.poll_interval))
             return
         limit = self.breaker.batch_limit(self.settings.batch_size)
         started = self.clock()
-        rows, held = self._take_batch(limit)
+        rows, held = self.batches.take(
+            limit,
+            ownership=self.shards.ownership,
+            floor=self.floor.value,
+            stopping=self.stop.requested,
+        )
         if not rows:
-            self.source.release()
+            self.batches.source.release()
             if woken:
                 self._chores(self.clock())
-            if self.settings.exit_when_idle and not self.source.deliverable():
+            if self.settings.exit_when_idle and not self.batches.source.deliverable():
                 self._log_drained()
                 self.stop.request("idle")
                 return
@@ -204,10 +153,15 @@ class Relay:
         # core from it (which, at low rates, is latency).
         more_waiting = filled(rows, limit, self.settings.batch_max_bytes)
         if self.settings.prefetch and limit == self.settings.batch_size and more_waiting:
-            self._start_prefetch(limit, in_flight=[row.id for row in rows])
+            self.batches.prefetch(
+                limit,
+                ownership=self.shards.ownership,
+                floor=self.floor.value,
+                in_flight=[row.id for row in rows],
+            )
         if self._first_claim_at is None:
             self._first_claim_at = started
-        outcomes, sent = self._publish(rows, held)
+        outcomes, sent = self.batches.publish(rows, held, should_abort=self._grace_expired)
         all_delivered = self._finish(rows, outcomes, sent=sent)
         self._last_commit_at = self.clock()
         self.metrics.observe_batch(rows, outcomes, self._last_commit_at - started)
@@ -240,40 +194,18 @@ class Relay:
         if PURGING_SHARD not in self.shards.owned:
             purge.start_over()  # when it is ours again, others will have moved on
             return now + PURGE_EVERY
-        removed, caught_up = purge.run(self.source, self.clock)
+        removed, caught_up = purge.run(self.batches.source, self.clock)
         self.purged += removed
         self.metrics.purged(removed)
         return now + PURGE_EVERY if caught_up else now
 
     def _refresh_backlog(self, now: float) -> float:
-        self.metrics.set_backlog(*self.source.backlog())
+        self.metrics.set_backlog(*self.batches.source.backlog())
         return now + BACKLOG_EVERY
-
-    def _take_batch(self, limit: int) -> tuple[list[ClaimedRow], Undelivered]:
-        """The prefetched batch if there is one (making its connection the current one), else a
-        fresh claim; with the keys to hold back in it."""
-        held, self._undelivered = self._undelivered, {}
-        pending, self._prefetch = self._prefetch, None
-        if pending is not None:
-            rows = pending.result()  # a database error surfaces here, and is recovered from
-            self.source, self._spare = self._spare, self.source
-            if len(rows) <= limit and not self.stop.requested:
-                return rows, held
-            self.source.release()  # the breaker now asks for a probe: claim that instead
-        if self.stop.requested:
-            return [], {}
-        rows = self.source.claim(limit, ownership=self.shards.ownership, floor=self.floor.value)
-        return rows, {}  # claimed after the last batch was recorded: nothing to hold back
-
-    def _start_prefetch(self, limit: int, *, in_flight: list[int]) -> None:
-        spare, ownership, floor = self._spare, self.shards.ownership, self.floor.value
-        self._prefetch = self._claimer.submit(
-            lambda: spare.claim(limit, ownership=ownership, in_flight=in_flight, floor=floor)
-        )
 
     def _sample_floor(self, now: float) -> float:
         try:
-            self.floor.update(self.source.sample_floor(self.floor.suspects), now)
+            self.floor.update(self.batches.source.sample_floor(self.floor.suspects), now)
             if self.floor.broken:
                 log.warning(
                     "relay.scan_floor_off",
@@ -292,50 +224,11 @@ class Relay:
             self.floor.disable()
         return self.floor.next_sample
 
-    def _drop_prefetch(self) -> None:
-        """Give back a prefetched batch unsent (its rows are simply unlocked)."""
-        pending, self._prefetch = self._prefetch, None
-        if pending is not None:
-            with contextlib.suppress(psycopg.Error):  # the connection is gone: so are the locks
-                pending.result()
-                self._spare.release()
-
-    def _publish(
-        self, rows: Sequence[ClaimedRow], undelivered: Undelivered
-    ) -> tuple[list[Outcome], bool]:
-        """Every row's outcome, and whether any row was handed to the publisher at all."""
-        held = held_back(rows, undelivered)
-        if not held:
-            return self.publisher.publish(rows, should_abort=self._grace_expired), True
-        sendable = [row for row in rows if row.id not in held]
-        sent = (
-            self.publisher.publish(sendable, should_abort=self._grace_expired) if sendable else []
-        )
-        by_id = {outcome.row_id: outcome for outcome in sent}
-        outcomes = [
-            by_id.get(row.id)
-            or Outcome(row.id, Result.NOT_SENT, "an earlier row of its key was not delivered")
-            for row in rows
-        ]
-        return outcomes, bool(sendable)
-
     def _finish(
         self, rows: Sequence[ClaimedRow], outcomes: Sequence[Outcome], *, sent: bool
     ) -> bool:
         """Record the batch's outcomes and commit; whether every row was delivered."""
-        delivered = [o.row_id for o in outcomes if o.result is Result.DELIVERED]
-        everything_delivered = len(delivered) == len(rows)  # the common case: nothing to plan
-        failures = [] if everything_delivered else plan_failures(
-            rows,
-            outcomes,
-            max_attempts=self.settings.max_attempts,
-            delay_for=lambda attempt: full_jitter(
-                attempt, base=self.settings.backoff_base, cap=self.settings.backoff_cap
-            ),
-        )  # fmt: skip
-        self.source.finish(delivered, failures)
-        if self._prefetch is not None and not everything_delivered:
-            self._undelivered = undelivered_by_key(rows, outcomes)
+        delivered, failures = self.batches.record(rows, outcomes)
         self.published += len(delivered)
         for failure in failures:
             if failure.dead:
@@ -345,7 +238,7 @@ class Relay:
         if sent:  # else every row waited behind its key: Kafka was not asked, so nothing learnt
             broker_failures = [o for o in outcomes if o.result is Result.BROKER]
             self._record_batch(ok=bool(delivered) or not broker_failures, outcomes=broker_failures)
-        return everything_delivered
+        return len(delivered) == len(rows)
 
     def _record_batch(self, *, ok: bool, outcomes: list[Outcome]) -> None:
         before = self.breaker.state
@@ -461,20 +354,15 @@ class Relay:
 
     def shutdown(self) -> None:
         """Stop the claim thread (after ``close_connections``)."""
-        self._claimer.shutdown(wait=True)
+        self.batches.shutdown()
 
     def _sleep(self, seconds: float) -> None:
         select.select([self.stop.fd], [], [], seconds)
 
     def close_connections(self) -> None:
-        self._drop_prefetch()
-        self._undelivered = {}
-        for close in (
-            self.source.release, self.source.close, self._spare.release, self._spare.close,
-            self.shards.close,
-        ):  # fmt: skip
-            with contextlib.suppress(psycopg.Error):  # already gone
-                close()
+        self.batches.close()
+        with contextlib.suppress(psycopg.Error):  # already gone
+            self.shards.close()
 
 
 def serve(
@@ -509,9 +397,9 @@ def serve(
     relay = Relay(settings, publisher, stop, metrics=metrics)
     try:
         relay.connect()
-        migrator.require_current(relay.source.connection, settings.outbox)
+        migrator.require_current(relay.batches.source.connection, settings.outbox)
         relay.metrics.schema_checked()
-        relay.source.release()
+        relay.batches.source.release()
         check_broker()
         relay.run()
     finally:

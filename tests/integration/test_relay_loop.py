@@ -158,7 +158,7 @@ def test_only_a_full_batch_starts_claiming_the_next(
     try:
         relay.step()
         assert publisher.batches[0] == [f"e{i}".encode() for i in range(first_batch)]
-        assert (relay._prefetch is not None) is prefetched
+        assert (relay.batches.prefetching) is prefetched
     finally:
         relay.close_connections()
         relay.shutdown()

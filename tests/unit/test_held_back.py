@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from relay.loop import held_back, undelivered_by_key
+from relay.pipeline import held_back, undelivered_by_key
 from relay.ports import ClaimedRow, Outcome, Result
 
 
