@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: help install test lint typecheck pytest demo quickstart bench format clean
+.PHONY: help install test lint typecheck pytest demo quickstart bench plots docs format clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-10s %s\n", $$1, $$2}'
@@ -41,6 +41,13 @@ quickstart: $(STAMP) ## Write events with outbox.add on embedded PostgreSQL and 
 
 bench: $(STAMP) ## Benchmark suite (~30 min): one table, JSON in bench/results.json; BENCH_ARGS=--quick|--only drain,...
 	$(BIN)/python bench/suite.py $(BENCH_ARGS)
+
+plots: $(STAMP) ## Draw the performance page's plots (docs/img) from bench/results.json
+	$(BIN)/python bench/plots.py
+
+# NO_MKDOCS_2_WARNING silences a banner of mkdocs-material's (not a build warning).
+docs: $(STAMP) ## Build the documentation site into site/ (strict: any warning fails)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 format: $(STAMP) ## Reformat the code
 	$(BIN)/ruff format .
