@@ -44,7 +44,7 @@ from outbox.errors import (
     UnsupportedConnectionError,
 )
 from outbox.settings import SHARD_COUNT, OutboxSettings
-from outbox.writer import Outbox
+from outbox.writer import Outbox, default, set_default
 
 if TYPE_CHECKING:
     from outbox.connections import AsyncDB, SyncDB
@@ -80,16 +80,18 @@ __all__ = [
     "json_serializer",
 ]
 
-_default = Outbox()
-
 
 def configure(
     settings: OutboxSettings | None = None, *, serializer: Serializer = json_serializer
 ) -> Outbox:
-    """Replace the settings and serializer used by the module-level functions; call at start-up."""
-    global _default
-    _default = Outbox(settings, serializer=serializer)
-    return _default
+    """Replace the settings and serializer used by the module-level functions; call at start-up.
+
+    The settings also become the default of :mod:`outbox.dedup` (``claim``, ``purge``...), so
+    the dedup records go to the same schema and table prefix as the events.
+    """
+    writer = Outbox(settings, serializer=serializer)
+    set_default(writer)
+    return writer
 
 
 def add(
@@ -106,14 +108,14 @@ def add(
     ``db`` is a SQLAlchemy ``Session`` or ``Connection``, or a psycopg ``Connection``. ``payload``
     is sent as is when ``bytes``, as UTF-8 when ``str``, and JSON-encoded otherwise. Never commits.
     """
-    return _default.add(db, topic, payload, key=key, headers=headers, serializer=serializer)
+    return default().add(db, topic, payload, key=key, headers=headers, serializer=serializer)
 
 
 def add_many(
     db: SyncDB, events: Iterable[Event], *, serializer: Serializer | None = None
 ) -> list[uuid.UUID]:
     """Write many events in one round trip (per 5,000 events), in order; returns their ids."""
-    return _default.add_many(db, events, serializer=serializer)
+    return default().add_many(db, events, serializer=serializer)
 
 
 async def add_async(
@@ -126,7 +128,7 @@ async def add_async(
     serializer: Serializer | None = None,
 ) -> uuid.UUID:
     """Async :func:`add`, for SQLAlchemy ``AsyncSession``/``AsyncConnection`` and psycopg's."""
-    return await _default.add_async(
+    return await default().add_async(
         db, topic, payload, key=key, headers=headers, serializer=serializer
     )
 
@@ -135,4 +137,4 @@ async def add_many_async(
     db: AsyncDB, events: Iterable[Event], *, serializer: Serializer | None = None
 ) -> list[uuid.UUID]:
     """Async :func:`add_many`."""
-    return await _default.add_many_async(db, events, serializer=serializer)
+    return await default().add_many_async(db, events, serializer=serializer)

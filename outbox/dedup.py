@@ -11,6 +11,9 @@ commits or rolls back together with the side effects, so a side effect happens o
 
 Race-safe: two transactions claiming the same id at once serialise on the primary key; once both
 finish exactly one got True (if the first rolls back, the second gets True).
+
+Every function writes to the dedup table of ``settings`` when given, else of the settings
+:func:`outbox.configure` set, so records live beside the events.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import psycopg
 from outbox.connections import execute, execute_async
 from outbox.errors import InvalidEventError
 from outbox.settings import OutboxSettings
+from outbox.writer import default
 
 if TYPE_CHECKING:
     from outbox.connections import AsyncDB, SyncDB
@@ -32,12 +36,15 @@ if TYPE_CHECKING:
 #: and PostgreSQL refuses a btree entry over 2704 bytes (both columns together, uncompressed).
 MAX_ID_LENGTH = 1024
 
-_DEFAULT = OutboxSettings()
+
+def _table(settings: OutboxSettings | None) -> str:
+    """The dedup table of ``settings``, or of the configured settings when None."""
+    return (default().settings if settings is None else settings).dedup_table
 
 
-def _claim_sql(settings: OutboxSettings) -> str:
+def _claim_sql(settings: OutboxSettings | None) -> str:
     return (
-        f"INSERT INTO {settings.dedup_table} (consumer, message_id) VALUES (%s, %s) "
+        f"INSERT INTO {_table(settings)} (consumer, message_id) VALUES (%s, %s) "
         "ON CONFLICT (consumer, message_id) DO NOTHING"
     )
 
@@ -62,27 +69,27 @@ def _check(consumer: object, message_id: object) -> tuple[str, str]:
 
 
 def claim(
-    db: SyncDB, consumer: str, message_id: str, *, settings: OutboxSettings = _DEFAULT
+    db: SyncDB, consumer: str, message_id: str, *, settings: OutboxSettings | None = None
 ) -> bool:
     """Record that ``consumer`` processed ``message_id``; False if it already had. Never commits."""
     return execute(db, _claim_sql(settings), _check(consumer, message_id)).rowcount == 1
 
 
 async def claim_async(
-    db: AsyncDB, consumer: str, message_id: str, *, settings: OutboxSettings = _DEFAULT
+    db: AsyncDB, consumer: str, message_id: str, *, settings: OutboxSettings | None = None
 ) -> bool:
     """The async twin of :func:`claim`."""
     executed = await execute_async(db, _claim_sql(settings), _check(consumer, message_id))
     return executed.rowcount == 1
 
 
-def _claim_many_sql(settings: OutboxSettings) -> str:
+def _claim_many_sql(settings: OutboxSettings | None) -> str:
     # Sorted ids take their index locks in one order, so two batches that overlap wait for each
     # other instead of deadlocking. Only the ids already there come back (usually none), not
     # every id claimed now.
     return (
         "WITH ids AS (SELECT unnest(%s::text[]) AS id), "
-        f"claimed AS (INSERT INTO {settings.dedup_table} (consumer, message_id) "
+        f"claimed AS (INSERT INTO {_table(settings)} (consumer, message_id) "
         "SELECT %s, id FROM ids ORDER BY id "
         "ON CONFLICT (consumer, message_id) DO NOTHING RETURNING message_id) "
         "SELECT id FROM ids EXCEPT ALL SELECT message_id FROM claimed"
@@ -106,7 +113,7 @@ def _many(consumer: str, message_ids: Iterable[str]) -> tuple[set[str], tuple[st
 
 
 def claim_many(
-    db: SyncDB, consumer: str, message_ids: Iterable[str], *, settings: OutboxSettings = _DEFAULT
+    db: SyncDB, consumer: str, message_ids: Iterable[str], *, settings: OutboxSettings | None = None
 ) -> set[str]:
     """:func:`claim` for many ids in one statement; returns the ids claimed now (the others
     were processed before). An id given twice is claimed once."""
@@ -117,7 +124,11 @@ def claim_many(
 
 
 async def claim_many_async(
-    db: AsyncDB, consumer: str, message_ids: Iterable[str], *, settings: OutboxSettings = _DEFAULT
+    db: AsyncDB,
+    consumer: str,
+    message_ids: Iterable[str],
+    *,
+    settings: OutboxSettings | None = None,
 ) -> set[str]:
     """The async twin of :func:`claim_many`."""
     ids, params = _many(consumer, message_ids)
@@ -131,7 +142,7 @@ def purge(
     conn: psycopg.Connection[Any],
     older_than: dt.timedelta,
     *,
-    settings: OutboxSettings = _DEFAULT,
+    settings: OutboxSettings | None = None,
     batch_size: int = 1000,
 ) -> int:
     """Delete dedup records older than ``older_than``, ``batch_size`` rows per transaction.
@@ -142,9 +153,10 @@ def purge(
     """
     if older_than <= dt.timedelta(0):
         raise ValueError(f"older_than must be positive, got {older_than}")
+    table = _table(settings)
     sql = (
-        f"DELETE FROM {settings.dedup_table} AS d USING ("
-        f"SELECT consumer, message_id FROM {settings.dedup_table} "
+        f"DELETE FROM {table} AS d USING ("
+        f"SELECT consumer, message_id FROM {table} "
         "WHERE processed_at < now() - %s LIMIT %s) AS old "
         "WHERE d.consumer = old.consumer AND d.message_id = old.message_id"
     )

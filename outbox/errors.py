@@ -2,10 +2,20 @@
 
 Every error the library raises on purpose derives from :class:`OutboxError`, so a caller can
 catch the library's failures without catching everything. Errors about bad input also derive
-from :class:`ValueError` (or :class:`TypeError`), so generic handlers keep working.
+from :class:`ValueError` (or :class:`TypeError`), so generic handlers keep working. A few live
+next to the code that raises them (``DatabaseUnavailableError`` in ``relay.pg``,
+``BrokerUnavailableError`` in ``relay.kafka``, ``ConsumerStopped`` in ``relay.consumer``,
+``MigrationFileError`` in ``schema``) and derive from :class:`OutboxError` too;
+``tests/unit/test_errors.py`` checks every exception class of the packages.
 """
 
 from __future__ import annotations
+
+
+def one_line(exc: BaseException) -> str:
+    """The error's text on one line (whitespace runs collapsed), or its type when it has none:
+    for log fields and one-line messages (libpq's errors span several lines)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 class OutboxError(Exception):

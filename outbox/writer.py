@@ -113,3 +113,18 @@ class Outbox:
     def _seal(self, event: Event, serializer: Serializer | None) -> Envelope:
         event = with_trace_context(event)  # with OpenTelemetry: the current trace's headers
         return seal(event, settings=self.settings, serializer=serializer or self.serializer)
+
+
+_default = Outbox()
+
+
+def default() -> Outbox:
+    """The writer behind ``outbox.add`` and the other module-level functions, as
+    :func:`outbox.configure` last set it; its settings are also ``outbox.dedup``'s default."""
+    return _default
+
+
+def set_default(writer: Outbox) -> None:
+    """Make ``writer`` the one :func:`default` returns (what :func:`outbox.configure` does)."""
+    global _default
+    _default = writer

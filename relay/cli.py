@@ -18,7 +18,7 @@ import psycopg
 import structlog
 
 from outbox import dedup
-from outbox.errors import ConfigurationError, SchemaError
+from outbox.errors import ConfigurationError, SchemaError, one_line
 from outbox.settings import OutboxSettings
 from relay import dead_letters, logs, pg, status
 from relay.config import RelaySettings, default_relay_id, parse_kafka_config
@@ -102,7 +102,7 @@ def _handle_errors(func: F) -> F:
                 ExitCode.FAILURE,
             )
         except psycopg.Error as exc:
-            _fail(f"PostgreSQL refused: {' '.join(str(exc).split())}", ExitCode.FAILURE)
+            _fail(f"PostgreSQL refused: {one_line(exc)}", ExitCode.FAILURE)
 
     return wrapper  # type: ignore[return-value]
 
@@ -169,12 +169,14 @@ def schema_show(schema_name: str, table_prefix: str) -> None:
 @_location_options
 @click.option(
     "--lock-timeout",
-    envvar="OUTBOX_LOCK_TIMEOUT",
+    # Not the relays' OUTBOX_LOCK_TIMEOUT: a migration job's environment must not change them.
+    envvar="OUTBOX_MIGRATION_LOCK_TIMEOUT",
     show_envvar=True,
     type=click.FloatRange(min=0.1),
     default=60.0,
     show_default=True,
-    help="Seconds to wait for locks (another apply, or a busy table) before giving up.",
+    help="Seconds to wait for locks (another apply, or a busy table) before giving up. The "
+    "relays' own lock timeout is OUTBOX_LOCK_TIMEOUT.",
 )
 @_handle_errors
 def schema_apply(
@@ -222,6 +224,25 @@ _defaults = RelaySettings.__dataclass_fields__
 def _default(name: str) -> Any:
     field = _defaults[name]
     return field.default
+
+
+# Options that `run` and `status` share: `status` must read the relays' values as they do.
+_on_dead_letter_option = _option(
+    "--on-dead-letter",
+    "OUTBOX_ON_DEAD_LETTER",
+    "After a row of a key is dead-lettered: later rows of the key proceed, or stay blocked "
+    "until an operator acts. Give `status` the relays' value.",
+    type=click.Choice(["proceed", "block"]),
+    default="proceed",
+)
+_retention_option = _option(
+    "--retention",
+    "OUTBOX_RETENTION",
+    "Seconds to keep published rows (purged in small batches); 0 deletes on publish. Give "
+    "`status` the relays' value: above 0, it counts the events published in the last minute.",
+    type=click.FloatRange(min=0),
+    default=_default("retention"),
+)
 
 
 @cli.command("run")
@@ -281,14 +302,7 @@ def _default(name: str) -> Any:
     type=click.IntRange(min=1),
     default=_default("max_attempts"),
 )
-@_option(
-    "--on-dead-letter",
-    "OUTBOX_ON_DEAD_LETTER",
-    "After a row of a key is dead-lettered: later rows of the key proceed, or stay blocked "
-    "until an operator acts.",
-    type=click.Choice(["proceed", "block"]),
-    default="proceed",
-)
+@_on_dead_letter_option
 @_option(
     "--rebalance-interval",
     "OUTBOX_REBALANCE_INTERVAL",
@@ -296,13 +310,7 @@ def _default(name: str) -> Any:
     type=click.FloatRange(min=0.05),
     default=_default("rebalance_interval"),
 )
-@_option(
-    "--retention",
-    "OUTBOX_RETENTION",
-    "Seconds to keep published rows (purged in small batches); 0 deletes on publish.",
-    type=click.FloatRange(min=0),
-    default=_default("retention"),
-)
+@_retention_option
 @_option(
     "--statement-timeout",
     "OUTBOX_STATEMENT_TIMEOUT",
@@ -313,7 +321,8 @@ def _default(name: str) -> Any:
 @_option(
     "--lock-timeout",
     "OUTBOX_LOCK_TIMEOUT",
-    "PostgreSQL lock_timeout of the relay's sessions, seconds.",
+    "PostgreSQL lock_timeout of the relay's sessions, seconds. Not `schema apply`'s lock wait "
+    "(OUTBOX_MIGRATION_LOCK_TIMEOUT).",
     type=click.FloatRange(min=0.1),
     default=_default("lock_timeout"),
 )
@@ -514,21 +523,11 @@ def _when(text: str | None) -> dt.datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
 
 
-def _on_dead_letter_option(func: F) -> F:
-    return click.option(
-        "--on-dead-letter", envvar="OUTBOX_ON_DEAD_LETTER", show_envvar=True,
-        type=click.Choice(["proceed", "block"]), default="proceed", show_default=True,
-        help="As the relays run it: whether dead letters block the later rows of their key.",
-    )(func)  # fmt: skip
-
-
 @cli.command("status")
 @_database_options
 @_location_options
 @_on_dead_letter_option
-@click.option("--retention-kept", envvar="OUTBOX_RETENTION", show_envvar=True, default="0",
-              help="The relays' --retention; when above 0, events published in the last "
-              "minute are counted.")  # fmt: skip
+@_retention_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON object, for scripts.")
 @click.option(
     "--max-lag",
@@ -543,7 +542,7 @@ def status_command(
     schema_name: str,
     table_prefix: str,
     on_dead_letter: str,
-    retention_kept: str,
+    retention: float,
     as_json: bool,
     max_lag: float | None,
 ) -> None:
@@ -552,7 +551,7 @@ def status_command(
     with _checked_connection(database_url, connect_timeout, settings) as conn:
         found = status.read(
             conn, settings, dead_letters_block=on_dead_letter == "block",
-            retention_kept=float(retention_kept or 0) > 0,
+            retention_kept=retention > 0,
         )  # fmt: skip
     click.echo(json.dumps(found.as_json(), indent=2) if as_json else status.render(found))
     lag = found.oldest_unpublished_seconds

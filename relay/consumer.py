@@ -43,7 +43,9 @@ from sqlalchemy.orm import Session
 
 from outbox import dedup, tracing
 from outbox.envelope import EVENT_ID_HEADER
+from outbox.errors import OutboxError
 from outbox.settings import OutboxSettings
+from outbox.writer import default
 from relay.backoff import full_jitter
 from relay.signals import StopSignal
 
@@ -59,7 +61,7 @@ ORIGIN_HEADER = "x-outbox-origin"  # topic/partition/offset of the original mess
 CONSUMER_HEADER = "x-outbox-consumer"
 
 
-class ConsumerStopped(Exception):
+class ConsumerStopped(OutboxError):
     """The loop stopped because a message could not be processed and has nowhere else to go."""
 
 
@@ -98,7 +100,8 @@ class ConsumerSettings:
     batch_size: int = 1
     poll_timeout: float = 0.5
     kafka_config: Mapping[str, str] = field(default_factory=dict)
-    outbox: OutboxSettings = field(default_factory=OutboxSettings)
+    #: Where the dedup table is; by default where outbox.configure() put the events.
+    outbox: OutboxSettings = field(default_factory=lambda: default().settings)
     #: Claim each message id in the dedup table. Turn off only for handlers that are idempotent
     #: by themselves: duplicates then reach the handler.
     deduplicate: bool = True

@@ -17,6 +17,7 @@ import structlog
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from outbox.envelope import EVENT_ID_HEADER
+from outbox.errors import OutboxError
 from relay.config import GUARANTEED_KAFKA_SETTINGS, RelaySettings
 from relay.logs import LIBRDKAFKA_LOGGER
 from relay.ports import ClaimedRow, Outcome, Result
@@ -78,7 +79,7 @@ class Report(NamedTuple):
     error: KafkaError
 
 
-class BrokerUnavailableError(Exception):
+class BrokerUnavailableError(OutboxError):
     """Kafka could not be reached when the relay started."""
 
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import psycopg
 import structlog
 
+from outbox.errors import one_line
 from relay.backoff import BreakerState, CircuitBreaker, full_jitter
 from relay.config import RelaySettings
 from relay.floor import ScanFloor
@@ -218,7 +219,7 @@ class Relay:
             function = self.settings.outbox.qualified("last_id")
             log.warning(
                 "relay.scan_floor_off",
-                error=" ".join(str(exc).split()),
+                error=one_line(exc),
                 hint=f"grant the relay's role EXECUTE on {function}()",
             )
             self.floor.disable()
@@ -328,7 +329,7 @@ class Relay:
         A batch interrupted here stays unpublished in the table (its transaction is gone) and is
         sent again after the reconnection: duplicates, never loss.
         """
-        log.error("database.unavailable", error=" ".join(str(exc).split()) or type(exc).__name__)
+        log.error("database.unavailable", error=one_line(exc))
         self.close_connections()
         self.floor.reset()
         self.chores.make_due("floor")

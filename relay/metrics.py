@@ -33,7 +33,7 @@ import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.exposition import choose_encoder
 
-from outbox.errors import ConfigurationError
+from outbox.errors import ConfigurationError, one_line
 from relay.backoff import BreakerState
 from relay.config import RelaySettings
 from relay.ports import ClaimedRow, Outcome, Result
@@ -138,7 +138,7 @@ class Health:
                     self._probe_broker(BROKER_CHECK_TIMEOUT_S)
                     self._broker_error = None
                 except Exception as exc:  # any failure means "not ready", with its reason
-                    self._broker_error = " ".join(str(exc).split()) or type(exc).__name__
+                    self._broker_error = one_line(exc)
                 self._broker_checked_at = self._clock()
             return self._broker_error
 

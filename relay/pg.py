@@ -7,13 +7,31 @@ from typing import Any
 import psycopg
 
 from outbox import urls
-from outbox.errors import ConfigurationError
+from outbox.errors import ConfigurationError, OutboxError, one_line
 from relay.config import RelaySettings
 
+#: Every session of the relay and its commands carries this name (``application_name``).
 APPLICATION_NAME = "outbox-relay"
+#: The role of the session that holds a relay's shard locks; ``status`` lists relays by it.
+OWNER_ROLE = "owner"
 
 
-class DatabaseUnavailableError(Exception):
+def application_name(role: str, relay_id: str) -> str:
+    """The name of a relay's session in ``pg_stat_activity``: ``outbox-relay <role> <relay id>``,
+    cut to PostgreSQL's 63 characters; :func:`relay_id_of` reads it back."""
+    return f"{APPLICATION_NAME} {role} {relay_id}"[:63]
+
+
+def relay_id_of(name: str, role: str) -> str | None:
+    """The relay id (perhaps cut short) in a name :func:`application_name` made for ``role``;
+    None when ``name`` is not one."""
+    prefix = f"{APPLICATION_NAME} {role} "
+    if not name.startswith(prefix):
+        return None
+    return name.removeprefix(prefix).strip() or None
+
+
+class DatabaseUnavailableError(OutboxError):
     """PostgreSQL could not be reached or refused the connection."""
 
 
@@ -29,9 +47,8 @@ def connect(
             **{"application_name": APPLICATION_NAME, **params},
         )
     except psycopg.OperationalError as exc:
-        reason = " ".join(str(exc).split()) or type(exc).__name__
         raise DatabaseUnavailableError(
-            f"cannot connect to PostgreSQL at {urls.redact(url)}: {reason}"
+            f"cannot connect to PostgreSQL at {urls.redact(url)}: {one_line(exc)}"
         ) from exc
     except psycopg.ProgrammingError as exc:
         raise ConfigurationError(
@@ -68,7 +85,7 @@ def relay_connect(
         settings.database_url,
         connect_timeout=settings.connect_timeout,
         autocommit=autocommit,
-        application_name=f"{APPLICATION_NAME} {role} {settings.relay_id}"[:63],
+        application_name=application_name(role, settings.relay_id),
         options=options,
         keepalives=1,
         keepalives_idle=10,

@@ -24,7 +24,7 @@ import psycopg
 
 from outbox.settings import SHARD_COUNT, OutboxSettings
 from relay.config import RelaySettings
-from relay.pg import relay_connect
+from relay.pg import OWNER_ROLE, relay_connect
 from relay.ports import Ownership
 
 _MEMBERS_SQL = """
@@ -87,7 +87,7 @@ class ShardOwner:
 
     def connect(self) -> None:
         """Open the connection and join the members."""
-        conn = relay_connect(self._settings, role="owner", autocommit=True)
+        conn = relay_connect(self._settings, role=OWNER_ROLE, autocommit=True)
         while True:
             member = 1 + secrets.randbelow(2**31 - 1)
             row = conn.execute(

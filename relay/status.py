@@ -13,6 +13,7 @@ from typing import Any
 import psycopg
 
 from outbox.settings import OutboxSettings
+from relay import pg
 from relay.shards import lock_class
 
 _BACKLOG_BY_TOPIC = """
@@ -129,7 +130,7 @@ def read(
         backlog_by_shard={int(s): int(n) for s, n in by_shard},
         relays=[
             Relay(
-                _relay_name(name),
+                relay_name(name),
                 int(pid),
                 client,
                 _seconds(up) or 0.0,
@@ -141,9 +142,9 @@ def read(
     )
 
 
-def _relay_name(application_name: str) -> str:
-    # relay.pg names the ownership session "outbox-relay owner <relay id>".
-    return application_name.removeprefix("outbox-relay owner ").strip() or application_name
+def relay_name(application_name: str) -> str:
+    """The relay id in the name of a relay's ownership session, or the name as it is."""
+    return pg.relay_id_of(application_name, pg.OWNER_ROLE) or application_name
 
 
 def _age(seconds: float | None) -> str:

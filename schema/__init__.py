@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 
+from outbox.errors import OutboxError
 from outbox.settings import OutboxSettings, quote_identifier, quote_literal
 
 _FILE_NAME = re.compile(r"(\d{4})_([a-z0-9_]+)\.sql")
@@ -46,7 +47,7 @@ class Migration:
         return render(self.template, settings)
 
 
-class MigrationFileError(Exception):
+class MigrationFileError(OutboxError):
     """The migration files shipped with the package are inconsistent (a packaging bug)."""
 
 

@@ -96,7 +96,7 @@ def test_help_lists_commands_exit_codes_and_env_vars(via: str) -> None:
         (
             ["schema", "apply"],
             ["OUTBOX_DATABASE_URL", "OUTBOX_CONNECT_TIMEOUT", "OUTBOX_SCHEMA",
-             "OUTBOX_TABLE_PREFIX", "OUTBOX_LOCK_TIMEOUT"],
+             "OUTBOX_TABLE_PREFIX", "OUTBOX_MIGRATION_LOCK_TIMEOUT"],
         ),
         (
             ["schema", "check"],

@@ -22,6 +22,8 @@ from sqlalchemy.orm import Session
 import outbox
 from outbox import dedup
 from outbox.connections import AsyncDB, SyncDB
+from outbox.settings import OutboxSettings
+from schema import migrator
 
 Opener = Callable[[], contextlib.AbstractContextManager[Any]]
 AsyncOpener = Callable[[], contextlib.AbstractAsyncContextManager[Any]]
@@ -34,11 +36,11 @@ class Boom(Exception):
     """Raised inside a transaction to make it roll back."""
 
 
-def claims(database_url: str) -> list[tuple[str, str]]:
-    """The committed dedup records, sorted."""
+def claims(database_url: str, table: str = "outbox_dedup") -> list[tuple[str, str]]:
+    """The committed dedup records of ``table``, sorted."""
     with psycopg.connect(database_url) as conn:
         rows = conn.execute(
-            "SELECT consumer, message_id FROM outbox_dedup ORDER BY consumer, message_id"
+            f"SELECT consumer, message_id FROM {table} ORDER BY consumer, message_id"
         ).fetchall()
     return [(c, m) for c, m in rows]
 
@@ -554,11 +556,17 @@ class CountingConnection:
         return self.conn.transaction()
 
 
-def age(database_url: str, consumer: str, ids: list[str], by: dt.timedelta) -> None:
-    """Set processed_at of these records to ``by`` ago."""
+def age(
+    database_url: str,
+    consumer: str,
+    ids: list[str],
+    by: dt.timedelta,
+    table: str = "outbox_dedup",
+) -> None:
+    """Set processed_at of these records of ``table`` to ``by`` ago."""
     with psycopg.connect(database_url) as conn:
         conn.execute(
-            "UPDATE outbox_dedup SET processed_at = now() - %s"
+            f"UPDATE {table} SET processed_at = now() - %s"
             " WHERE consumer = %s AND message_id = ANY(%s)",
             (by, consumer, ids),
         )
@@ -617,3 +625,84 @@ def test_purge_refuses_a_period_that_is_not_positive(
     ):
         dedup.purge(conn, period)
     assert claims(database_url) == [("billing", "evt-1")]
+
+
+# --- outbox.configure -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def configured(database_url: str) -> Iterator[OutboxSettings]:
+    """``outbox.configure`` with a schema and table prefix of their own (applied); undone after."""
+    settings = OutboxSettings(schema="billing", table_prefix="evt_")
+    with psycopg.connect(database_url) as conn:
+        migrator.apply(conn, settings)
+    outbox.configure(settings)
+    try:
+        yield settings
+    finally:
+        outbox.configure()
+
+
+def test_configure_retargets_claim_and_claim_many(
+    configured: OutboxSettings, database_url: str
+) -> None:
+    """After outbox.configure(settings), dedup records go to the configured table, like events."""
+    with psycopg.connect(database_url) as conn:
+        assert dedup.claim(conn, "billing", "evt-1")
+        assert not dedup.claim(conn, "billing", "evt-1")
+        assert dedup.claim_many(conn, "billing", ["evt-1", "evt-2"]) == {"evt-2"}
+        outbox.add(conn, "orders", {"id": 1})
+    assert claims(database_url, configured.dedup_table) == [
+        ("billing", "evt-1"),
+        ("billing", "evt-2"),
+    ]
+    assert claims(database_url) == []
+
+
+@pytest.mark.asyncio
+async def test_configure_retargets_claim_async_and_claim_many_async(
+    configured: OutboxSettings, database_url: str
+) -> None:
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        assert await dedup.claim_async(conn, "billing", "evt-1")
+        assert not await dedup.claim_async(conn, "billing", "evt-1")
+        assert await dedup.claim_many_async(conn, "billing", ["evt-1", "evt-2"]) == {"evt-2"}
+    assert claims(database_url, configured.dedup_table) == [
+        ("billing", "evt-1"),
+        ("billing", "evt-2"),
+    ]
+    assert claims(database_url) == []
+
+
+def test_configure_retargets_purge(configured: OutboxSettings, database_url: str) -> None:
+    """purge without settings deletes from the configured table, and only there."""
+    with psycopg.connect(database_url) as conn:
+        dedup.claim(conn, "billing", "evt-1", settings=OutboxSettings())
+        dedup.claim(conn, "billing", "evt-1")
+        dedup.claim(conn, "billing", "evt-2")
+    age(database_url, "billing", ["evt-1", "evt-2"], dt.timedelta(days=8), configured.dedup_table)
+    age(database_url, "billing", ["evt-1"], dt.timedelta(days=8))
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        assert dedup.purge(conn, dt.timedelta(days=7)) == 2
+    assert claims(database_url, configured.dedup_table) == []
+    assert claims(database_url) == [("billing", "evt-1")]
+
+
+def test_settings_given_to_a_call_win_over_the_configured_ones(
+    configured: OutboxSettings, database_url: str
+) -> None:
+    with psycopg.connect(database_url) as conn:
+        assert dedup.claim(conn, "billing", "evt-1", settings=OutboxSettings())
+        assert dedup.claim_many(conn, "billing", ["evt-2"], settings=OutboxSettings()) == {"evt-2"}
+    assert claims(database_url) == [("billing", "evt-1"), ("billing", "evt-2")]
+    assert claims(database_url, configured.dedup_table) == []
+
+
+def test_consume_loops_claim_in_the_configured_table_by_default(
+    configured: OutboxSettings,
+) -> None:
+    """ConsumerSettings made after outbox.configure point the loop's claims at its table."""
+    from relay.consumer import ConsumerSettings
+
+    made = ConsumerSettings(name="billing", topics=["orders"], bootstrap_servers="k:9092")
+    assert made.outbox == configured

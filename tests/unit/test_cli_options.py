@@ -1,0 +1,195 @@
+"""The CLI's options without a server: each is defined once, and each variable sets one thing.
+
+The commands run in this process with click's runner; what would touch PostgreSQL or Kafka is
+replaced by a recorder, so a test sees exactly the values an option reached.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+import pytest
+import structlog
+from click.testing import CliRunner
+
+import relay
+from relay import cli as cli_module
+from relay import pg
+from relay.cli import cli
+from relay.config import RelaySettings
+from schema import migrator
+
+URL = "postgresql://app@127.0.0.1:5432/shop"
+
+
+@contextlib.contextmanager
+def restored_logging() -> Iterator[None]:
+    """The command configures logging for the whole process; put it back afterwards."""
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    saved_structlog = structlog.get_config()
+    try:
+        yield
+    finally:
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
+        structlog.configure(**saved_structlog)
+        structlog.contextvars.clear_contextvars()
+
+
+def invoke(*args: str, env: dict[str, str] | None = None) -> click.testing.Result:
+    """``outbox-relay ARGS`` in this process, with no OUTBOX_* variable but ``env``'s."""
+    unset: dict[str, str | None] = {k: None for k in os.environ if k.startswith("OUTBOX_")}
+    with restored_logging():
+        result = CliRunner().invoke(cli, list(args), env={**unset, **(env or {})})
+    assert result.exit_code == 0, (result.output, result.exception)
+    return result
+
+
+@pytest.fixture
+def applied(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The lock_timeout_ms each ``schema apply`` passed to the migrator (nothing connects)."""
+    seen: list[int] = []
+
+    def apply(conn: Any, settings: Any, *, lock_timeout_ms: int) -> list[Any]:
+        seen.append(lock_timeout_ms)
+        return []
+
+    monkeypatch.setattr(pg, "connect", lambda *args, **kwargs: contextlib.nullcontext())
+    monkeypatch.setattr(migrator, "apply", apply)
+    return seen
+
+
+@pytest.fixture
+def served(monkeypatch: pytest.MonkeyPatch) -> list[RelaySettings]:
+    """The settings each ``run`` would have served with (no producer, no relay)."""
+    seen: list[RelaySettings] = []
+
+    class Publisher:
+        def __init__(self, settings: RelaySettings) -> None:
+            self.settings = settings
+
+        def check_reachable(self, timeout: float) -> None:
+            raise AssertionError("not called: serve is replaced")
+
+    monkeypatch.setattr(cli_module, "KafkaPublisher", Publisher)
+    monkeypatch.setattr(cli_module, "serve", lambda settings, *a, **kw: seen.append(settings))
+    return seen
+
+
+def command(*path: str) -> click.Command:
+    found: click.Command = cli
+    for name in path:
+        assert isinstance(found, click.Group)
+        found = found.commands[name]
+    return found
+
+
+def option(cmd: click.Command, envvar: str) -> click.Option:
+    """The one option of ``cmd`` read from ``envvar``."""
+    (found,) = [p for p in cmd.params if isinstance(p, click.Option) and p.envvar == envvar]
+    return found
+
+
+def run_args(*extra: str) -> list[str]:
+    return ["run", "--database-url", URL, "--kafka-bootstrap-servers", "k:9092", *extra]
+
+
+# --- --on-dead-letter: one definition -------------------------------------------------------
+
+
+def test_on_dead_letter_is_one_option_shared_by_run_and_status() -> None:
+    """`run` and `status` take the same --on-dead-letter: flag, variable, choices and help."""
+    in_run = option(command("run"), "OUTBOX_ON_DEAD_LETTER").to_info_dict()
+    in_status = option(command("status"), "OUTBOX_ON_DEAD_LETTER").to_info_dict()
+    assert in_run == in_status
+
+
+def test_on_dead_letter_is_defined_once_in_the_source() -> None:
+    """The option's declaration is written once (a second copy is how the two drifted)."""
+    sources = Path(relay.__file__).parent.rglob("*.py")
+    found = [
+        p.name for p in sources for _ in re.finditer(r"[\"']--on-dead-letter[\"']", p.read_text())
+    ]
+    assert found == ["cli.py"]
+
+
+@pytest.mark.parametrize(("value", "blocks"), [("block", True), ("proceed", False)])
+def test_on_dead_letter_reaches_the_relay(
+    served: list[RelaySettings], value: str, blocks: bool
+) -> None:
+    invoke(*run_args("--on-dead-letter", value))
+    invoke(*run_args(), env={"OUTBOX_ON_DEAD_LETTER": value})
+    assert [s.dead_letter_blocks_key for s in served] == [blocks, blocks]
+
+
+# --- lock timeouts: one variable each ---------------------------------------------------------
+
+
+def test_schema_apply_lock_wait_has_its_own_variable(applied: list[int]) -> None:
+    """OUTBOX_MIGRATION_LOCK_TIMEOUT sets `schema apply`'s lock wait; the relays' variable
+    OUTBOX_LOCK_TIMEOUT does not."""
+    invoke("schema", "apply", "--database-url", URL)
+    invoke("schema", "apply", "--database-url", URL, env={"OUTBOX_MIGRATION_LOCK_TIMEOUT": "7"})
+    invoke("schema", "apply", "--database-url", URL, env={"OUTBOX_LOCK_TIMEOUT": "1"})
+    assert applied == [60_000, 7_000, 60_000]
+
+
+def test_relay_lock_timeout_ignores_the_migration_variable(served: list[RelaySettings]) -> None:
+    """OUTBOX_LOCK_TIMEOUT sets the relays' session lock_timeout; the migration's does not."""
+    invoke(*run_args())
+    invoke(*run_args(), env={"OUTBOX_LOCK_TIMEOUT": "2"})
+    invoke(*run_args(), env={"OUTBOX_MIGRATION_LOCK_TIMEOUT": "30"})
+    assert [s.lock_timeout for s in served] == [5.0, 2.0, 5.0]
+
+
+def test_help_names_each_lock_timeout_variable() -> None:
+    """Each --help shows its own variable and names the other, so neither is set by mistake."""
+    apply_help = " ".join(invoke("schema", "apply", "--help").output.split())
+    run_help = " ".join(invoke("run", "--help").output.split())
+    assert "env var: OUTBOX_MIGRATION_LOCK_TIMEOUT" in apply_help
+    assert "env var: OUTBOX_LOCK_TIMEOUT" not in apply_help
+    assert "OUTBOX_LOCK_TIMEOUT" in apply_help
+    assert "env var: OUTBOX_LOCK_TIMEOUT" in run_help
+    assert "OUTBOX_MIGRATION_LOCK_TIMEOUT" in run_help
+
+
+# --- OUTBOX_RETENTION: parsed one way ---------------------------------------------------------
+
+
+def test_retention_is_one_option_shared_by_run_and_status() -> None:
+    """`run` and `status` read OUTBOX_RETENTION through the same option: name, type, bounds."""
+    in_run = option(command("run"), "OUTBOX_RETENTION").to_info_dict()
+    in_status = option(command("status"), "OUTBOX_RETENTION").to_info_dict()
+    assert in_run == in_status
+
+
+def parsed(cmd: click.Command, monkeypatch: pytest.MonkeyPatch, value: str) -> object:
+    """What ``cmd`` makes of OUTBOX_RETENTION=value: the value, or the error's type."""
+    monkeypatch.setenv("OUTBOX_RETENTION", value)
+    param = option(cmd, "OUTBOX_RETENTION")
+    try:
+        with cmd.make_context(cmd.name, [], resilient_parsing=False) as ctx:
+            return ctx.params[param.name or ""]
+    except click.BadParameter as exc:
+        return type(exc)
+
+
+@pytest.mark.parametrize("value", ["0", "3600", "1.5", "1e3", "-1", "12h", "soon"])
+def test_retention_variable_means_the_same_to_run_and_status(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    """A value run accepts, status accepts as the same number; one run refuses, status refuses."""
+    for name in list(os.environ):
+        if name.startswith("OUTBOX_"):
+            monkeypatch.delenv(name)
+    assert parsed(command("run"), monkeypatch, value) == parsed(
+        command("status"), monkeypatch, value
+    )
