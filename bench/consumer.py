@@ -5,9 +5,9 @@ Every loop runs in batch mode (batches of 500 messages per transaction, offsets 
 commit) and writes one side-effect row per message; with and without ``deduplicate``, and with
 two kinds of handler:
 
-- ``relay.consumer.BatchConsumeLoop``, whose handler gets the batch's new messages at once and
+- ``outbox.consumer.BatchConsumeLoop``, whose handler gets the batch's new messages at once and
   inserts their rows in one statement (the targets are on these figures);
-- ``relay.consumer.ConsumeLoop``, whose handler is called per message and inserts its row with
+- ``outbox.consumer.ConsumeLoop``, whose handler is called per message and inserts its row with
   its own statement (one round trip per message, which is what limits it).
 
 Timed from the first handler call to the last commit. Runs are interleaved and the median is
@@ -32,7 +32,7 @@ from confluent_kafka import Message, Producer
 from sqlalchemy.orm import Session, sessionmaker
 
 from outbox import urls
-from relay.consumer import BatchConsumeLoop, ConsumeLoop, ConsumerSettings
+from outbox.consumer import BatchConsumeLoop, ConsumeLoop, ConsumerSettings
 
 FAST_JOIN = {"session.timeout.ms": "6000", "heartbeat.interval.ms": "500", "log_level": "3"}
 

@@ -17,8 +17,8 @@ from confluent_kafka import Message
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from outbox import urls
+from outbox.consumer import ConsumeLoop, ConsumerSettings
 from relay import logs
-from relay.consumer import ConsumeLoop, ConsumerSettings
 
 
 class Base(DeclarativeBase):

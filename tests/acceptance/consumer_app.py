@@ -1,6 +1,6 @@
 """A small consumer application for the acceptance tests, run as ``python consumer_app.py``.
 
-It runs a :class:`relay.consumer.ConsumeLoop` whose handler writes one row per message into the
+It runs a :class:`outbox.consumer.ConsumeLoop` whose handler writes one row per message into the
 side-effect table ``effects`` (created if missing; no unique constraint, so a side effect applied
 twice shows as two rows). It stops on SIGTERM and then prints its stats as one JSON line,
 ``STATS {...}``, on stdout.
@@ -30,7 +30,7 @@ if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from outbox import urls
-from relay.consumer import ConsumeLoop, ConsumerSettings, event_id_or_position
+from outbox.consumer import ConsumeLoop, ConsumerSettings, event_id_or_position
 
 #: Tansu answers a group join after about half the session timeout (23 s with the default 45 s);
 #: offsets stored after each commit are committed every 200 ms.

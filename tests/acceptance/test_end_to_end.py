@@ -17,8 +17,8 @@ from confluent_kafka import Message
 from sqlalchemy.orm import Session, sessionmaker
 
 import outbox
+from outbox.consumer import ConsumeLoop, ConsumerSettings, event_id_or_position
 from outbox.testing import log_events
-from relay.consumer import ConsumeLoop, ConsumerSettings, event_id_or_position
 from tests.acceptance.relay_harness import (
     create_topic,
     read_topic,

@@ -1,4 +1,4 @@
-"""relay.consumer.ConsumeLoop and BatchConsumeLoop against a real PostgreSQL and Kafka-protocol
+"""outbox.consumer.ConsumeLoop and BatchConsumeLoop against a real PostgreSQL and Kafka-protocol
 broker.
 
 Each loop runs in a thread (``run(handle_signals=False)``) and is stopped with ``loop.stop()``.
@@ -22,7 +22,7 @@ from confluent_kafka import Consumer, Message, Producer, TopicPartition
 from sqlalchemy.orm import Session, sessionmaker
 
 from outbox import EVENT_ID_HEADER
-from relay.consumer import (
+from outbox.consumer import (
     ATTEMPTS_HEADER,
     CONSUMER_HEADER,
     ERROR_HEADER,

@@ -702,7 +702,7 @@ def test_consume_loops_claim_in_the_configured_table_by_default(
     configured: OutboxSettings,
 ) -> None:
     """ConsumerSettings made after outbox.configure point the loop's claims at its table."""
-    from relay.consumer import ConsumerSettings
+    from outbox.consumer import ConsumerSettings
 
     made = ConsumerSettings(name="billing", topics=["orders"], bootstrap_servers="k:9092")
     assert made.outbox == configured

@@ -32,8 +32,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session, sessionmaker
 
 import outbox
+from outbox.consumer import BatchConsumeLoop
 from outbox.tracing import TRACEPARENT_HEADER, TRACESTATE_HEADER
-from relay.consumer import BatchConsumeLoop
 from tests.acceptance.relay_harness import read_topic, run_relay, wait_until
 from tests.integration.test_consumer import (
     WAIT,

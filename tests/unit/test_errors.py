@@ -51,7 +51,7 @@ def test_the_walk_sees_the_errors_outside_outbox_errors() -> None:
         "outbox.errors.OutboxError",
         "relay.pg.DatabaseUnavailableError",
         "relay.kafka.BrokerUnavailableError",
-        "relay.consumer.ConsumerStopped",
+        "outbox.consumer.ConsumerStopped",
         "schema.MigrationFileError",
     } <= set(exception_classes())
 

@@ -55,3 +55,11 @@ def test_outbox_does_not_need_greenlet_for_sync_use() -> None:
 def test_the_check_can_fail() -> None:
     """The import probe does see a module that is imported (guards against a vacuous test)."""
     assert "relay.cli" in imported_after("relay.cli")
+
+
+def test_the_consume_loops_live_in_the_application_package_without_the_daemon() -> None:
+    """An application that only consumes imports ``outbox.consumer`` (which needs the Kafka
+    client) and nothing of the relay daemon."""
+    loaded = imported_after("outbox.consumer")
+    assert "confluent_kafka" in loaded
+    assert {m for m in loaded if m.split(".")[0] == "relay"} == set()

@@ -31,8 +31,6 @@ so one bad message does not hold back the others.
 
 from __future__ import annotations
 
-import select
-import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -42,14 +40,14 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from sqlalchemy.orm import Session
 
 from outbox import dedup, tracing
+from outbox.backoff import full_jitter
 from outbox.envelope import EVENT_ID_HEADER
 from outbox.errors import OutboxError
 from outbox.settings import OutboxSettings
+from outbox.stopping import StopRequest
 from outbox.writer import default
-from relay.backoff import full_jitter
-from relay.signals import StopSignal
 
-log = structlog.get_logger("relay.consumer")
+log = structlog.get_logger("outbox.consumer")
 
 Handler = Callable[[Session, Message], None]
 BatchHandler = Callable[[Session, Sequence[Message]], None]
@@ -135,8 +133,7 @@ class _Loop(Generic[H]):
         self.session_factory = session_factory
         self.message_id = message_id
         self.stats = ConsumeStats()
-        self._stop = threading.Event()
-        self._wakeup: int | None = None
+        self._stop = StopRequest()
         self._dlq: Producer | None = None
         self._consumer = Consumer(
             {
@@ -153,34 +150,27 @@ class _Loop(Generic[H]):
 
     def stop(self) -> None:
         """Ask the loop to stop after the message in hand (thread-safe)."""
-        self._stop.set()
+        self._stop.request("stop()")
 
     def run(self, *, handle_signals: bool = True) -> None:
         """Consume until :meth:`stop`, SIGTERM/SIGINT (when ``handle_signals``), or a message
         that can be neither processed nor dead-lettered (:class:`ConsumerStopped`)."""
-        signals = StopSignal() if handle_signals else None
-        if signals is not None:
-            signals.install()
-            self._wakeup = signals.fd
+        if handle_signals:
+            self._stop.install()
         self._consumer.subscribe(list(self.settings.topics), on_revoke=self._on_revoke)
         log.info("consumer.started", consumer=self.settings.name, topics=list(self.settings.topics))
         try:
-            while not self._stopping(signals):
+            while not self._stop.requested:
                 batch = self._consumer.consume(self.settings.batch_size, self.settings.poll_timeout)
                 messages = [m for m in batch if self._usable(m)]
-                if messages and not self._process(messages, signals):
+                if messages and not self._process(messages):
                     break
         finally:
             self._consumer.close()  # commits the stored offsets
             if self._dlq is not None:
                 self._dlq.flush(10)
-            if signals is not None:
-                signals.restore()
-                signals.close()
+            self._stop.restore()
             log.info("consumer.stopped", consumer=self.settings.name, **vars(self.stats))
-
-    def _stopping(self, signals: StopSignal | None) -> bool:
-        return self._stop.is_set() or (signals is not None and signals.requested)
 
     def _usable(self, message: Message) -> bool:
         error = message.error()
@@ -190,13 +180,13 @@ class _Loop(Generic[H]):
             log.warning("consumer.kafka_error", error=str(error))
         return False
 
-    def _process(self, messages: list[Message], signals: StopSignal | None) -> bool:
+    def _process(self, messages: list[Message]) -> bool:
         """Process in order; store each offset once its transaction committed. False: stop."""
         if len(messages) > 1 and self._in_one_transaction(messages):
             self._consumer.store_offsets(offsets=next_offsets(messages))
             return True
         for message in messages:
-            if not self._one_by_one(message, signals):
+            if not self._one_by_one(message):
                 return False
             self._consumer.store_offsets(message=message)
         return True
@@ -262,7 +252,7 @@ class _Loop(Generic[H]):
             self._handle_new(session, fresh, fresh_ids)
         return len(fresh)
 
-    def _one_by_one(self, message: Message, signals: StopSignal | None) -> bool:
+    def _one_by_one(self, message: Message) -> bool:
         error: Exception | None = None
         for attempt in range(self.settings.max_attempts):
             try:
@@ -274,7 +264,7 @@ class _Loop(Generic[H]):
                 log.warning("consumer.handler_failed", attempt=attempt + 1, error=repr(exc),
                             topic=message.topic(), offset=message.offset())  # fmt: skip
                 last = attempt + 1 == self.settings.max_attempts
-                if not last and not self._sleep(self._delay(attempt), signals):
+                if not last and self._stop.wait(self._delay(attempt)):
                     return False  # stopping: the message stays unacknowledged
                 continue
             if applied:
@@ -287,14 +277,6 @@ class _Loop(Generic[H]):
 
     def _delay(self, attempt: int) -> float:
         return full_jitter(attempt, base=self.settings.backoff_base, cap=self.settings.backoff_cap)
-
-    def _sleep(self, seconds: float, signals: StopSignal | None) -> bool:
-        """Wait, unless asked to stop; True if the wait completed."""
-        if self._wakeup is not None:
-            select.select([self._wakeup], [], [], seconds)
-        else:
-            self._stop.wait(seconds)
-        return not self._stopping(signals)
 
     def _dead_letter(self, message: Message, error: Exception) -> bool:
         topic = self.settings.dead_letter_topic
