@@ -126,6 +126,8 @@ def failures_by_row(
     return failed, unmatched
 
 
+#: Why a row is not produced: an earlier row of its key was refused by the producer.
+_AFTER_REFUSED = "an earlier row of its key failed"
 #: Why a row acknowledged after an earlier row of its key failed is not counted as delivered.
 AFTER_UNDELIVERED = "an earlier row of its key was not delivered: sent again after it"
 
@@ -237,13 +239,24 @@ class KafkaPublisher:
         if self._replace_reason:
             self._replace_producer()
         self._reports = []  # filled by the failure reports
-        held: dict[int, Outcome] = {}  # rows never handed to the producer
-        held_keys: set[bytes] = set()
         deadline = time.monotonic() + self._settings.delivery_timeout + 5.0
+        refused = self._produce_all(rows, deadline)
+        waiting = self._producer.flush(0)
+        while waiting and time.monotonic() < deadline and not should_abort():
+            waiting = self._producer.flush(0.1)
+        return self._outcomes(rows, refused, unanswered=waiting > 0)
+
+    def _produce_all(self, rows: Sequence[ClaimedRow], deadline: float) -> dict[int, Outcome]:
+        """Hand every row to the producer, in order; the outcomes of those it refused, and of
+        the later rows of their keys (not produced)."""
+        refused: dict[int, Outcome] = {}
+        refused_keys: set[bytes] = set()
         produce, poll = self._producer.produce, self._producer.poll
         for n, row in enumerate(rows, 1):
-            if row.key is not None and row.key in held_keys:
-                held[row.id] = Outcome(row.id, Result.NOT_SENT, "an earlier row of its key failed")
+            if row.key is not None and row.key in refused_keys:
+                refused[row.id] = Outcome(
+                    row.id, Result.NOT_SENT, "an earlier row of its key failed"
+                )
                 continue
             event_id = (EVENT_ID_HEADER, row.event_id.encode())
             headers: Headers = [*row.headers, event_id] if row.header_names else [event_id]
@@ -252,28 +265,32 @@ class KafkaPublisher:
             except (BufferError, KafkaException):
                 failure = self._produce_slowly(row, headers, deadline)
                 if failure is not None:
-                    held[row.id] = failure
+                    refused[row.id] = failure
                     if row.key is not None:
-                        held_keys.add(row.key)
+                        refused_keys.add(row.key)
             if n % _POLL_EVERY == 0:
                 poll(0)  # serve error reports and global callbacks as they come
-        waiting = self._producer.flush(0)
-        while waiting and time.monotonic() < deadline and not should_abort():
-            waiting = self._producer.flush(0.1)
+        return refused
+
+    def _outcomes(
+        self, rows: Sequence[ClaimedRow], refused: dict[int, Outcome], *, unanswered: bool
+    ) -> list[Outcome]:
+        """One outcome per row, from the refusals, the failure reports and whether Kafka
+        answered for the whole batch in time."""
         failed, unmatched = failures_by_row(rows, self._reports)
-        unanswered = (
-            "no delivery report in time" if waiting else
+        why_not_delivered = (
+            "no delivery report in time" if unanswered else
             "a failure report matched no row of the batch" if unmatched else ""
         )  # fmt: skip
-        if not (held or failed or unanswered):  # the common case: one pass, no lookups
+        if not (refused or failed or why_not_delivered):  # the common case: no lookups
             delivered = Result.DELIVERED
             return [_new_outcome(Outcome, (row.id, delivered, "")) for row in rows]
         outcomes = [
-            held.get(row.id)
+            refused.get(row.id)
             or failed.get(row.id)
             or (
-                Outcome(row.id, Result.NOT_SENT, unanswered)
-                if unanswered
+                Outcome(row.id, Result.NOT_SENT, why_not_delivered)
+                if why_not_delivered
                 else Outcome(row.id, Result.DELIVERED)
             )
             for row in rows
