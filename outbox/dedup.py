@@ -19,6 +19,7 @@ Every function writes to the dedup table of ``settings`` when given, else of the
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -37,16 +38,41 @@ if TYPE_CHECKING:
 MAX_ID_LENGTH = 1024
 
 
-def _table(settings: OutboxSettings | None) -> str:
-    """The dedup table of ``settings``, or of the configured settings when None."""
-    return (default().settings if settings is None else settings).dedup_table
+_CLAIM = (
+    "INSERT INTO {dedup} (consumer, message_id) VALUES (%s, %s) "
+    "ON CONFLICT (consumer, message_id) DO NOTHING"
+)
+# Sorted ids take their index locks in one order, so two batches that overlap wait for each
+# other instead of deadlocking. Only the ids already there come back (usually none), not every
+# id claimed now.
+_CLAIM_MANY = (
+    "WITH ids AS (SELECT unnest(%s::text[]) AS id), "
+    "claimed AS (INSERT INTO {dedup} (consumer, message_id) "
+    "SELECT %s, id FROM ids ORDER BY id "
+    "ON CONFLICT (consumer, message_id) DO NOTHING RETURNING message_id) "
+    "SELECT id FROM ids EXCEPT ALL SELECT message_id FROM claimed"
+)
+_PURGE = (
+    "DELETE FROM {dedup} AS d USING ("
+    "SELECT consumer, message_id FROM {dedup} "
+    "WHERE processed_at < now() - %s LIMIT %s) AS old "
+    "WHERE d.consumer = old.consumer AND d.message_id = old.message_id"
+)
+
+
+@functools.lru_cache(maxsize=64)
+def _statement(template: str, settings: OutboxSettings) -> str:
+    """``template`` for the dedup table of ``settings``: built once per settings."""
+    return settings.sql(template, dedup="dedup")
+
+
+def _sql(template: str, settings: OutboxSettings | None) -> str:
+    """``template`` for ``settings``, or for the configured settings when None."""
+    return _statement(template, default().settings if settings is None else settings)
 
 
 def _claim_sql(settings: OutboxSettings | None) -> str:
-    return (
-        f"INSERT INTO {_table(settings)} (consumer, message_id) VALUES (%s, %s) "
-        "ON CONFLICT (consumer, message_id) DO NOTHING"
-    )
+    return _sql(_CLAIM, settings)
 
 
 def _valid(name: str, value: object) -> str:
@@ -84,16 +110,7 @@ async def claim_async(
 
 
 def _claim_many_sql(settings: OutboxSettings | None) -> str:
-    # Sorted ids take their index locks in one order, so two batches that overlap wait for each
-    # other instead of deadlocking. Only the ids already there come back (usually none), not
-    # every id claimed now.
-    return (
-        "WITH ids AS (SELECT unnest(%s::text[]) AS id), "
-        f"claimed AS (INSERT INTO {_table(settings)} (consumer, message_id) "
-        "SELECT %s, id FROM ids ORDER BY id "
-        "ON CONFLICT (consumer, message_id) DO NOTHING RETURNING message_id) "
-        "SELECT id FROM ids EXCEPT ALL SELECT message_id FROM claimed"
-    )
+    return _sql(_CLAIM_MANY, settings)
 
 
 def text_array(values: Iterable[str]) -> str:
@@ -153,13 +170,7 @@ def purge(
     """
     if older_than <= dt.timedelta(0):
         raise ValueError(f"older_than must be positive, got {older_than}")
-    table = _table(settings)
-    sql = (
-        f"DELETE FROM {table} AS d USING ("
-        f"SELECT consumer, message_id FROM {table} "
-        "WHERE processed_at < now() - %s LIMIT %s) AS old "
-        "WHERE d.consumer = old.consumer AND d.message_id = old.message_id"
-    )
+    sql = _sql(_PURGE, settings)
     deleted = 0
     while True:
         with conn.transaction():

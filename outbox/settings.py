@@ -1,14 +1,17 @@
 """The one place that names things: PostgreSQL schema, tables, indexes, the old NOTIFY channel.
 
 Every SQL identifier the library emits comes from :class:`OutboxSettings`, which validates the
-user-supplied parts (schema and table prefix) against a strict pattern and then quotes them.
-Nothing user-supplied is ever interpolated into SQL raw.
+user-supplied parts (schema and table prefix) against a strict pattern and quotes them with
+psycopg's ``sql.Identifier``. SQL built in Python names the outbox's objects one way only:
+:meth:`OutboxSettings.sql`, e.g. ``settings.sql("SELECT ... FROM {events}", events="events")``.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+
+from psycopg import sql as pg_sql
 
 from outbox.errors import ConfigurationError, InvalidIdentifierError
 
@@ -28,16 +31,14 @@ _PREFIX = re.compile(r"([a-z_][a-z0-9_]*)?")
 _LONGEST_SUFFIX = len("events_unpublished_idx")
 
 
-def quote_identifier(name: str) -> str:
-    """Quote an identifier that was already validated; quoting keeps reserved words safe."""
-    validate_identifier(name, what="identifier")
-    return f'"{name}"'
+def render_sql(template: str, **parts: pg_sql.Composable) -> str:
+    """``template`` with each ``{name}`` replaced by ``parts[name]`` rendered as SQL text.
 
-
-def quote_literal(text: str) -> str:
-    """Quote a validated identifier as a SQL string literal (migration 0001's NOTIFY channel)."""
-    validate_identifier(text, what="identifier")
-    return f"'{text}'"
+    Literal braces in the template (``'{}'::bool[]``) must be doubled (``'{{}}'``). Rendered to
+    ``str`` once, where the statement is built: SQLAlchemy's ``exec_driver_sql`` takes only
+    text, and psycopg would render a ``sql.Composed`` again on every ``execute``.
+    """
+    return pg_sql.SQL(template).format(**parts).as_string()
 
 
 def validate_identifier(name: str, *, what: str) -> str:
@@ -89,9 +90,29 @@ class OutboxSettings:
         """The unquoted name of one of the outbox's objects, e.g. ``name("events")``."""
         return validate_identifier(self.table_prefix + suffix, what="object name")
 
+    def identifier(self, suffix: str, *, qualified: bool = True) -> pg_sql.Identifier:
+        """One of the outbox's objects (table, function, sequence, index) as a psycopg
+        identifier: schema-qualified unless ``qualified=False`` (indexes, constraints)."""
+        if qualified:
+            return pg_sql.Identifier(self.schema, self.name(suffix))
+        return pg_sql.Identifier(self.name(suffix))
+
+    def sql(self, template: str, **names: str | pg_sql.Composable) -> str:
+        """Build a statement: each ``{name}`` in ``template`` becomes the qualified identifier
+        of the object with suffix ``names[name]`` (a str), or ``names[name]`` itself when it is
+        already a psycopg ``Composable`` (a fragment, a literal). See :func:`render_sql`."""
+        return render_sql(
+            template,
+            **{
+                name: self.identifier(part) if isinstance(part, str) else part
+                for name, part in names.items()
+            },
+        )
+
     def qualified(self, suffix: str) -> str:
-        """The quoted, schema-qualified name of a table or function, ready for SQL."""
-        return f"{quote_identifier(self.schema)}.{quote_identifier(self.name(suffix))}"
+        """The quoted, schema-qualified name of an object as text, for messages and
+        ``to_regclass``; SQL is built with :meth:`sql`."""
+        return self.identifier(suffix).as_string()
 
     @property
     def events_table(self) -> str:

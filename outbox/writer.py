@@ -12,6 +12,8 @@ import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+from psycopg import sql as pg_sql
+
 from outbox.connections import execute, execute_async
 from outbox.envelope import Envelope, Event, Headers, Key, Serializer, json_serializer, seal
 from outbox.settings import OutboxSettings
@@ -23,15 +25,21 @@ if TYPE_CHECKING:
 #: Six parameters a row; PostgreSQL takes at most 65,535 parameters in one statement.
 MAX_ROWS_PER_STATEMENT = 5000
 
-_COLUMNS = "event_id, topic, key, payload, header_names, header_values"
+_COLUMNS = pg_sql.SQL("event_id, topic, key, payload, header_names, header_values")
 _ROW = "(%s, %s, %s, %s, %s, %s)"
+
+
+@functools.lru_cache(maxsize=16)
+def _insert_head(settings: OutboxSettings) -> str:
+    return settings.sql(
+        "INSERT INTO {events} ({columns}) VALUES ", events="events", columns=_COLUMNS
+    )
 
 
 @functools.lru_cache(maxsize=64)
 def insert_sql(settings: OutboxSettings, rows: int) -> str:
     """One multi-row INSERT for ``rows`` events; identifiers come from the settings only."""
-    values = ", ".join([_ROW] * rows)
-    return f"INSERT INTO {settings.events_table} ({_COLUMNS}) VALUES {values}"
+    return _insert_head(settings) + ", ".join([_ROW] * rows)
 
 
 def insert_params(envelopes: Sequence[Envelope]) -> list[object]:

@@ -45,7 +45,7 @@ WITH owned AS (
     -- every owned shard). No flags at all when the ownership session is gone: nothing qualifies.
     -- The try-lock, when it succeeds, is held until this transaction ends, and nobody waits on it.
     SELECT CASE WHEN pg_try_advisory_xact_lock_shared(%(member_class)s, %(member_id)s)
-                THEN '{}'::bool[] ELSE %(owned)s::bool[] END AS mine
+                THEN '{{}}'::bool[] ELSE %(owned)s::bool[] END AS mine
 ), any_failed AS (  -- usually not: then the probe below is skipped for every row
     SELECT EXISTS (SELECT 1 FROM {events}
                    WHERE published_at IS NULL AND next_attempt_at IS NOT NULL
@@ -203,7 +203,8 @@ def _claimed_row(_cursor: psycopg.Cursor[Any]) -> RowMaker[ClaimedRow]:
 
 
 def _sql(template: str, settings: OutboxSettings) -> str:
-    return template.replace("{events}", settings.events_table)
+    """``template`` with ``{events}`` naming the outbox table; literal braces are doubled."""
+    return settings.sql(template, events="events")
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,7 +264,7 @@ class OutboxSource:
         self._deliverable_sql = _sql(_DELIVERABLE, events)
         self._backlog_sql = _sql(_BACKLOG, events)
         self._floor_view_sql = _sql(_FLOOR_VIEW, events)
-        self._bound_sql = _SEQUENCE_BOUND.format(last_id=settings.outbox.qualified("last_id"))
+        self._bound_sql = events.sql(_SEQUENCE_BOUND, last_id="last_id")
         self._conn: psycopg.Connection[Any] | None = None
 
     @property

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from psycopg import sql as pg_sql
 
 from outbox.settings import OutboxSettings
 
@@ -93,10 +94,14 @@ def list_dead_letters(
 ) -> list[DeadLetter]:
     where, params = selection.where("dead_lettered_at")
     rows = conn.execute(
-        f"SELECT e.id, e.event_id::text, e.topic, e.key, e.attempts, e.last_error, e.created_at,"
-        f" e.dead_lettered_at FROM {settings.events_table} AS e"
-        f" WHERE e.dead_lettered_at IS NOT NULL AND e.published_at IS NULL AND {where}"
-        " ORDER BY e.id LIMIT %(limit)s",
+        settings.sql(
+            "SELECT e.id, e.event_id::text, e.topic, e.key, e.attempts, e.last_error,"
+            " e.created_at, e.dead_lettered_at FROM {events} AS e"
+            " WHERE e.dead_lettered_at IS NOT NULL AND e.published_at IS NULL AND {where}"
+            " ORDER BY e.id LIMIT %(limit)s",
+            events="events",
+            where=pg_sql.SQL(where),
+        ),
         {**params, "limit": limit},
     ).fetchall()
     conn.rollback()
@@ -107,15 +112,34 @@ def history(
     conn: psycopg.Connection[Any], settings: OutboxSettings, limit: int
 ) -> list[dict[str, Any]]:
     rows = conn.execute(
-        "SELECT at, action, actor, reason, row_id, event_id::text, topic, key, attempts,"
-        f" last_error FROM {settings.qualified('dead_letter_log')}"
-        " ORDER BY id DESC LIMIT %s",
+        settings.sql(
+            "SELECT at, action, actor, reason, row_id, event_id::text, topic, key, attempts,"
+            " last_error FROM {log} ORDER BY id DESC LIMIT %s",
+            log="dead_letter_log",
+        ),
         (limit,),
     ).fetchall()
     conn.rollback()
     names = ("at", "action", "actor", "reason", "row_id", "event_id", "topic", "key",
              "attempts", "last_error")  # fmt: skip
     return [dict(zip(names, (*r[:7], _key(r[7]), *r[8:]), strict=True)) for r in rows]
+
+
+_ACT = """
+WITH target AS (
+    SELECT e.id, e.event_id, e.topic, e.key, e.attempts, e.last_error
+    FROM {events} AS e
+    WHERE e.dead_lettered_at IS NOT NULL AND e.published_at IS NULL AND {where}
+    FOR UPDATE
+), changed AS (
+    {change} RETURNING e.id
+)
+INSERT INTO {log} (row_id, event_id, topic, key, attempts, last_error, action, reason, actor)
+SELECT t.id, t.event_id, t.topic, t.key, t.attempts, t.last_error,
+       %(action)s, %(reason)s, %(actor)s
+FROM target AS t JOIN changed AS c ON c.id = t.id
+RETURNING row_id
+"""
 
 
 def _act(
@@ -130,22 +154,13 @@ def _act(
 ) -> list[int]:
     """Apply ``change`` to the selected dead letters and log each one, in one transaction."""
     where, params = selection.where("dead_lettered_at")
-    events, log = settings.events_table, settings.qualified("dead_letter_log")
-    sql = f"""
-    WITH target AS (
-        SELECT e.id, e.event_id, e.topic, e.key, e.attempts, e.last_error
-        FROM {events} AS e
-        WHERE e.dead_lettered_at IS NOT NULL AND e.published_at IS NULL AND {where}
-        FOR UPDATE
-    ), changed AS (
-        {change} RETURNING e.id
+    sql = settings.sql(
+        _ACT,
+        events="events",
+        log="dead_letter_log",
+        where=pg_sql.SQL(where),
+        change=pg_sql.SQL(change),
     )
-    INSERT INTO {log} (row_id, event_id, topic, key, attempts, last_error, action, reason, actor)
-    SELECT t.id, t.event_id, t.topic, t.key, t.attempts, t.last_error,
-           %(action)s, %(reason)s, %(actor)s
-    FROM target AS t JOIN changed AS c ON c.id = t.id
-    RETURNING row_id
-    """
     with conn.transaction():
         rows = conn.execute(
             sql, {**params, "action": action, "reason": reason, "actor": actor}
@@ -163,9 +178,11 @@ def retry(
 ) -> list[int]:
     """Put dead letters back in the queue with their attempts reset; they keep their event_id.
     Due at once: ``next_attempt_at`` is set (see ``PUT_BACK``)."""
-    change = (
-        f"UPDATE {settings.events_table} AS e SET dead_lettered_at = NULL, attempts = 0,"
-        f" next_attempt_at = {PUT_BACK} FROM target WHERE e.id = target.id"
+    change = settings.sql(
+        "UPDATE {events} AS e SET dead_lettered_at = NULL, attempts = 0,"
+        " next_attempt_at = {put_back} FROM target WHERE e.id = target.id",
+        events="events",
+        put_back=pg_sql.SQL(PUT_BACK),
     )
     return _act(conn, settings, selection, action="retry", change=change, reason=reason,
                 actor=actor)  # fmt: skip
@@ -182,7 +199,9 @@ def discard(
     """Delete dead letters for good (they stay described in the log); a reason is required."""
     if not reason.strip():
         raise ValueError("discarding an event needs a reason")
-    change = f"DELETE FROM {settings.events_table} AS e USING target WHERE e.id = target.id"
+    change = settings.sql(
+        "DELETE FROM {events} AS e USING target WHERE e.id = target.id", events="events"
+    )
     return _act(conn, settings, Selection(ids=ids), action="discard", change=change,
                 reason=reason, actor=actor)  # fmt: skip
 
@@ -195,9 +214,14 @@ def replay(
     where, params = selection.where("created_at")
     with conn.transaction():
         rows = conn.execute(
-            f"UPDATE {settings.events_table} AS e SET published_at = NULL, attempts = 0,"
-            f" next_attempt_at = {PUT_BACK}, last_error = NULL"
-            f" WHERE e.published_at IS NOT NULL AND {where} RETURNING e.id",
+            settings.sql(
+                "UPDATE {events} AS e SET published_at = NULL, attempts = 0,"
+                " next_attempt_at = {put_back}, last_error = NULL"
+                " WHERE e.published_at IS NOT NULL AND {where} RETURNING e.id",
+                events="events",
+                put_back=pg_sql.SQL(PUT_BACK),
+                where=pg_sql.SQL(where),
+            ),
             params,
         ).fetchall()
     return sorted(int(r[0]) for r in rows)

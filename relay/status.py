@@ -103,17 +103,16 @@ def read(
     retention_kept: bool,
 ) -> Status:
     """Every figure of the status, read in one snapshot (one REPEATABLE READ transaction)."""
-    events = settings.events_table
     with conn.transaction():
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
         backlog, oldest, retrying, dead, last_minute = conn.execute(
-            _COUNTS.format(events=events)
+            settings.sql(_COUNTS, events="events")
         ).fetchone() or (0, None, 0, 0, 0)
         blocked, oldest_blocked = conn.execute(
-            _BLOCKED.format(events=events), {"dead_letters_block": dead_letters_block}
+            settings.sql(_BLOCKED, events="events"), {"dead_letters_block": dead_letters_block}
         ).fetchone() or (0, None)
-        by_topic = conn.execute(_BACKLOG_BY_TOPIC.format(events=events)).fetchall()
-        by_shard = conn.execute(_BACKLOG_BY_SHARD.format(events=events)).fetchall()
+        by_topic = conn.execute(settings.sql(_BACKLOG_BY_TOPIC, events="events")).fetchall()
+        by_shard = conn.execute(settings.sql(_BACKLOG_BY_SHARD, events="events")).fetchall()
         relays = conn.execute(
             _RELAYS,
             {"shards": lock_class(settings, "shards"), "members": lock_class(settings, "members")},

@@ -60,8 +60,9 @@ class Wakeup:
     """Waits for claimable events on a connection of its own (autocommit)."""
 
     def __init__(self, settings: OutboxSettings) -> None:
-        function = settings.qualified("wait_for_events")
-        self._sql = f"SELECT * FROM {function}(%s, %s::bigint[], %s, %s, %s, %s)"
+        self._sql = settings.sql(
+            "SELECT * FROM {wait}(%s, %s::bigint[], %s, %s, %s, %s)", wait="wait_for_events"
+        )
         self._look: Look | None = None
         self._polling_reported = False
 

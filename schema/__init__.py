@@ -6,7 +6,12 @@ script that ``outbox-relay schema show`` prints. Applying them to a database is 
 
 Migration files are named ``NNNN_slug.sql`` and numbered from 1 without gaps. They refer to
 database objects only through placeholders (``{{schema}}``, ``{{p:events}}``), which are replaced
-by identifiers validated and quoted by :class:`outbox.OutboxSettings`.
+by the identifiers :meth:`outbox.OutboxSettings.identifier` makes, quoted by psycopg's
+``sql.Identifier`` like every other statement the package builds.
+
+The files keep their own placeholder syntax rather than ``OutboxSettings.sql``'s ``{events}``:
+their checksums are recorded in databases, so their text cannot change, and PL/pgSQL bodies and
+array literals use single braces, which ``str.format``-style templates would take for fields.
 """
 
 from __future__ import annotations
@@ -17,8 +22,10 @@ from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 
+from psycopg import sql as pg_sql
+
 from outbox.errors import OutboxError
-from outbox.settings import OutboxSettings, quote_identifier, quote_literal
+from outbox.settings import OutboxSettings, render_sql
 
 _FILE_NAME = re.compile(r"(\d{4})_([a-z0-9_]+)\.sql")
 _PLACEHOLDER = re.compile(r"\{\{(schema|channel|p:[a-z0-9_]+)\}\}")
@@ -58,10 +65,12 @@ def render(template: str, settings: OutboxSettings) -> str:
     def replace(match: re.Match[str]) -> str:
         placeholder = match.group(1)
         if placeholder == "schema":
-            return quote_identifier(settings.schema)
-        if placeholder == "channel":
-            return quote_literal(settings.notify_channel)
-        return quote_identifier(settings.name(placeholder.removeprefix("p:")))
+            part: pg_sql.Composable = pg_sql.Identifier(settings.schema)
+        elif placeholder == "channel":
+            part = pg_sql.Literal(settings.notify_channel)
+        else:
+            part = settings.identifier(placeholder.removeprefix("p:"), qualified=False)
+        return part.as_string()
 
     rendered = _PLACEHOLDER.sub(replace, template)
     if "{{" in rendered:
@@ -98,9 +107,10 @@ def lock_statement(settings: OutboxSettings) -> str:
     Keyed on the schema, not the table prefix: outboxes with different prefixes share the
     ``CREATE SCHEMA IF NOT EXISTS``, which fails if two transactions run it at once.
     """
-    return (
-        f"SELECT pg_advisory_xact_lock(hashtext('{_LOCK_CLASS}'), "
-        f"hashtext({quote_literal(settings.schema)}))"
+    return render_sql(
+        "SELECT pg_advisory_xact_lock(hashtext({lock_class}), hashtext({schema}))",
+        lock_class=pg_sql.Literal(_LOCK_CLASS),
+        schema=pg_sql.Literal(settings.schema),
     )
 
 
@@ -108,23 +118,33 @@ def bootstrap_statements(settings: OutboxSettings) -> list[str]:
     """Create the schema (namespace) if needed and the table recording applied migrations."""
     statements = []
     if settings.schema != "public":
-        statements.append(f"CREATE SCHEMA IF NOT EXISTS {quote_identifier(settings.schema)}")
+        statements.append(
+            render_sql(
+                "CREATE SCHEMA IF NOT EXISTS {schema}", schema=pg_sql.Identifier(settings.schema)
+            )
+        )
     statements.append(
-        f"CREATE TABLE IF NOT EXISTS {settings.migrations_table} (\n"
-        "    version    integer PRIMARY KEY,\n"
-        "    name       text NOT NULL,\n"
-        "    checksum   text NOT NULL,\n"
-        "    applied_at timestamptz NOT NULL DEFAULT now()\n"
-        ")"
+        settings.sql(
+            "CREATE TABLE IF NOT EXISTS {table} (\n"
+            "    version    integer PRIMARY KEY,\n"
+            "    name       text NOT NULL,\n"
+            "    checksum   text NOT NULL,\n"
+            "    applied_at timestamptz NOT NULL DEFAULT now()\n"
+            ")",
+            table="schema_migrations",
+        )
     )
     return statements
 
 
 def record_statement(settings: OutboxSettings, migration: Migration) -> str:
     """The bookkeeping INSERT run in the same transaction as the migration itself."""
-    return (
-        f"INSERT INTO {settings.migrations_table} (version, name, checksum) "
-        f"VALUES ({migration.version:d}, '{migration.name}', '{migration.checksum}')"
+    return settings.sql(
+        "INSERT INTO {table} (version, name, checksum) VALUES ({version}, {name}, {checksum})",
+        table="schema_migrations",
+        version=pg_sql.Literal(migration.version),
+        name=pg_sql.Literal(migration.name),
+        checksum=pg_sql.Literal(migration.checksum),
     )
 
 

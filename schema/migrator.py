@@ -52,7 +52,12 @@ def status(conn: psycopg.Connection[Any], settings: OutboxSettings) -> SchemaSta
         raise SchemaMissingError(
             f"the outbox schema is not installed: table {table} does not exist; {APPLY_HINT}"
         )
-    rows = _run(conn, f"SELECT version, checksum FROM {table} ORDER BY version").fetchall()
+    rows = _run(
+        conn,
+        settings.sql(
+            "SELECT version, checksum FROM {table} ORDER BY version", table="schema_migrations"
+        ),
+    ).fetchall()
     recorded = {version: checksum for version, checksum in rows}
     shipped = {m.version: m for m in all_migrations()}
     return SchemaStatus(

@@ -11,8 +11,6 @@ from outbox.settings import (
     DEFAULT_MAX_PAYLOAD_BYTES,
     MAX_IDENTIFIER_LENGTH,
     OutboxSettings,
-    quote_identifier,
-    quote_literal,
 )
 
 #: The longest prefix that still leaves room for every suffix the migrations append.
@@ -141,19 +139,13 @@ def test_object_names_are_validated_too(suffix: str) -> None:
         OutboxSettings().qualified(suffix)
 
 
-@pytest.mark.parametrize("text", ["a;drop table x", "x'y", 'x"y', "", "A"])
-def test_quote_helpers_refuse_unvalidated_text(text: str) -> None:
-    """quote_identifier and quote_literal never wrap unsafe text in quotes."""
+@pytest.mark.parametrize("suffix", ["events; drop table x", 'events"', "Events", "x" * 60])
+def test_sql_refuses_unsafe_object_names(suffix: str) -> None:
+    """The SQL helper validates the object name before quoting it."""
     with pytest.raises(outbox.InvalidIdentifierError):
-        quote_identifier(text)
+        OutboxSettings().sql("SELECT 1 FROM {t}", t=suffix)
     with pytest.raises(outbox.InvalidIdentifierError):
-        quote_literal(text)
-
-
-def test_quote_helpers_quote_valid_names() -> None:
-    """Valid names come back as a quoted identifier and as a string literal."""
-    assert quote_identifier("order") == '"order"'
-    assert quote_literal("outbox_events") == "'outbox_events'"
+        OutboxSettings().identifier(suffix, qualified=False)
 
 
 @pytest.mark.parametrize("limit", [0, -1, -(2**40)])
