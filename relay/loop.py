@@ -22,12 +22,13 @@ import psycopg
 import structlog
 
 from outbox.errors import one_line
-from relay.backoff import BreakerState, CircuitBreaker, full_jitter
+from relay.backoff import CircuitBreaker
 from relay.config import RelaySettings
 from relay.floor import ScanFloor
-from relay.pg import DatabaseUnavailableError
+from relay.outage import BreakerReport
 from relay.pipeline import Pipeline, filled
 from relay.ports import ClaimedRow, Metrics, NoMetrics, Outcome, Publisher, Result
+from relay.recovery import reconnect
 from relay.retention import PURGE_EVERY, Purge
 from relay.schedule import Schedule, Task
 from relay.shards import ShardOwner
@@ -89,7 +90,8 @@ class Relay:
         self.purged = 0
         self._published_at_progress = 0
         self.chores = self._schedule()
-        self._breaker_reported: BreakerState | None = None
+        #: The breaker's changes, as log lines and its gauge.
+        self.outage = BreakerReport(self.breaker, self.metrics)
         #: When the first batch's claim began and the last batch committed (``clock``): what
         #: ``relay.drained`` reports when ``exit_when_idle`` ends the run.
         self._first_claim_at: float | None = None
@@ -126,7 +128,7 @@ class Relay:
         if not woken:
             self._chores(self.clock())
         allowed = self.breaker.allow()
-        self._report_breaker()
+        self.outage.gauge()
         if not allowed:
             self.batches.drop_prefetch()
             self._pause(min(self.breaker.seconds_until_probe(), self.settings.poll_interval))
@@ -238,30 +240,8 @@ class Relay:
                 log.warning("event.dead_lettered", row_id=failure.row_id, error=failure.error)
         if sent:  # else every row waited behind its key: Kafka was not asked, so nothing learnt
             broker_failures = [o for o in outcomes if o.result is Result.BROKER]
-            self._record_batch(ok=bool(delivered) or not broker_failures, outcomes=broker_failures)
+            self.outage.record(ok=bool(delivered) or not broker_failures, failures=broker_failures)
         return len(delivered) == len(rows)
-
-    def _record_batch(self, *, ok: bool, outcomes: list[Outcome]) -> None:
-        before = self.breaker.state
-        self.breaker.record(ok)
-        after = self.breaker.state
-        if after is before:
-            return
-        self._report_breaker()
-        error = outcomes[0].error if outcomes else ""
-        probe_in_s = round(self.breaker.seconds_until_probe(), 1)
-        if after is BreakerState.OPEN and before is BreakerState.CLOSED:
-            log.error("kafka.unavailable", breaker=after.value, error=error, probe_in_s=probe_in_s)
-        elif after is BreakerState.OPEN:  # a failed probe: the outage was reported once already
-            log.info("kafka.still_unavailable", error=error, probe_in_s=probe_in_s)
-        elif after is BreakerState.CLOSED:
-            log.info("kafka.available", breaker=after.value)
-
-    def _report_breaker(self) -> None:
-        state = self.breaker.state
-        if state is not self._breaker_reported:
-            self.metrics.set_breaker(state)
-            self._breaker_reported = state
 
     def _rebalance(self, now: float) -> float:
         acquired, released = self.shards.rebalance()
@@ -324,7 +304,7 @@ class Relay:
         )
 
     def _recover_database(self, exc: psycopg.Error) -> None:
-        """Drop both connections (and so our shards), then reconnect with backoff until it works.
+        """Drop both connections (and so our shards), then reconnect until it works.
 
         A batch interrupted here stays unpublished in the table (its transaction is gone) and is
         sent again after the reconnection: duplicates, never loss.
@@ -335,23 +315,13 @@ class Relay:
         self.chores.make_due("floor")
         self.metrics.database_ok(False)
         self.metrics.set_shards_owned(0)
-        attempt = 0
-        while not self.stop.requested:
-            delay = full_jitter(attempt, base=0.5, cap=30.0)
-            self.metrics.beat()  # reconnecting is being alive
-            self._sleep(delay)
-            self.metrics.beat()
-            if self.stop.requested:
-                return
-            try:
-                self.connect()
-            except (psycopg.Error, DatabaseUnavailableError) as retry_exc:
-                self.close_connections()
-                attempt += 1
-                log.debug("database.reconnect_failed", attempt=attempt, error=str(retry_exc))
-                continue
-            log.info("database.reconnected", attempts=attempt + 1)
-            return
+        reconnect(
+            self.connect,
+            self.close_connections,
+            stop=self.stop,
+            sleep=self._sleep,
+            alive=self.metrics.beat,
+        )
 
     def shutdown(self) -> None:
         """Stop the claim thread (after ``close_connections``)."""

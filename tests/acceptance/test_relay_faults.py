@@ -357,7 +357,7 @@ def test_relay_survives_its_database_sessions_being_terminated(
         for _ in range(3):
             killed.append(_terminate_relay_sessions(database_url))
             left.append(_rows_left(database_url))
-            time.sleep(1.0)
+            time.sleep(0.5)  # a quiet machine drains the backlog in about 2 s
         print(f"terminated sessions: rows left at each termination {left}")
         assert killed[0] >= 1
         assert left[-1] > 0, "the backlog drained before the last termination; make it larger"
