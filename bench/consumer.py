@@ -43,8 +43,12 @@ def produce(bootstrap: str, topic: str, messages: int) -> None:
         body = json.dumps({"order_id": i, "total": "12.50"}).encode().ljust(256)
         while True:
             try:
-                producer.produce(topic, body, key=str(i % 1000).encode(),
-                                 headers=[("event_id", str(uuid.uuid4()).encode())])  # fmt: skip
+                producer.produce(
+                    topic,
+                    body,
+                    key=str(i % 1000).encode(),
+                    headers=[("event_id", str(uuid.uuid4()).encode())],
+                )
                 break
             except BufferError:
                 producer.poll(0.01)
@@ -57,8 +61,15 @@ SIDE_EFFECTS = sa.table("side_effects", sa.column("n", sa.Integer))
 LOOPS = [("batch", True), ("batch", False), ("message", True), ("message", False)]
 
 
-def one_run(bootstrap: str, topic: str, engine: sa.Engine, messages: int, batch: int,
-            kind: str, deduplicate: bool) -> float:  # fmt: skip
+def one_run(
+    bootstrap: str,
+    topic: str,
+    engine: sa.Engine,
+    messages: int,
+    batch: int,
+    kind: str,
+    deduplicate: bool,
+) -> float:
     """Messages per second through the loop, first handler call to last commit."""
     first: list[float] = []
 
@@ -73,8 +84,9 @@ def one_run(bootstrap: str, topic: str, engine: sa.Engine, messages: int, batch:
         session.execute(sa.insert(SIDE_EFFECTS), [{"n": message.offset()} for message in batch])
 
     name = f"bench-{uuid.uuid4().hex[:8]}"
-    settings = ConsumerSettings(name, [topic], bootstrap, batch_size=batch,
-                                kafka_config=FAST_JOIN, deduplicate=deduplicate)  # fmt: skip
+    settings = ConsumerSettings(
+        name, [topic], bootstrap, batch_size=batch, kafka_config=FAST_JOIN, deduplicate=deduplicate
+    )
     loop: ConsumeLoop | BatchConsumeLoop = (
         BatchConsumeLoop(settings, per_batch, sessionmaker(engine))
         if kind == "batch"
@@ -142,23 +154,36 @@ def rows(result: dict[str, Any]) -> list[common.Row]:
     for kind, label in HANDLERS.items():
         figures = result[kind]
         out += [
-            common.Row("consumer", f"{label} without dedup, batches of {batch}",
-                       common.num(figures["without_dedup_msgs_per_s"]), "msg/s", "baseline"),
-            common.Row("consumer", f"{label} with dedup, batches of {batch}",
-                       common.num(figures["with_dedup_msgs_per_s"]), "msg/s",
-                       f"{figures['ratio']:.2f} of without"),
-        ]  # fmt: skip
+            common.Row(
+                "consumer",
+                f"{label} without dedup, batches of {batch}",
+                common.num(figures["without_dedup_msgs_per_s"]),
+                "msg/s",
+                "baseline",
+            ),
+            common.Row(
+                "consumer",
+                f"{label} with dedup, batches of {batch}",
+                common.num(figures["with_dedup_msgs_per_s"]),
+                "msg/s",
+                f"{figures['ratio']:.2f} of without",
+            ),
+        ]
     return out
 
 
 def targets(result: dict[str, Any]) -> list[common.Target]:
     figures = result["batch"]
     return [
-        common.Target("consumer with dedup (batch handler)", figures["with_dedup_msgs_per_s"],
-                      ">=", 20_000, "msg/s"),
-        common.Target("consumer with dedup / without (batch handler)", figures["ratio"], ">=",
-                      0.6),
-    ]  # fmt: skip
+        common.Target(
+            "consumer with dedup (batch handler)",
+            figures["with_dedup_msgs_per_s"],
+            ">=",
+            20_000,
+            "msg/s",
+        ),
+        common.Target("consumer with dedup / without (batch handler)", figures["ratio"], ">=", 0.6),
+    ]
 
 
 if __name__ == "__main__":

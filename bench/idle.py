@@ -58,9 +58,15 @@ class Arrivals:
     def __init__(self, bootstrap: str, topics: list[str]) -> None:
         self.at: dict[str, float] = {}
         self._stop = threading.Event()
-        self._consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": topics[0],
-                                   "fetch.wait.max.ms": 2, "enable.auto.commit": False,
-                                   **common.QUIET})  # fmt: skip
+        self._consumer = Consumer(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": topics[0],
+                "fetch.wait.max.ms": 2,
+                "enable.auto.commit": False,
+                **common.QUIET,
+            }
+        )
         self._consumer.assign(
             [TopicPartition(t, p, 0) for t in topics for p in range(common.PARTITIONS)]
         )
@@ -111,8 +117,9 @@ class AloneProducer:
         """(its event id, when it was handed over)."""
         event_id = f"alone-{time.monotonic_ns()}"
         handed_over = time.time()
-        self._producer.produce(self._topic, b"{}", key=b"alone",
-                               headers=[(EVENT_ID_HEADER, event_id.encode())])  # fmt: skip
+        self._producer.produce(
+            self._topic, b"{}", key=b"alone", headers=[(EVENT_ID_HEADER, event_id.encode())]
+        )
         self._producer.poll(0)
         return event_id, handed_over
 
@@ -180,15 +187,17 @@ def one_round(env: common.Env, relays: int, idle_seconds: float) -> list[dict[st
                 for a, b in zip(after[i], before[i], strict=True)
             ]
             server = [u for u in used[1:] if u is not None]
-            results.append({
-                "relay_cpu_pct": 100 * (used[0] or 0.0) / elapsed,
-                "backends_cpu_pct": 100 * sum(server) / elapsed if server else None,
-                "backends": len(pids[i]) - 1,
-                "transactions_per_s": (xacts_after[i] - xacts[i]) / elapsed,
-                "idle_s": round(time.monotonic() - started, 1),
-                "lone_event_ms": latency_ms,
-                "kafka_alone_ms": alone_ms,
-            })  # fmt: skip
+            results.append(
+                {
+                    "relay_cpu_pct": 100 * (used[0] or 0.0) / elapsed,
+                    "backends_cpu_pct": 100 * sum(server) / elapsed if server else None,
+                    "backends": len(pids[i]) - 1,
+                    "transactions_per_s": (xacts_after[i] - xacts[i]) / elapsed,
+                    "idle_s": round(time.monotonic() - started, 1),
+                    "lone_event_ms": latency_ms,
+                    "kafka_alone_ms": alone_ms,
+                }
+            )
             time.sleep(1.0)  # one relay at a time: each event has the machine to itself
         return results
 
@@ -227,34 +236,62 @@ def measure(env: common.Env, opts: common.Options) -> dict[str, Any]:
 def rows(result: dict[str, Any]) -> list[common.Row]:
     n, idle = len(result["samples"]), result["idle_seconds"]
     out = [
-        common.Row("idle", f"Kafka alone, one message after {idle:.0f} s idle, p50 / p99",
-                   f"{result['kafka_alone_p50_ms']:.1f} / {result['kafka_alone_p99_ms']:.1f}",
-                   "ms", "baseline: a producer with the relay's settings"),
-        common.Row("idle", f"lone event after {idle:.0f} s idle, commit to delivery, p50",
-                   common.num(result["lone_event_p50_ms"], 1), "ms",
-                   f"{n} events, {result['relays_at_once']} relays idling at once"),
-        common.Row("idle", f"lone event after {idle:.0f} s idle, commit to delivery, p99",
-                   common.num(result["lone_event_p99_ms"], 1), "ms"),
-        common.Row("idle", "idle relay process CPU, median (max)",
-                   f"{result['relay_cpu_pct']:.2f} ({result['relay_cpu_pct_max']:.2f})",
-                   "% of a core", f"over {idle:.0f} s"),
-        common.Row("idle", "its 3 PostgreSQL backends' CPU, median",
-                   common.num(result["backends_cpu_pct"], 2)
-                   if result["backends_cpu_pct"] is not None else "n/a",
-                   "% of a core", "the wait's ticks inside PostgreSQL"),
-        common.Row("idle", "transactions an idle relay sends",
-                   common.num(result["transactions_per_s"], 1), "/s", "pg_stat_database"),
-    ]  # fmt: skip
+        common.Row(
+            "idle",
+            f"Kafka alone, one message after {idle:.0f} s idle, p50 / p99",
+            f"{result['kafka_alone_p50_ms']:.1f} / {result['kafka_alone_p99_ms']:.1f}",
+            "ms",
+            "baseline: a producer with the relay's settings",
+        ),
+        common.Row(
+            "idle",
+            f"lone event after {idle:.0f} s idle, commit to delivery, p50",
+            common.num(result["lone_event_p50_ms"], 1),
+            "ms",
+            f"{n} events, {result['relays_at_once']} relays idling at once",
+        ),
+        common.Row(
+            "idle",
+            f"lone event after {idle:.0f} s idle, commit to delivery, p99",
+            common.num(result["lone_event_p99_ms"], 1),
+            "ms",
+        ),
+        common.Row(
+            "idle",
+            "idle relay process CPU, median (max)",
+            f"{result['relay_cpu_pct']:.2f} ({result['relay_cpu_pct_max']:.2f})",
+            "% of a core",
+            f"over {idle:.0f} s",
+        ),
+        common.Row(
+            "idle",
+            "its 3 PostgreSQL backends' CPU, median",
+            common.num(result["backends_cpu_pct"], 2)
+            if result["backends_cpu_pct"] is not None
+            else "n/a",
+            "% of a core",
+            "the wait's ticks inside PostgreSQL",
+        ),
+        common.Row(
+            "idle",
+            "transactions an idle relay sends",
+            common.num(result["transactions_per_s"], 1),
+            "/s",
+            "pg_stat_database",
+        ),
+    ]
     return out
 
 
 def targets(result: dict[str, Any]) -> list[common.Target]:
     return [
-        common.Target("lone event after an idle minute, p99", result["lone_event_p99_ms"],
-                      "<", 15, "ms"),
-        common.Target("idle relay CPU (the process), median", result["relay_cpu_pct"], "<", 1,
-                      "% of a core"),
-    ]  # fmt: skip
+        common.Target(
+            "lone event after an idle minute, p99", result["lone_event_p99_ms"], "<", 15, "ms"
+        ),
+        common.Target(
+            "idle relay CPU (the process), median", result["relay_cpu_pct"], "<", 1, "% of a core"
+        ),
+    ]
 
 
 if __name__ == "__main__":

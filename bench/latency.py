@@ -103,16 +103,24 @@ def rows(result: dict[str, Any]) -> list[common.Row]:
         for p in ("p50", "p99"):
             if alone is not None:
                 out.append(
-                    common.Row("latency", f"Kafka alone, producer to consumer at {label}, {p}",
-                               common.num(alone[f"{p}_ms"], 1), "ms",
-                               "baseline" + (f", {alone['missing']} missing" if p == "p50" else ""))
-                )  # fmt: skip
+                    common.Row(
+                        "latency",
+                        f"Kafka alone, producer to consumer at {label}, {p}",
+                        common.num(alone[f"{p}_ms"], 1),
+                        "ms",
+                        "baseline" + (f", {alone['missing']} missing" if p == "p50" else ""),
+                    )
+                )
             extra = f"+{r[f'{p}_ms'] - alone[f'{p}_ms']:.1f} ms over Kafka alone" if alone else ""
             out.append(
-                common.Row("latency", f"commit to delivery at {label}, {p}",
-                           common.num(r[f"{p}_ms"], 1), "ms",
-                           ", ".join(x for x in (note if p == "p50" else "", extra) if x))
-            )  # fmt: skip
+                common.Row(
+                    "latency",
+                    f"commit to delivery at {label}, {p}",
+                    common.num(r[f"{p}_ms"], 1),
+                    "ms",
+                    ", ".join(x for x in (note if p == "p50" else "", extra) if x),
+                )
+            )
     return out
 
 

@@ -114,9 +114,15 @@ class Receiver:
         self.plan = plan
         self.following = threading.Event()  # set once the plan has its start time
         self._stop = threading.Event()
-        self._consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": plan.topics[0],
-                                   "fetch.wait.max.ms": FETCH_WAIT_MS, "enable.auto.commit": False,
-                                   **common.QUIET})  # fmt: skip
+        self._consumer = Consumer(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": plan.topics[0],
+                "fetch.wait.max.ms": FETCH_WAIT_MS,
+                "enable.auto.commit": False,
+                **common.QUIET,
+            }
+        )
         self._assigned = [0]  # topic indexes
         self._consumer.assign(self._partitions(0))
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -180,8 +186,9 @@ class Receiver:
         self._thread.join()
 
 
-def warm_up(database_url: str, topic: str, receiver: Receiver, relay: common.Relay,
-            timeout: float = 30) -> None:  # fmt: skip
+def warm_up(
+    database_url: str, topic: str, receiver: Receiver, relay: common.Relay, timeout: float = 30
+) -> None:
     """One event through the relay: once it arrived, the relay owns its shards and its
     producer is connected."""
     with psycopg.connect(database_url) as conn:
@@ -195,8 +202,15 @@ def warm_up(database_url: str, topic: str, receiver: Receiver, relay: common.Rel
             raise TimeoutError(f"the warm-up event did not arrive within {timeout} s:\n{tail}")
 
 
-def _paced(rate: float, seconds: float, per_commit: int, index: int, writers: int,
-           start_at: float, send: Callable[[int], float]) -> array.array[float]:  # fmt: skip
+def _paced(
+    rate: float,
+    seconds: float,
+    per_commit: int,
+    index: int,
+    writers: int,
+    start_at: float,
+    send: Callable[[int], float],
+) -> array.array[float]:
     """Call ``send(first)`` for events ``first .. first + per_commit`` (this writer's share)
     ``rate / per_commit`` times a second for ``seconds`` from wall time ``start_at``; the wall
     times the calls return (when their events were committed or handed over)."""
@@ -214,9 +228,18 @@ def _paced(rate: float, seconds: float, per_commit: int, index: int, writers: in
     return times
 
 
-def _writer(database_url: str, topics: list[str], rotate_s: float, rate: float, seconds: float,
-            per_commit: int, index: int, writers: int, start_at: float,
-            out: Connection) -> None:  # fmt: skip
+def _writer(
+    database_url: str,
+    topics: list[str],
+    rotate_s: float,
+    rate: float,
+    seconds: float,
+    per_commit: int,
+    index: int,
+    writers: int,
+    start_at: float,
+    out: Connection,
+) -> None:
     """A writer process: ``rate`` events/s for ``seconds`` from wall time ``start_at``, on the
     topic of the moment; sends back its commit times."""
     with psycopg.connect(database_url) as conn:
@@ -235,9 +258,18 @@ def _writer(database_url: str, topics: list[str], rotate_s: float, rate: float, 
     out.close()
 
 
-def _producer(bootstrap: str, topics: list[str], rotate_s: float, rate: float, seconds: float,
-              per_commit: int, index: int, writers: int, start_at: float,
-              out: Connection) -> None:  # fmt: skip
+def _producer(
+    bootstrap: str,
+    topics: list[str],
+    rotate_s: float,
+    rate: float,
+    seconds: float,
+    per_commit: int,
+    index: int,
+    writers: int,
+    start_at: float,
+    out: Connection,
+) -> None:
     """:func:`_writer` without the database: the same events straight to Kafka with the
     relay's producer settings (the baseline of the latency section), each group flushed before
     the next as the relay flushes each batch; sends back the time each group was handed to the
@@ -248,8 +280,12 @@ def _producer(bootstrap: str, topics: list[str], rotate_s: float, rate: float, s
     def send(first: int) -> float:
         topic = topics[topic_index(start_at, rotate_s, len(topics), time.time())]
         for i in range(first, first + writers * per_commit, writers):
-            producer.produce(topic, value=common.payload(i, SIZE), key=common.key(i),
-                             headers=[(EVENT_ID_HEADER, str(uuid.uuid4()).encode())])  # fmt: skip
+            producer.produce(
+                topic,
+                value=common.payload(i, SIZE),
+                key=common.key(i),
+                headers=[(EVENT_ID_HEADER, str(uuid.uuid4()).encode())],
+            )
         handed_over = time.time()
         if producer.flush(60):
             raise RuntimeError("the producer could not deliver a group of events")
@@ -306,8 +342,13 @@ def produce(bootstrap: str, plan: Plan, receiver: Receiver) -> Load:
     return _run_writers(_producer, bootstrap, plan, receiver, lambda: None)
 
 
-def _run_writers(target: Callable[..., None], address: str, plan: Plan, receiver: Receiver,
-                 check: Callable[[], None]) -> Load:  # fmt: skip
+def _run_writers(
+    target: Callable[..., None],
+    address: str,
+    plan: Plan,
+    receiver: Receiver,
+    check: Callable[[], None],
+) -> Load:
     rate, seconds = plan.rate, plan.seconds
     writers, per_commit = shape(rate)
     ctx = multiprocessing.get_context("spawn")
@@ -347,8 +388,12 @@ def _run_writers(target: Callable[..., None], address: str, plan: Plan, receiver
     return Load(rate, seconds, writers, per_commit, plan.start_at, commits, len(plan.topics))
 
 
-def summary(samples: list[tuple[float, float]], missing: int, load: Load, receiver: Receiver,
-            ) -> dict[str, Any]:  # fmt: skip
+def summary(
+    samples: list[tuple[float, float]],
+    missing: int,
+    load: Load,
+    receiver: Receiver,
+) -> dict[str, Any]:
     ordered = sorted(latency for _, latency in samples)
     return {
         "rate": load.rate,
@@ -369,8 +414,9 @@ def summary(samples: list[tuple[float, float]], missing: int, load: Load, receiv
 
 
 @contextlib.contextmanager
-def steady(env: common.Env, database_url: str, rate: float, seconds: float,
-           *relay_args: str) -> Iterator[tuple[common.Relay, Receiver, Plan]]:  # fmt: skip
+def steady(
+    env: common.Env, database_url: str, rate: float, seconds: float, *relay_args: str
+) -> Iterator[tuple[common.Relay, Receiver, Plan]]:
     """The plan's topics, a running relay (warmed up) and a receiver following the plan."""
     with env.topics(Plan.topics_needed(rate, seconds)) as topics:
         plan = Plan(rate, seconds, topics)

@@ -190,9 +190,12 @@ def rows(result: dict[str, Any]) -> list[common.Row]:
         b = result["backlog"]
         backlogs = b["backlogs"].items()  # smallest first
         for n, r in backlogs:
-            detail = f"baseline; median of {len(r['runs'])} drains" if int(n) == b["small"] else (
-                f"{r['ratio_to_small']:.2f} of the small backlog; {r['delivered']:,} on the broker"
-            )  # fmt: skip
+            detail = (
+                f"baseline; median of {len(r['runs'])} drains"
+                if int(n) == b["small"]
+                else f"{r['ratio_to_small']:.2f} of the small backlog; "
+                f"{r['delivered']:,} on the broker"
+            )
             out.append(
                 common.Row(
                     "scale",
@@ -203,10 +206,14 @@ def rows(result: dict[str, Any]) -> list[common.Row]:
                 )
             )
         for n, r in backlogs:
-            detail = "baseline" if int(n) == b["small"] else (
-                f"{r['pg_ratio_to_small']:.2f} of the small backlog "
-                f"(the relay: {r['ratio_to_small']:.2f})"
-            )  # fmt: skip
+            detail = (
+                "baseline"
+                if int(n) == b["small"]
+                else (
+                    f"{r['pg_ratio_to_small']:.2f} of the small backlog "
+                    f"(the relay: {r['ratio_to_small']:.2f})"
+                )
+            )
             out.append(
                 common.Row(
                     "scale",

@@ -157,19 +157,28 @@ def main() -> int:
             "sections": selected,
         }
         if "drain" in selected:
-            run_section("limits + drain", lambda: sections.update(drain.measure(env, opts)),
-                        results)  # fmt: skip
+            run_section(
+                "limits + drain", lambda: sections.update(drain.measure(env, opts)), results
+            )
         elif "limits" in selected:
-            run_section("limits", lambda: sections.update(limits=limits.measure(env, opts)),
-                        results)  # fmt: skip
-        steps = {"latency": latency.measure, "scale": scale.measure, "soak": soak.measure,
-                 "retention": retention.measure,
-                 "writers": writers.measure, "idle": idle.measure, "writer": writer.measure,
-                 "consumer": consumer.measure}  # fmt: skip
+            run_section(
+                "limits", lambda: sections.update(limits=limits.measure(env, opts)), results
+            )
+        steps = {
+            "latency": latency.measure,
+            "scale": scale.measure,
+            "soak": soak.measure,
+            "retention": retention.measure,
+            "writers": writers.measure,
+            "idle": idle.measure,
+            "writer": writer.measure,
+            "consumer": consumer.measure,
+        }
         for name, measure in steps.items():
             if name in selected:
-                run_section(name, lambda m=measure, n=name: sections.update({n: m(env, opts)}),
-                            results)  # fmt: skip
+                run_section(
+                    name, lambda m=measure, n=name: sections.update({n: m(env, opts)}), results
+                )
     if "memory" in selected:
         sections["memory"] = memory_section(sections)
     results.update(sections)

@@ -179,30 +179,51 @@ def rows(result: dict[str, Any]) -> list[common.Row]:
     for bare, add in zip(labels[::2], labels[1::2], strict=True):
         out += [
             common.Row("writer", bare, common.num(med[bare], 1), "µs/row", "baseline"),
-            common.Row("writer", add, common.num(med[add], 1), "µs/row",
-                       f"{result['ratios'][add]:.2f} of bare INSERT"),
-        ]  # fmt: skip
+            common.Row(
+                "writer",
+                add,
+                common.num(med[add], 1),
+                "µs/row",
+                f"{result['ratios'][add]:.2f} of bare INSERT",
+            ),
+        ]
     many, single = (
         result["add_many_1000_us_per_event"],
         result["add_1000_separately_us_per_event"],
     )
     out += [
-        common.Row("writer", "1,000 separate add calls, one transaction", common.num(single, 1),
-                   "µs/event", "baseline"),
-        common.Row("writer", "add_many of 1,000 events", common.num(many, 1), "µs/event",
-                   f"{many / single:.2f} of separate adds; "
-                   f"{result['add_many_1000_round_trips']} round trip(s)"),
-    ]  # fmt: skip
+        common.Row(
+            "writer",
+            "1,000 separate add calls, one transaction",
+            common.num(single, 1),
+            "µs/event",
+            "baseline",
+        ),
+        common.Row(
+            "writer",
+            "add_many of 1,000 events",
+            common.num(many, 1),
+            "µs/event",
+            f"{many / single:.2f} of separate adds; "
+            f"{result['add_many_1000_round_trips']} round trip(s)",
+        ),
+    ]
     return out
 
 
 def targets(result: dict[str, Any]) -> list[common.Target]:
     return [
-        common.Target("outbox.add / bare INSERT (worst of the 3 cases)", result["worst_ratio"],
-                      "<=", 1.3),
-        common.Target("add_many of 1,000 events: round trips",
-                      result["add_many_1000_round_trips"], "==", 1, digits=0),
-    ]  # fmt: skip
+        common.Target(
+            "outbox.add / bare INSERT (worst of the 3 cases)", result["worst_ratio"], "<=", 1.3
+        ),
+        common.Target(
+            "add_many of 1,000 events: round trips",
+            result["add_many_1000_round_trips"],
+            "==",
+            1,
+            digits=0,
+        ),
+    ]
 
 
 if __name__ == "__main__":

@@ -84,11 +84,25 @@ def pgbench(url: str, table: str, rows: int, clients: int, seconds: float, sync:
         f.write(script(table, rows))
     try:
         done = subprocess.run(
-            [pgbench_path(), "-n", "-T", str(max(1, round(seconds))), "-c", str(clients),
-             "-j", str(min(2, clients)), "-f", f.name, url],
+            [
+                pgbench_path(),
+                "-n",
+                "-T",
+                str(max(1, round(seconds))),
+                "-c",
+                str(clients),
+                "-j",
+                str(min(2, clients)),
+                "-f",
+                f.name,
+                url,
+            ],
             env=os.environ | {"PGOPTIONS": f"-c synchronous_commit={sync}"},
-            capture_output=True, text=True, check=False, timeout=seconds + 120,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=seconds + 120,
+        )
     finally:
         os.unlink(f.name)
     found = _TPS.search(done.stdout)
@@ -120,9 +134,13 @@ def measure(env: common.Env, opts: common.Options) -> dict[str, Any]:
                     tps = pgbench(url, table, rows, clients, seconds, sync)
                     key = f"{rows}x{clients}x{sync}"
                     results.setdefault(key, {}).setdefault(table, []).append(tps)
-            common.progress(f"writers round {n + 1}/{rounds}: " + ", ".join(
-                f"{k} {v['outbox_events'][-1] / v[BASELINE][-1]:.2f}" for k, v in results.items()
-            ))  # fmt: skip
+            common.progress(
+                f"writers round {n + 1}/{rounds}: "
+                + ", ".join(
+                    f"{k} {v['outbox_events'][-1] / v[BASELINE][-1]:.2f}"
+                    for k, v in results.items()
+                )
+            )
     summary = {}
     for key, by_table in results.items():
         rows, clients, sync = key.split("x")
@@ -149,16 +167,34 @@ def rows(result: dict[str, Any]) -> list[common.Row]:
             f"synchronous_commit={case['synchronous_commit']}"
         )
         tps = case["commits_per_s"]
-        out.append(common.Row("writers", f"{label}: no-trigger copy", common.num(tps[BASELINE]),
-                              "commits/s", "baseline"))  # fmt: skip
-        out.append(common.Row("writers", f"{label}: outbox table", common.num(tps["outbox_events"]),
-                              "commits/s", f"{case['ratio']:.2f} of the copy"))  # fmt: skip
+        out.append(
+            common.Row(
+                "writers",
+                f"{label}: no-trigger copy",
+                common.num(tps[BASELINE]),
+                "commits/s",
+                "baseline",
+            )
+        )
+        out.append(
+            common.Row(
+                "writers",
+                f"{label}: outbox table",
+                common.num(tps["outbox_events"]),
+                "commits/s",
+                f"{case['ratio']:.2f} of the copy",
+            )
+        )
         if case["ratio_before"] is not None:
-            out.append(common.Row(
-                "writers", f"{label}: with 0004's triggers (before)",
-                common.num(tps["with_0004_triggers"]), "commits/s",
-                f"{case['ratio_before']:.2f} of the copy",
-            ))  # fmt: skip
+            out.append(
+                common.Row(
+                    "writers",
+                    f"{label}: with 0004's triggers (before)",
+                    common.num(tps["with_0004_triggers"]),
+                    "commits/s",
+                    f"{case['ratio_before']:.2f} of the copy",
+                )
+            )
     return out
 
 
@@ -168,9 +204,13 @@ def targets(result: dict[str, Any]) -> list[common.Target]:
     at_32 = [c["ratio"] for c in grid if c["clients"] == 32 and c["rows"] == 1]
     return [
         common.Target("outbox commits/s / no-trigger copy, worst of every case", worst, ">=", 0.9),
-        common.Target("the same, 32 clients, 1-row commits, synchronous_commit=on",
-                      at_32[0] if at_32 else None, ">=", 0.9),
-    ]  # fmt: skip
+        common.Target(
+            "the same, 32 clients, 1-row commits, synchronous_commit=on",
+            at_32[0] if at_32 else None,
+            ">=",
+            0.9,
+        ),
+    ]
 
 
 if __name__ == "__main__":

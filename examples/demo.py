@@ -114,15 +114,31 @@ def write_orders(database_url: str, orders: int, written: list[int]) -> None:
 
 
 def run(database_url: str, bootstrap: str, orders: int, logs: Path) -> dict[str, int]:
-    subprocess.run([sys.executable, "-m", "relay", "schema", "apply", "--database-url",
-                    database_url], check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "relay", "schema", "apply", "--database-url", database_url],
+        check=True,
+        capture_output=True,
+    )
     step("schema applied (outbox-relay schema apply)")
     admin = AdminClient({"bootstrap.servers": bootstrap})
     admin.create_topics([NewTopic(TOPIC, num_partitions=3, replication_factor=1)])[TOPIC].result(30)
     Base.metadata.create_all(sa.create_engine(urls.to_sqlalchemy(database_url)))
     servers = ["--database-url", database_url, "--kafka-bootstrap-servers", bootstrap]
-    relay = Service("relay", [sys.executable, "-m", "relay", "--log-format", "json", "run",
-                              "--batch-size", "100", *servers], logs)  # fmt: skip
+    relay = Service(
+        "relay",
+        [
+            sys.executable,
+            "-m",
+            "relay",
+            "--log-format",
+            "json",
+            "run",
+            "--batch-size",
+            "100",
+            *servers,
+        ],
+        logs,
+    )
     billing = Service("billing", [sys.executable, str(HERE / "billing.py"), *servers], logs)
     relay.start()
     billing.start()
@@ -138,8 +154,10 @@ def run(database_url: str, bootstrap: str, orders: int, logs: Path) -> dict[str,
         invoices = "SELECT count(*) FROM invoices"
         wait_until(lambda: count(database_url, invoices) >= orders // 2, 120, "half the invoices")
         billing.kill()
-        step(f"billing killed with SIGKILL after {count(database_url, invoices)} invoices; "
-             "restarting it")  # fmt: skip
+        step(
+            f"billing killed with SIGKILL after {count(database_url, invoices)} invoices; "
+            "restarting it"
+        )
         billing.start()
         writer.join()
         step(f"all {orders} orders written; waiting for the last invoices")

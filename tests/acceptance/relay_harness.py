@@ -49,17 +49,28 @@ def write_events(database_url: str, topic: str, count: int, keys: int) -> list[s
 def relay_args(database_url: str, bootstrap: str, *extra: str) -> list[str]:
     """Command line of a relay with short timeouts suited to tests."""
     return [
-        *RELAY, "--log-format", "json", "run",
-        "--database-url", database_url,
-        "--kafka-bootstrap-servers", bootstrap,
-        "--poll-interval", "0.2",
-        "--rebalance-interval", "0.5",
-        "--backoff-base", "0.05",
-        "--backoff-cap", "0.5",
-        "--delivery-timeout", "5",
-        "--breaker-cooldown", "0.5",
+        *RELAY,
+        "--log-format",
+        "json",
+        "run",
+        "--database-url",
+        database_url,
+        "--kafka-bootstrap-servers",
+        bootstrap,
+        "--poll-interval",
+        "0.2",
+        "--rebalance-interval",
+        "0.5",
+        "--backoff-base",
+        "0.05",
+        "--backoff-cap",
+        "0.5",
+        "--delivery-timeout",
+        "5",
+        "--breaker-cooldown",
+        "0.5",
         *extra,
-    ]  # fmt: skip
+    ]
 
 
 def start_relay(

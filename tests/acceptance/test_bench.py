@@ -52,11 +52,24 @@ def test_quick_suite_reports_every_section(
         testing.KAFKA_BOOTSTRAP_ENV: kafka_bootstrap,
     }
     command = [
-        sys.executable, str(ROOT / "bench" / "suite.py"), "--quick", "--events", "3000",
-        "--latency-seconds", "2", "--soak-seconds", "8", "--backlog-big", "5000",
-        "--retention-seconds", "6",
-        "--consumer-messages", "1000", "--json", str(out),
-    ]  # fmt: skip
+        sys.executable,
+        str(ROOT / "bench" / "suite.py"),
+        "--quick",
+        "--events",
+        "3000",
+        "--latency-seconds",
+        "2",
+        "--soak-seconds",
+        "8",
+        "--backlog-big",
+        "5000",
+        "--retention-seconds",
+        "6",
+        "--consumer-messages",
+        "1000",
+        "--json",
+        str(out),
+    ]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
     assert "target" in done.stdout  # the table, with its targets

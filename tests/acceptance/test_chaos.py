@@ -270,14 +270,20 @@ class Chaos:
         slot.relay_id = f"chaos{slot.index}g{slot.generation}-{secrets.token_hex(2)}"
         slot.log = self.tmp_path / f"relay-{slot.index}-{slot.generation}.log"
         slot.proc = start_relay(
-            self.database_url, self.bootstrap,
-            "--relay-id", slot.relay_id,
-            "--batch-size", str(BATCH_SIZE),
-            "--delivery-timeout", str(DELIVERY_TIMEOUT),
-            "--grace-period", str(GRACE_PERIOD),
-            "--breaker-max-cooldown", "2",
+            self.database_url,
+            self.bootstrap,
+            "--relay-id",
+            slot.relay_id,
+            "--batch-size",
+            str(BATCH_SIZE),
+            "--delivery-timeout",
+            str(DELIVERY_TIMEOUT),
+            "--grace-period",
+            str(GRACE_PERIOD),
+            "--breaker-max-cooldown",
+            "2",
             log=slot.log,
-        )  # fmt: skip
+        )
         slot.expected_exit = None
         slot.started_at_signal = False
         slot.restart_at = None
@@ -624,15 +630,22 @@ def test_three_relays_under_chaos_lose_nothing_and_keep_key_order(
         ("faulty phase (s)", f"{seconds:.0f}"),
         ("SIGKILLs", chaos.applied["sigkill"]),
         ("SIGTERMs", chaos.applied["sigterm"]),
-        ("session terminations (relays hit)", f"{chaos.applied['terminate']} "
-         f"({chaos.relays_hit['terminate']})"),
+        (
+            "session terminations (relays hit)",
+            f"{chaos.applied['terminate']} ({chaos.relays_hit['terminate']})",
+        ),
         ("broker cuts (relays running)", f"{chaos.applied['cut']} ({chaos.relays_hit['cut']})"),
         ("faults skipped", dict(chaos.skipped) or 0),
-        ("relay start-ups / start-up exits", f"{sum(s.generation for s in chaos.slots)} / "
-         f"{dict(chaos.startup_exits) or 0}"),
+        (
+            "relay start-ups / start-up exits",
+            f"{sum(s.generation for s in chaos.slots)} / {dict(chaos.startup_exits) or 0}",
+        ),
         ("relay log events", dict(events)),
-        ("transactions commit/rollback/savepoint", f"{ledger.transactions['commit']}/"
-         f"{ledger.transactions['rollback']}/{ledger.transactions['savepoint']}"),
+        (
+            "transactions commit/rollback/savepoint",
+            f"{ledger.transactions['commit']}/"
+            f"{ledger.transactions['rollback']}/{ledger.transactions['savepoint']}",
+        ),
         ("events committed", len(committed)),
         ("events rolled back", len(ledger.rolled_back)),
         ("messages received", len(received)),
@@ -648,7 +661,7 @@ def test_three_relays_under_chaos_lose_nothing_and_keep_key_order(
         ("dead letters", dead_letters),
         ("drained in (s)", f"{drained_in:.1f}"),
         ("test time (s)", f"{total:.0f}"),
-    ]  # fmt: skip
+    ]
     width = max(len(name) for name, _ in rows)
     print("\n".join(["", "chaos summary", *(f"  {n:<{width}}  {v}" for n, v in rows)]))
     print("\n".join(["timeline:", *chaos.timeline]))

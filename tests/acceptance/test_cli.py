@@ -95,16 +95,25 @@ def test_help_lists_commands_exit_codes_and_env_vars(via: str) -> None:
         (["schema", "show"], ["OUTBOX_SCHEMA", "OUTBOX_TABLE_PREFIX"]),
         (
             ["schema", "apply"],
-            ["OUTBOX_DATABASE_URL", "OUTBOX_CONNECT_TIMEOUT", "OUTBOX_SCHEMA",
-             "OUTBOX_TABLE_PREFIX", "OUTBOX_MIGRATION_LOCK_TIMEOUT"],
+            [
+                "OUTBOX_DATABASE_URL",
+                "OUTBOX_CONNECT_TIMEOUT",
+                "OUTBOX_SCHEMA",
+                "OUTBOX_TABLE_PREFIX",
+                "OUTBOX_MIGRATION_LOCK_TIMEOUT",
+            ],
         ),
         (
             ["schema", "check"],
-            ["OUTBOX_DATABASE_URL", "OUTBOX_CONNECT_TIMEOUT", "OUTBOX_SCHEMA",
-             "OUTBOX_TABLE_PREFIX"],
+            [
+                "OUTBOX_DATABASE_URL",
+                "OUTBOX_CONNECT_TIMEOUT",
+                "OUTBOX_SCHEMA",
+                "OUTBOX_TABLE_PREFIX",
+            ],
         ),
     ],
-)  # fmt: skip
+)
 def test_subcommand_help_lists_its_env_vars(command: list[str], variables: list[str]) -> None:
     """Each subcommand's --help names the environment variable of every option."""
     result = invoke(*command, "--help")

@@ -30,8 +30,11 @@ def test_compose_file_is_accepted_and_runs_two_relays_after_the_schema() -> None
         pytest.skip("neither docker-compose nor the docker compose plugin is installed")
     result = subprocess.run(
         [*command, "-f", str(ROOT / "docker-compose.yml"), "config"],
-        capture_output=True, text=True, check=False, cwd=ROOT,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stderr
     config = result.stdout
     for service in ("postgres:", "kafka:", "schema:", "relay-a:", "relay-b:"):

@@ -36,16 +36,21 @@ def start_consumer(
     with log.open("ab") as out:
         return subprocess.Popen(
             [
-                sys.executable, str(APP),
-                "--database-url", database_url,
-                "--bootstrap-servers", bootstrap,
-                "--topic", topic,
-                "--name", name,
+                sys.executable,
+                str(APP),
+                "--database-url",
+                database_url,
+                "--bootstrap-servers",
+                bootstrap,
+                "--topic",
+                topic,
+                "--name",
+                name,
                 *extra,
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
-        )  # fmt: skip
+        )
 
 
 def stats_of(log: Path) -> dict[str, Any]:
@@ -122,10 +127,17 @@ def test_consumer_killed_after_its_database_commit_skips_the_redelivered_message
 
     first_log = tmp_path / "first.log"
     first = start_consumer(
-        database_url, kafka_bootstrap, topic, name, first_log,
+        database_url,
+        kafka_bootstrap,
+        topic,
+        name,
+        first_log,
         # Slow enough that the offsets of earlier messages get committed (every 200 ms).
-        "--kill-after-commits", str(kill_after), "--handler-delay", "0.1",
-    )  # fmt: skip
+        "--kill-after-commits",
+        str(kill_after),
+        "--handler-delay",
+        "0.1",
+    )
     try:
         code = first.wait(timeout=90)
     finally:

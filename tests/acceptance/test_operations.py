@@ -65,21 +65,31 @@ def test_status_shows_backlog_retries_dead_letters_blocked_keys_and_relays(
     count computed here, and --max-lag sets the exit code."""
     with broker_behind_proxy(tmp_path) as (bootstrap, proxy):
         topic = create_topic(bootstrap)
-        processes = [start_relay(database_url, bootstrap, "--relay-id", f"relay-{n}",
-                              log=tmp_path / f"relay-{n}.log") for n in (1, 2)]  # fmt: skip
+        processes = [
+            start_relay(
+                database_url, bootstrap, "--relay-id", f"relay-{n}", log=tmp_path / f"relay-{n}.log"
+            )
+            for n in (1, 2)
+        ]
         try:
             wait_until(lambda: _shards_split(status_json(database_url)), timeout=30)
             proxy.cut()
             write_events(database_url, topic, 40, keys=8)
             # Failing rows waiting for a retry (an hour away), one per key of keys 0..2, and
             # two dead letters of key-3 and key-4.
-            sql(database_url, "UPDATE outbox_events SET attempts = 2, last_error = 'boom',"
+            sql(
+                database_url,
+                "UPDATE outbox_events SET attempts = 2, last_error = 'boom',"
                 " next_attempt_at = now() + interval '1 hour'"
                 " WHERE id IN (SELECT min(id) FROM outbox_events WHERE key IN"
-                " ('key-0', 'key-1', 'key-2') GROUP BY key)")  # fmt: skip
-            sql(database_url, "UPDATE outbox_events SET attempts = 10, dead_lettered_at = now()"
+                " ('key-0', 'key-1', 'key-2') GROUP BY key)",
+            )
+            sql(
+                database_url,
+                "UPDATE outbox_events SET attempts = 10, dead_lettered_at = now()"
                 " WHERE id IN (SELECT min(id) FROM outbox_events WHERE key IN ('key-3', 'key-4')"
-                " GROUP BY key)")  # fmt: skip
+                " GROUP BY key)",
+            )
             time.sleep(1.5)
             found = status_json(database_url)
             assert found["backlog"] == 38  # 40 written, 2 dead-lettered
@@ -116,8 +126,11 @@ def dead_letter(database_url: str, topic: str, count: int) -> list[tuple[int, st
         ids = outbox.add_many(
             conn, [outbox.Event(topic, {"n": i}, key=f"k{i}") for i in range(count)]
         )
-    sql(database_url, "UPDATE outbox_events SET attempts = 3, last_error = 'MSG_SIZE_TOO_LARGE',"
-        " dead_lettered_at = now()")  # fmt: skip
+    sql(
+        database_url,
+        "UPDATE outbox_events SET attempts = 3, last_error = 'MSG_SIZE_TOO_LARGE',"
+        " dead_lettered_at = now()",
+    )
     rows = sql(database_url, "SELECT id, event_id::text FROM outbox_events ORDER BY id")
     assert [r[1] for r in rows] == [str(i) for i in ids]
     return [(int(r[0]), str(r[1])) for r in rows]  # type: ignore[call-overload]
@@ -132,11 +145,22 @@ def test_retry_publishes_the_dead_letter_with_its_original_event_id(
     (first, first_id), (second, _) = dead_letter(database_url, topic, 2)
     listed = cli("dead-letters", "list", "--database-url", database_url, "--json")
     assert [json.loads(line)["id"] for line in listed.stdout.splitlines()] == [first, second]
-    retried = cli("dead-letters", "retry", "--database-url", database_url, "--id", str(first),
-                  "--actor", "ops@test", "--reason", "topic fixed")  # fmt: skip
+    retried = cli(
+        "dead-letters",
+        "retry",
+        "--database-url",
+        database_url,
+        "--id",
+        str(first),
+        "--actor",
+        "ops@test",
+        "--reason",
+        "topic fixed",
+    )
     assert retried.returncode == 0, retried.stderr
-    assert sql(database_url, "SELECT attempts, dead_lettered_at FROM outbox_events WHERE id = %s",
-               (first,)) == [(0, None)]  # fmt: skip
+    assert sql(
+        database_url, "SELECT attempts, dead_lettered_at FROM outbox_events WHERE id = %s", (first,)
+    ) == [(0, None)]
     assert run_relay(database_url, kafka_bootstrap, "--exit-when-idle").returncode == 0
     received = read_topic(kafka_bootstrap, topic, expect_ids={first_id})
     assert [m.event_id for m in received] == [first_id]
@@ -157,12 +181,30 @@ def test_discard_requires_a_reason_and_records_it(database_url: str, kafka_boots
     refused = cli("dead-letters", "discard", "--database-url", database_url, "--id", str(row))
     assert refused.returncode == 2
     assert "--reason" in refused.stderr
-    blank = cli("dead-letters", "discard", "--database-url", database_url, "--id", str(row),
-                "--reason", "  ")  # fmt: skip
+    blank = cli(
+        "dead-letters",
+        "discard",
+        "--database-url",
+        database_url,
+        "--id",
+        str(row),
+        "--reason",
+        "  ",
+    )
     assert blank.returncode == 2
     assert sql(database_url, "SELECT count(*) FROM outbox_events") == [(1,)]
-    done = cli("dead-letters", "discard", "--database-url", database_url, "--id", str(row),
-               "--reason", "customer deleted", "--actor", "ops@test")  # fmt: skip
+    done = cli(
+        "dead-letters",
+        "discard",
+        "--database-url",
+        database_url,
+        "--id",
+        str(row),
+        "--reason",
+        "customer deleted",
+        "--actor",
+        "ops@test",
+    )
     assert done.returncode == 0, done.stderr
     assert sql(database_url, "SELECT count(*) FROM outbox_events") == [(0,)]
     assert sql(
@@ -187,8 +229,15 @@ def test_replay_republishes_a_range_with_the_original_event_ids(
     rows = sql(database_url, "SELECT id, event_id::text FROM outbox_events ORDER BY id")
     assert [r[1] for r in rows] == ids
     chosen = rows[3:7]
-    replayed = cli("replay", "--database-url", database_url, "--from-id", str(chosen[0][0]),
-                   "--to-id", str(chosen[-1][0]))  # fmt: skip
+    replayed = cli(
+        "replay",
+        "--database-url",
+        database_url,
+        "--from-id",
+        str(chosen[0][0]),
+        "--to-id",
+        str(chosen[-1][0]),
+    )
     assert replayed.returncode == 0, replayed.stderr
     assert (
         run_relay(
@@ -213,8 +262,9 @@ def test_a_replayed_row_goes_out_before_a_later_row_of_its_key(
     K at once. On the topic, X's second copy comes before the new row."""
     topic = create_topic(kafka_bootstrap)
     ids = write_events(database_url, topic, 5, keys=1)
-    relay = start_relay(database_url, kafka_bootstrap, "--retention", "3600",
-                        log=tmp_path / "relay.log")  # fmt: skip
+    relay = start_relay(
+        database_url, kafka_bootstrap, "--retention", "3600", log=tmp_path / "relay.log"
+    )
     try:
         wait_until(lambda: unpublished(database_url) == 0, timeout=30)
         time.sleep(2.5)  # two samples of the floor: it is now above every row

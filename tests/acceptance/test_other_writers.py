@@ -33,10 +33,9 @@ COLUMNS = "event_id, topic, key, payload, header_names, header_values"
 
 def _rows(topic: str, start: int, count: int, keys: int) -> list[tuple[Any, ...]]:
     return [
-        (uuid.uuid4(), topic, f"key-{n % keys}".encode(), b'{"n": %06d}' % n,
-         ["source"], [b"raw"])
+        (uuid.uuid4(), topic, f"key-{n % keys}".encode(), b'{"n": %06d}' % n, ["source"], [b"raw"])
         for n in range(start, start + count)
-    ]  # fmt: skip
+    ]
 
 
 def _raw_insert(conn: psycopg.Connection[Any], rows: list[tuple[Any, ...]]) -> None:
@@ -68,8 +67,11 @@ def _as_replica(conn: psycopg.Connection[Any], rows: list[tuple[Any, ...]]) -> N
 
 
 WRITERS: list[Callable[[psycopg.Connection[Any], list[tuple[Any, ...]]], None]] = [
-    _raw_insert, _copy, _insert_select, _as_replica,
-]  # fmt: skip
+    _raw_insert,
+    _copy,
+    _insert_select,
+    _as_replica,
+]
 
 
 def test_raw_inserts_copy_insert_select_and_replica_sessions_are_published_in_key_order(
@@ -78,8 +80,9 @@ def test_raw_inserts_copy_insert_select_and_replica_sessions_are_published_in_ke
     """Four writers at once, each committing batches of rows over the same keys, while the relay
     runs: every row arrives, and each key's rows arrive in the order they became visible."""
     topic = create_topic(kafka_bootstrap)
-    proc = start_relay(database_url, kafka_bootstrap, "--batch-size", "50",
-                       log=tmp_path / "relay.log")  # fmt: skip
+    proc = start_relay(
+        database_url, kafka_bootstrap, "--batch-size", "50", log=tmp_path / "relay.log"
+    )
     written: list[str] = []
     lock = threading.Lock()
     errors: list[BaseException] = []
@@ -119,8 +122,9 @@ def test_a_row_committed_after_a_later_one_is_published_without_waiting_for_the_
     T2's row and waits, its look's bound past T1's id. T1 commits: the wait sees a row of a
     transaction its snapshot did not show, long before the poll interval (30 s)."""
     topic = create_topic(kafka_bootstrap)
-    proc = start_relay(database_url, kafka_bootstrap, "--poll-interval", "30",
-                       log=tmp_path / "relay.log")  # fmt: skip
+    proc = start_relay(
+        database_url, kafka_bootstrap, "--poll-interval", "30", log=tmp_path / "relay.log"
+    )
     try:
         with psycopg.connect(database_url) as early, psycopg.connect(database_url) as late:
             [first] = _rows(topic, 0, 1, keys=1)
@@ -136,5 +140,6 @@ def test_a_row_committed_after_a_later_one_is_published_without_waiting_for_the_
         assert stop(proc) == 0
     received = read_topic(kafka_bootstrap, topic, expect_ids={str(first[0]), str(second[0])})
     assert [r.event_id for r in sorted(received, key=lambda r: r.offset)] == [
-        str(second[0]), str(first[0])
-    ]  # fmt: skip
+        str(second[0]),
+        str(first[0]),
+    ]

@@ -193,9 +193,14 @@ def test_poison_row_blocks_its_key_when_dead_letters_block(
     poison, others, later, ordered = _poison_scenario(database_url, topic)
 
     result = run_relay(
-        database_url, kafka_bootstrap,
-        "--max-attempts", "3", "--on-dead-letter", "block", "--exit-when-idle",
-    )  # fmt: skip
+        database_url,
+        kafka_bootstrap,
+        "--max-attempts",
+        "3",
+        "--on-dead-letter",
+        "block",
+        "--exit-when-idle",
+    )
 
     assert result.returncode == 0, result.stderr
     assert _row(database_url, poison)["dead_lettered_at"] is not None
@@ -224,11 +229,16 @@ def test_row_for_a_missing_topic_is_retried_then_dead_lettered(
     delivery_timeout = 10.0
     log_path = tmp_path / "relay.log"
     proc = start_relay(
-        database_url, kafka_bootstrap,
-        "--max-attempts", "3", "--delivery-timeout", str(delivery_timeout),
-        "--kafka-config", "allow.auto.create.topics=false",
+        database_url,
+        kafka_bootstrap,
+        "--max-attempts",
+        "3",
+        "--delivery-timeout",
+        str(delivery_timeout),
+        "--kafka-config",
+        "allow.auto.create.topics=false",
         log=log_path,
-    )  # fmt: skip
+    )
     try:
         _wait(proc, log_path, lambda: _started(log_path), 30, "start-up")
         first = write_events(database_url, topic, 10, keys=2)
@@ -237,9 +247,12 @@ def test_row_for_a_missing_topic_is_retried_then_dead_lettered(
         rest = write_events(database_url, topic, 10, keys=2)
         written_at = time.monotonic()
         _wait(
-            proc, log_path, lambda: _row(database_url, lost)["dead_lettered_at"] is not None,
-            30, "the dead letter",
-        )  # fmt: skip
+            proc,
+            log_path,
+            lambda: _row(database_url, lost)["dead_lettered_at"] is not None,
+            30,
+            "the dead letter",
+        )
         dead_after = time.monotonic() - written_at
         _wait(proc, log_path, lambda: unpublished(database_url) == 0, 30, "the drain")
     finally:
@@ -272,14 +285,23 @@ def test_relay_rides_out_a_broker_outage_and_drains_by_itself(
         topic = create_topic(bootstrap)
         before = write_events(database_url, topic, 3000, keys=20)
         proc = start_relay(
-            database_url, bootstrap, "--delivery-timeout", "3", "--batch-size", "200",
+            database_url,
+            bootstrap,
+            "--delivery-timeout",
+            "3",
+            "--batch-size",
+            "200",
             log=log_path,
-        )  # fmt: skip
+        )
         try:
             _wait(
-                proc, log_path, lambda: _rows_left(database_url) < len(before), 30,
-                "the first publication", interval=0.02,
-            )  # fmt: skip
+                proc,
+                log_path,
+                lambda: _rows_left(database_url) < len(before),
+                30,
+                "the first publication",
+                interval=0.02,
+            )
             proxy.cut()
             cut_at = time.monotonic()
             # The batch in flight at the cut may still record rows the broker acknowledged
@@ -301,9 +323,13 @@ def test_relay_rides_out_a_broker_outage_and_drains_by_itself(
             restored_at = time.monotonic()
 
             _wait(
-                proc, log_path, lambda: unpublished(database_url) == 0, 90,
-                "the drain after the outage", interval=0.2,
-            )  # fmt: skip
+                proc,
+                log_path,
+                lambda: unpublished(database_url) == 0,
+                90,
+                "the drain after the outage",
+                interval=0.2,
+            )
             drained_in = time.monotonic() - restored_at
         finally:
             code = stop(proc)
@@ -350,9 +376,13 @@ def test_relay_survives_its_database_sessions_being_terminated(
     proc = start_relay(database_url, kafka_bootstrap, "--batch-size", "25", log=log_path)
     try:
         _wait(
-            proc, log_path, lambda: _rows_left(database_url) < len(written), 30,
-            "the first publication", interval=0.02,
-        )  # fmt: skip
+            proc,
+            log_path,
+            lambda: _rows_left(database_url) < len(written),
+            30,
+            "the first publication",
+            interval=0.02,
+        )
         killed, left = [], []
         for _ in range(3):
             killed.append(_terminate_relay_sessions(database_url))
@@ -392,10 +422,14 @@ def test_idle_relay_sleeps_and_wakes_for_a_lone_event(
     topic = create_topic(kafka_bootstrap)
     log_path = tmp_path / "relay.log"
     proc = start_relay(
-        database_url, kafka_bootstrap,
-        "--poll-interval", "30", "--rebalance-interval", "30",
+        database_url,
+        kafka_bootstrap,
+        "--poll-interval",
+        "30",
+        "--rebalance-interval",
+        "30",
         log=log_path,
-    )  # fmt: skip
+    )
     try:
         _wait(proc, log_path, lambda: _started(log_path), 30, "start-up")
         time.sleep(1.0)  # let start-up work finish

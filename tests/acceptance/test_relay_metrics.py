@@ -73,9 +73,13 @@ def test_metrics_count_what_reached_kafka(
     port = testing.free_port()
     base = f"http://127.0.0.1:{port}"
     proc = start_relay(
-        database_url, kafka_bootstrap, "--batch-size", "50", *metrics_args(port),
+        database_url,
+        kafka_bootstrap,
+        "--batch-size",
+        "50",
+        *metrics_args(port),
         log=tmp_path / "relay.log",
-    )  # fmt: skip
+    )
     try:
         wait_until(lambda: get(f"{base}/healthz")[0] == 200, 20)
         wait_until(lambda: get(f"{base}/readyz")[0] == 200, 20)
@@ -119,9 +123,15 @@ def test_readyz_follows_the_broker(database_url: str, tmp_path: Path) -> None:
         topic = create_topic(bootstrap)
         ids = write_events(database_url, topic, 20, keys=4)
         proc = start_relay(
-            database_url, bootstrap, *metrics_args(port),
-            "--delivery-timeout", "2", "--breaker-threshold", "1", log=log,
-        )  # fmt: skip
+            database_url,
+            bootstrap,
+            *metrics_args(port),
+            "--delivery-timeout",
+            "2",
+            "--breaker-threshold",
+            "1",
+            log=log,
+        )
         try:
             wait_until(lambda: unpublished(database_url) == 0, 30)
             wait_until(lambda: get(f"{base}/readyz") == (200, "ok\n"), 20)

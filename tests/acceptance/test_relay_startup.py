@@ -163,10 +163,12 @@ def test_unsafe_or_malformed_kafka_config_exits_2(config: list[str], expected: l
     """--kafka-config refuses settings that break the guarantees, and says why."""
     options = [arg for pair in config for arg in ("--kafka-config", pair)]
     result = relay(
-        "--database-url", "postgresql://app@127.0.0.1/shop",
-        "--kafka-bootstrap-servers", "127.0.0.1:9",
+        "--database-url",
+        "postgresql://app@127.0.0.1/shop",
+        "--kafka-bootstrap-servers",
+        "127.0.0.1:9",
         *options,
-    )  # fmt: skip
+    )
     assert result.returncode == ExitCode.USAGE, result.stderr
     line = assert_one_error_line(result)
     for text in expected:
@@ -201,11 +203,14 @@ def test_unreachable_broker_exits_5_naming_the_address(database_url: str) -> Non
     """No broker at the address: exit 5 within about --connect-timeout, naming the address."""
     address = f"127.0.0.1:{testing.free_port()}"
     result = relay(
-        "--database-url", database_url,
-        "--kafka-bootstrap-servers", address,
-        "--connect-timeout", "2",
+        "--database-url",
+        database_url,
+        "--kafka-bootstrap-servers",
+        address,
+        "--connect-timeout",
+        "2",
         timeout=30,
-    )  # fmt: skip
+    )
     assert result.returncode == ExitCode.BROKER_UNAVAILABLE, result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]

@@ -114,8 +114,12 @@ def test_a_row_waiting_for_a_retry_holds_back_its_key(
     database_url: str, owner: ShardOwner, sources: tuple[OutboxSource, OutboxSource]
 ) -> None:
     ids = write(database_url, ["a", "b", "a", "b"])
-    sql(database_url, "UPDATE outbox_events SET attempts = 1,"
-        " next_attempt_at = now() + interval '1 hour' WHERE id = %s", (ids[1],))  # fmt: skip
+    sql(
+        database_url,
+        "UPDATE outbox_events SET attempts = 1,"
+        " next_attempt_at = now() + interval '1 hour' WHERE id = %s",
+        (ids[1],),
+    )
     assert claim(sources[0], owner) == [ids[0], ids[2]]
 
 
@@ -123,8 +127,12 @@ def test_a_retry_that_is_due_goes_first(
     database_url: str, owner: ShardOwner, sources: tuple[OutboxSource, OutboxSource]
 ) -> None:
     ids = write(database_url, ["a", "a"])
-    sql(database_url, "UPDATE outbox_events SET attempts = 1,"
-        " next_attempt_at = now() - interval '1 second' WHERE id = %s", (ids[0],))  # fmt: skip
+    sql(
+        database_url,
+        "UPDATE outbox_events SET attempts = 1,"
+        " next_attempt_at = now() - interval '1 second' WHERE id = %s",
+        (ids[0],),
+    )
     assert claim(sources[0], owner) == ids
 
 
@@ -159,8 +167,12 @@ def test_in_flight_does_not_excuse_other_gaps(
     ids = write(database_url, ["a", "b", "a", "b"])
     first, second = sources
     assert claim(first, owner, limit=1) == ids[:1]
-    sql(database_url, "UPDATE outbox_events SET attempts = 1,"
-        " next_attempt_at = now() + interval '1 hour' WHERE id = %s", (ids[1],))  # fmt: skip
+    sql(
+        database_url,
+        "UPDATE outbox_events SET attempts = 1,"
+        " next_attempt_at = now() + interval '1 hour' WHERE id = %s",
+        (ids[1],),
+    )
     assert claim(second, owner, in_flight=ids[:1]) == [ids[2]]
 
 
@@ -249,9 +261,11 @@ def test_a_relay_whose_ownership_session_is_gone_claims_nothing(
 
 
 def test_another_relays_membership_does_not_stand_in_for_ours(
-    database_url: str, owner: ShardOwner, settings: RelaySettings,
+    database_url: str,
+    owner: ShardOwner,
+    settings: RelaySettings,
     sources: tuple[OutboxSource, OutboxSource],
-) -> None:  # fmt: skip
+) -> None:
     """The liveness probe is of this relay's own membership lock: naming a member id nobody
     holds claims nothing, even while other members are alive."""
     write(database_url, ["a"])
@@ -383,8 +397,12 @@ def test_a_dead_letter_retried_behind_the_floor_is_claimed_after_the_next_sample
     ids = write(database_url, ["a", "b", "c"])
     source = sources[0]
     # Dead-lettered as the relay does it: after a failed attempt, which sets next_attempt_at.
-    sql(database_url, "UPDATE outbox_events SET dead_lettered_at = now(), attempts = 1,"
-        " next_attempt_at = now() WHERE id = %s", (ids[0],))  # fmt: skip
+    sql(
+        database_url,
+        "UPDATE outbox_events SET dead_lettered_at = now(), attempts = 1,"
+        " next_attempt_at = now() WHERE id = %s",
+        (ids[0],),
+    )
     assert publish(source, owner, limit=10) == ids[1:]
     floor = ScanFloor()
     floor.update(source.sample_floor(), now=0.0)
@@ -407,8 +425,11 @@ def test_a_row_put_back_behind_the_floor_holds_back_later_rows_of_its_key(
     if put_back == "replay":
         assert publish_retained(source, owner, limit=10) == ids
     else:
-        sql(database_url, "UPDATE outbox_events SET dead_lettered_at = now() WHERE id = %s",
-            (ids[0],))  # fmt: skip
+        sql(
+            database_url,
+            "UPDATE outbox_events SET dead_lettered_at = now() WHERE id = %s",
+            (ids[0],),
+        )
         assert publish(source, owner, limit=10) == ids[1:]
     floor = floor_after_two_samples(source)
     assert floor > ids[0]

@@ -353,11 +353,15 @@ class BatchRecorder:
         session.execute(
             sa.text("INSERT INTO effects VALUES (:id, :payload, :partition, :offset)"),
             [
-                {"id": event_id_or_position(m), "payload": p, "partition": m.partition(),
-                 "offset": m.offset()}
+                {
+                    "id": event_id_or_position(m),
+                    "payload": p,
+                    "partition": m.partition(),
+                    "offset": m.offset(),
+                }
                 for p, m in zip(seen, messages, strict=True)
             ],
-        )  # fmt: skip
+        )
 
     def calls(self, payload: str) -> int:
         return sum(p == payload for batch in self.batches for p, _, _ in batch)

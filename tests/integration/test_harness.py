@@ -29,9 +29,13 @@ def test_broker_round_trips_key_value_and_headers(kafka_bootstrap: str, topic: s
     )
     reports: list[object] = []
     producer.produce(
-        topic, value=marker, key=b"k", headers=[("h", b"v")], partition=0,
+        topic,
+        value=marker,
+        key=b"k",
+        headers=[("h", b"v")],
+        partition=0,
         on_delivery=lambda err, msg: reports.append(err),
-    )  # fmt: skip
+    )
     assert producer.flush(30) == 0
     assert reports == [None]
 

@@ -144,8 +144,13 @@ def test_writer_can_insert_into_a_freshly_applied_schema(empty_database_url: str
     assert row is not None
     topic, key, payload, names, values, shard, attempts, unpublished, has_time = row
     assert (topic, key, payload, attempts, unpublished, has_time) == (
-        "orders", b"order-1", b'{"id":1}', 0, True, True,
-    )  # fmt: skip
+        "orders",
+        b"order-1",
+        b'{"id":1}',
+        0,
+        True,
+        True,
+    )
     assert len(names) == len(values)
     assert 0 <= shard < outbox.SHARD_COUNT
 
@@ -273,9 +278,11 @@ def test_custom_schema_and_prefix_leave_public_untouched(
     assert _apply(empty_database_url, settings) == list(schema.all_migrations())
     with psycopg.connect(empty_database_url) as conn:
         assert _tables(conn, settings.schema) == {
-            settings.name("events"), settings.name("dedup"), settings.name("schema_migrations"),
+            settings.name("events"),
+            settings.name("dedup"),
+            settings.name("schema_migrations"),
             settings.name("dead_letter_log"),
-        }  # fmt: skip
+        }
         assert _columns(conn, settings, "events") == EVENTS_COLUMNS
         assert _tables(conn, "public") == public_before
         migrator.require_current(conn, settings)

@@ -104,8 +104,9 @@ def test_a_row_behind_a_failed_row_of_its_key_is_never_sent_ahead_of_it(
 ) -> None:
     """a1 fails in the first batch; a2 (in the second batch, claimed while the first was being
     published) is held back, and so is a3; key b flows in order; only delivered rows are gone."""
-    write(database_url, [("a", "a1"), ("b", "b1"), ("a", "a2"), ("b", "b2"), ("a", "a3"),
-                         ("b", "b3")])  # fmt: skip
+    write(
+        database_url, [("a", "a1"), ("b", "b1"), ("a", "a2"), ("b", "b2"), ("a", "a3"), ("b", "b3")]
+    )
     publisher = ScriptedPublisher(fail={b"a1"})
     drain(relay_for(database_url, publisher, stop, prefetch=prefetch))
     assert publisher.batches[0] == [b"a1", b"b1"]
@@ -166,8 +167,9 @@ def test_only_a_full_batch_starts_claiming_the_next(
     assert unpublished(database_url) == []
 
 
-@pytest.mark.parametrize(("backlog", "fail", "waits"), [(3, False, True), (4, False, False),
-                                                         (3, True, False)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("backlog", "fail", "waits"), [(3, False, True), (4, False, False), (3, True, False)]
+)
 def test_a_batch_that_took_everything_is_followed_by_a_wait_not_a_claim(
     database_url: str, stop: StopSignal, backlog: int, fail: bool, waits: bool
 ) -> None:

@@ -168,9 +168,13 @@ def test_breaker_cooldown_never_exceeds_max_cooldown_whatever_the_jitter() -> No
     """Even the largest jitter keeps every cool-down within max_cooldown."""
     clock = FakeClock()
     breaker = CircuitBreaker(
-        threshold=1, cooldown=20.0, max_cooldown=30.0, probe_size=1, clock=clock,
+        threshold=1,
+        cooldown=20.0,
+        max_cooldown=30.0,
+        probe_size=1,
+        clock=clock,
         rand=lambda: 1.0,
-    )  # fmt: skip
+    )
     breaker.record(False)
     for _ in range(5):
         assert 0 < breaker.seconds_until_probe() <= 30.0

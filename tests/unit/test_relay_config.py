@@ -117,11 +117,22 @@ def test_settings_refuse_empty_bootstrap_servers(servers: str) -> None:
 
 
 POSITIVE_FIELDS = [
-    "batch_size", "max_attempts", "breaker_threshold", "probe_size", "poll_interval",
-    "backoff_base", "backoff_cap", "rebalance_interval", "connect_timeout", "statement_timeout",
-    "lock_timeout", "delivery_timeout", "grace_period", "breaker_cooldown",
+    "batch_size",
+    "max_attempts",
+    "breaker_threshold",
+    "probe_size",
+    "poll_interval",
+    "backoff_base",
+    "backoff_cap",
+    "rebalance_interval",
+    "connect_timeout",
+    "statement_timeout",
+    "lock_timeout",
+    "delivery_timeout",
+    "grace_period",
+    "breaker_cooldown",
     "breaker_max_cooldown",
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("name", POSITIVE_FIELDS)
