@@ -15,15 +15,14 @@ the events.
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import Any
 
 import common
 import load
-import psycopg
+import soak
 
-SIZE_SQL = "SELECT pg_total_relation_size('outbox_events')"
+SIZE_SQL = soak.SIZE_SQL
 OVERDUE_SQL = (
     "SELECT count(*) FROM outbox_events WHERE published_at < now() - make_interval(secs => %s)"
 )
@@ -32,16 +31,12 @@ GRACE_S = 10.0
 SAMPLE_EVERY_S = 10.0
 
 
-class Sampler:
+class Sampler(soak.TableSampler):
     """Every ``interval`` seconds: (seconds since start, table bytes, overdue rows)."""
 
     def __init__(self, database_url: str, retention: float, interval: float) -> None:
-        self.samples: list[tuple[float, int, int]] = []
-        self._conn = psycopg.connect(database_url, autocommit=True)
+        super().__init__(database_url, interval)
         self._retention = retention
-        self._interval = interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
         self._started = time.monotonic()
 
     def sample(self) -> tuple[float, int, int]:
@@ -52,20 +47,6 @@ class Sampler:
             int(size[0]) if size else -1,
             int(overdue[0]) if overdue else -1,
         )
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            self.samples.append(self.sample())
-
-    def __enter__(self) -> Sampler:
-        self._started = time.monotonic()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._conn.close()
 
 
 def measure_rate(env: common.Env, opts: common.Options, rate: float) -> dict[str, Any]:
