@@ -86,9 +86,6 @@ class ScanFloor:
     _previous: FloorSample | None = field(default=None, repr=False)
     _next_sample: float = field(default=0.0, repr=False)
 
-    def due(self, now: float) -> bool:
-        return now >= self._next_sample
-
     @property
     def next_sample(self) -> float:
         """When the next sample is due (infinity once the floor is disabled)."""

@@ -126,7 +126,7 @@ class Relay:
         follow it: they can wait one batch, a lone event's latency cannot."""
         woken, self._woken = self._woken, False
         if not woken:
-            self._chores(self.clock())
+            self.chores.run_due(self.clock())
         allowed = self.breaker.allow()
         self.outage.gauge()
         if not allowed:
@@ -139,12 +139,12 @@ class Relay:
             limit,
             ownership=self.shards.ownership,
             floor=self.floor.value,
-            stopping=self.stop.requested,
+            stopping=lambda: self.stop.requested,
         )
         if not rows:
             self.batches.source.release()
             if woken:
-                self._chores(self.clock())
+                self.chores.run_due(self.clock())
             if self.settings.exit_when_idle and not self.batches.source.deliverable():
                 self._log_drained()
                 self.stop.request("idle")
@@ -169,7 +169,7 @@ class Relay:
         self._last_commit_at = self.clock()
         self.metrics.observe_batch(rows, outcomes, self._last_commit_at - started)
         if woken:
-            self._chores(self._last_commit_at)
+            self.chores.run_due(self._last_commit_at)
         # And once it is done, wait for what commits later (at once if something did meanwhile)
         # rather than claim nothing, which at low rates took as long as the batch itself.
         # Failures keep the next claim immediate (rows a broker failure left are due at once),
@@ -187,9 +187,6 @@ class Relay:
             tasks.append(Task("backlog", self._refresh_backlog))
         tasks += [Task("floor", self._sample_floor), Task("progress", self._log_progress)]
         return Schedule(tasks)
-
-    def _chores(self, now: float) -> None:
-        self.chores.run_due(now)
 
     def _purge(self, purge: Purge, now: float) -> float:
         """A pass of the purge, by the owner of ``PURGING_SHARD`` only; due again at once

@@ -86,19 +86,20 @@ class Pipeline:
             self._spare.connect()
 
     def take(
-        self, limit: int, *, ownership: Ownership, floor: int, stopping: bool
+        self, limit: int, *, ownership: Ownership, floor: int, stopping: Callable[[], bool]
     ) -> tuple[list[ClaimedRow], Undelivered]:
         """The prefetched batch if there is one (making its connection the current one), else a
-        fresh claim; with the keys to hold back in it."""
+        fresh claim; with the keys to hold back in it. ``stopping`` is asked once the prefetched
+        claim is in, so a stop requested while it ran gives its rows back unsent."""
         held, self._undelivered = self._undelivered, {}
         pending, self._prefetch = self._prefetch, None
         if pending is not None:
             rows = pending.result()  # a database error surfaces here, and is recovered from
             self.source, self._spare = self._spare, self.source
-            if len(rows) <= limit and not stopping:
+            if len(rows) <= limit and not stopping():
                 return rows, held
             self.source.release()  # the breaker now asks for a probe: claim that instead
-        if stopping:
+        if stopping():
             return [], {}
         rows = self.source.claim(limit, ownership=ownership, floor=floor)
         return rows, {}  # claimed after the last batch was recorded: nothing to hold back

@@ -39,10 +39,10 @@ def test_a_transaction_as_old_as_the_previous_sample_drops_the_floor() -> None:
 
 def test_samples_are_due_once_an_interval() -> None:
     floor = ScanFloor(interval=1.0)
-    assert floor.due(0.0)
+    assert floor.next_sample <= 0.0
     floor.update(sample(bound=1, xid=1, oldest_running=1, lowest=None), now=5.0)
-    assert not floor.due(5.9)
-    assert floor.due(6.0)
+    assert floor.next_sample > 5.9
+    assert floor.next_sample <= 6.0
 
 
 def test_a_reset_floor_waits_for_two_new_samples() -> None:
@@ -50,7 +50,7 @@ def test_a_reset_floor_waits_for_two_new_samples() -> None:
     floor.update(sample(bound=500, xid=10, oldest_running=9, lowest=None), now=0.0)
     floor.update(sample(bound=500, xid=20, oldest_running=11, lowest=None), now=1.0)
     floor.reset()
-    assert (floor.value, floor.due(1.0)) == (0, True)
+    assert (floor.value, floor.next_sample <= 1.0) == (0, True)
     assert floor.update(sample(bound=600, xid=30, oldest_running=21, lowest=None), now=2.0) == 0
 
 
@@ -58,7 +58,7 @@ def test_a_disabled_floor_is_never_sampled_again() -> None:
     floor = ScanFloor()
     floor.disable()
     assert floor.value == 0
-    assert not floor.due(1e12)
+    assert floor.next_sample > 1e12
 
 
 def test_a_statement_without_a_transaction_id_running_across_two_samples_drops_the_floor() -> None:
@@ -80,7 +80,7 @@ def test_a_sequence_that_went_back_turns_the_floor_off_for_good() -> None:
     assert floor.update(sample(bound=500, xid=20, oldest_running=11, lowest=None), now=1.0) == 500
     assert floor.update(sample(bound=3, xid=30, oldest_running=21, lowest=2), now=2.0) == 0
     assert "went back from 500 to 3" in floor.broken
-    assert not floor.due(1e9)
+    assert floor.next_sample > 1e9
 
 
 def test_a_new_row_below_the_floor_turns_it_off_for_good() -> None:
