@@ -30,10 +30,9 @@ import structlog
 from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from outbox import testing
+from outbox import migrator, testing
 from outbox.envelope import EVENT_ID_HEADER
 from outbox.settings import OutboxSettings
-from schema import migrator
 
 PARTITIONS = 3
 KEYS = 1000
@@ -259,7 +258,7 @@ def relay_cmd(
     return [
         sys.executable,
         "-m",
-        "relay",
+        "outbox_relay",
         "--log-format",
         "json",
         "--log-level",

@@ -3,10 +3,10 @@
 For each payload size (256 B and 1 KiB), runs are interleaved (raw producer, PostgreSQL claim +
 DELETE, claim + UPDATE, relay drain; again), so drift hits baseline and relay alike.
 
-* drain: ``python -m relay run --exit-when-idle`` on a backlog of ``--events`` events (keys over
-  1,000 keys): the process's wall time minus that of the same command on the then empty outbox
-  (start-up and shut-down), so the figure times the work from the first claim to the last
-  commit. Afterwards every event id is read back from the broker;
+* drain: ``python -m outbox_relay run --exit-when-idle`` on a backlog of ``--events``
+  events (keys over 1,000 keys): the process's wall time minus that of the same command on the
+  then empty outbox (start-up and shut-down), so the figure times the work from the first claim
+  to the last commit. Afterwards every event id is read back from the broker;
 * memory: the relay process's peak RSS during the drain (VmRSS, sampled every 10 ms).
 
     .venv/bin/python bench/drain.py [--events 100000] [--runs 3] [--json out.json]

@@ -35,8 +35,8 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 import outbox
 from outbox.envelope import EVENT_ID_HEADER
-from relay.config import RelaySettings
-from relay.kafka import producer_config
+from outbox_relay.config import RelaySettings
+from outbox_relay.kafka import producer_config
 
 #: Relays idling at once.
 RELAYS = 5

@@ -1,7 +1,7 @@
 """The limits a relay cannot beat on this machine, for the messages it will send.
 
 * raw producer: confluent-kafka with the relay's own producer settings
-  (``relay.kafka.producer_config``) sending the same messages the relay sends: same topic
+  (``outbox_relay.kafka.producer_config``) sending the same messages the relay sends: same topic
   layout, keys, payload sizes and headers (an ``event_id`` header each), produce to flush, on a
   producer that has delivered one message to the topic already;
 * PostgreSQL alone: one connection claiming the same rows as the relay would (``SELECT ... FOR
@@ -25,8 +25,8 @@ import psycopg
 from confluent_kafka import Producer
 
 from outbox.envelope import EVENT_ID_HEADER
-from relay.config import RelaySettings
-from relay.kafka import producer_config
+from outbox_relay.config import RelaySettings
+from outbox_relay.kafka import producer_config
 
 #: The relay's own batch size: the same rows in the same batches.
 CLAIM_LIMIT = RelaySettings(

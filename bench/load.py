@@ -44,8 +44,8 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 import outbox
 from outbox.envelope import EVENT_ID_HEADER
-from relay.config import RelaySettings
-from relay.kafka import producer_config
+from outbox_relay.config import RelaySettings
+from outbox_relay.kafka import producer_config
 
 SIZE = 256
 #: A writer commits at most this many events a second (measured: one Python process commits

@@ -18,7 +18,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 
 from outbox import urls
 from outbox.consumer import ConsumeLoop, ConsumerSettings
-from relay import logs
+from outbox_relay import logs
 
 
 class Base(DeclarativeBase):

@@ -115,7 +115,7 @@ def write_orders(database_url: str, orders: int, written: list[int]) -> None:
 
 def run(database_url: str, bootstrap: str, orders: int, logs: Path) -> dict[str, int]:
     subprocess.run(
-        [sys.executable, "-m", "relay", "schema", "apply", "--database-url", database_url],
+        [sys.executable, "-m", "outbox_relay", "schema", "apply", "--database-url", database_url],
         check=True,
         capture_output=True,
     )
@@ -129,7 +129,7 @@ def run(database_url: str, bootstrap: str, orders: int, logs: Path) -> dict[str,
         [
             sys.executable,
             "-m",
-            "relay",
+            "outbox_relay",
             "--log-format",
             "json",
             "run",

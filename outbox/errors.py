@@ -3,8 +3,8 @@
 Every error the library raises on purpose derives from :class:`OutboxError`, so a caller can
 catch the library's failures without catching everything. Errors about bad input also derive
 from :class:`ValueError` (or :class:`TypeError`), so generic handlers keep working. A few live
-next to the code that raises them (``DatabaseUnavailableError`` in ``relay.pg``,
-``BrokerUnavailableError`` in ``relay.kafka``, ``ConsumerStopped`` in ``outbox.consumer``,
+next to the code that raises them (``DatabaseUnavailableError`` in ``outbox_relay.pg``,
+``BrokerUnavailableError`` in ``outbox_relay.kafka``, ``ConsumerStopped`` in ``outbox.consumer``,
 ``MigrationFileError`` in ``schema``) and derive from :class:`OutboxError` too;
 ``tests/unit/test_errors.py`` checks every exception class of the packages.
 """

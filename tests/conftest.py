@@ -20,9 +20,8 @@ import pytest_asyncio
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from outbox import testing, urls
+from outbox import migrator, testing, urls
 from outbox.settings import OutboxSettings
-from schema import migrator
 
 
 @pytest.fixture(scope="session")

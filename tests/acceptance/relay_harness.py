@@ -22,7 +22,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 import outbox
 from outbox import testing
 
-RELAY = [sys.executable, "-m", "relay"]
+RELAY = [sys.executable, "-m", "outbox_relay"]
 
 
 def create_topic(bootstrap: str, partitions: int = 3) -> str:

@@ -14,15 +14,14 @@ import pytest
 import structlog
 from click.testing import CliRunner, Result
 
-import schema
-from outbox import testing, urls
+from outbox import schema, testing, urls
 from outbox.settings import OutboxSettings
-from relay.cli import cli
-from relay.exit_codes import ExitCode
+from outbox_relay.cli import cli
+from outbox_relay.exit_codes import ExitCode
 
 CONSOLE_SCRIPT = Path(sys.executable).with_name("outbox-relay")
 ENTRY_POINTS = {
-    "module": [sys.executable, "-m", "relay"],
+    "module": [sys.executable, "-m", "outbox_relay"],
     "script": [str(CONSOLE_SCRIPT)],
 }
 LATEST = schema.latest_version()

@@ -12,8 +12,8 @@ import psycopg
 import pytest
 
 import outbox
-from relay.config import RelaySettings
-from relay.dead_letters import Selection, replay
+from outbox_relay.config import RelaySettings
+from outbox_relay.dead_letters import Selection, replay
 from tests.acceptance.relay_harness import (
     broker_behind_proxy,
     create_topic,
@@ -26,7 +26,7 @@ from tests.acceptance.relay_harness import (
     write_events,
 )
 
-CLI = [sys.executable, "-m", "relay"]
+CLI = [sys.executable, "-m", "outbox_relay"]
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:

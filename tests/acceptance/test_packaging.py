@@ -1,8 +1,8 @@
-"""The wheel users install carries the migrations and works on its own."""
+"""The wheel users install: its exact top-level names, the migrations inside it, and an install
+into a fresh virtualenv beside the ``schema`` validation library, whose name we used to take."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -11,10 +11,13 @@ from pathlib import Path
 
 import pytest
 
-import schema
+from outbox import schema
 
 ROOT = Path(__file__).resolve().parents[2]
-_NOT_SOURCE = (".venv", ".git", "build", "dist", "*.egg-info", "__pycache__", ".*_cache")
+_NOT_SOURCE = (".venv", ".git", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", "site")
+
+#: Every importable name the wheel installs, and nothing else: both are ours on PyPI.
+TOP_LEVEL_NAMES = {"outbox", "outbox_relay"}
 
 
 @pytest.fixture(scope="module")
@@ -34,31 +37,64 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return built
 
 
+@pytest.fixture(scope="module")
+def venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh virtualenv with the `schema` library from PyPI installed first, then our wheel."""
+    home = tmp_path_factory.mktemp("venv")
+    subprocess.run([sys.executable, "-m", "venv", str(home)], check=True, capture_output=True)
+    pip = [str(home / "bin" / "python"), "-m", "pip", "install", "--quiet"]
+    subprocess.run([*pip, "schema"], check=True, capture_output=True)
+    subprocess.run([*pip, str(wheel)], check=True, capture_output=True)
+    return home
+
+
+def top_level_names(wheel: Path) -> set[str]:
+    """What the wheel puts on sys.path: its top-level entries but the .dist-info directory."""
+    entries = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
+    return {entry.removesuffix(".py") for entry in entries if not entry.endswith(".dist-info")}
+
+
+def test_the_wheel_installs_exactly_outbox_and_outbox_relay(wheel: Path) -> None:
+    assert top_level_names(wheel) == TOP_LEVEL_NAMES
+
+
 def test_wheel_ships_every_migration_and_type_marker(wheel: Path) -> None:
-    """Each schema/migrations/*.sql file and the py.typed markers are inside the wheel."""
+    """Each schema/migrations/*.sql file is inside the application package, with py.typed."""
     names = set(zipfile.ZipFile(wheel).namelist())
     for migration in schema.all_migrations():
-        assert f"schema/migrations/{migration.label}.sql" in names
-    assert {"outbox/py.typed", "relay/py.typed", "schema/py.typed"} <= names
-    assert not any(name.startswith("tests/") for name in names)
+        assert f"outbox/migrations/{migration.label}.sql" in names
+    assert {"outbox/py.typed", "outbox_relay/py.typed"} <= names
+    assert not any(name.startswith(("tests/", "schema/", "relay/")) for name in names)
 
 
-def test_installed_wheel_prints_the_schema(wheel: Path, tmp_path: Path) -> None:
-    """`schema show` from the unpacked wheel (not the source tree) prints every migration."""
-    zipfile.ZipFile(wheel).extractall(tmp_path)
-    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
-    code = (
-        "import schema, sys; sys.stderr.write(schema.__file__); from relay.cli import main; main()"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code, "schema", "show"],
-        env=env,
-        cwd=tmp_path,
+def run_in(venv: Path, *command: str) -> subprocess.CompletedProcess[str]:
+    """A command of the virtualenv, run outside the source tree so that only the wheel is seen."""
+    return subprocess.run(
+        [str(venv / "bin" / command[0]), *command[1:]],
+        cwd=venv,
         capture_output=True,
         text=True,
         check=True,
     )
-    assert result.stderr.startswith(str(tmp_path))
+
+
+def test_the_schema_library_still_imports_beside_the_wheel(venv: Path) -> None:
+    """The library called `schema` on PyPI keeps its name: our wheel no longer shadows it."""
+    code = "from schema import Schema; print(Schema(int).validate(5))"
+    assert run_in(venv, "python", "-c", code).stdout == "5\n"
+
+
+def test_the_command_and_the_module_run_from_the_wheel(venv: Path) -> None:
+    assert "schema" in run_in(venv, "outbox-relay", "--help").stdout
+    assert "schema" in run_in(venv, "python", "-m", "outbox_relay", "--help").stdout
+
+
+def test_the_installed_wheel_prints_its_own_migrations(venv: Path) -> None:
+    """`schema show` reads the SQL files carried by the installed package, not the source tree."""
+    code = "from outbox import schema; print(schema.migrations_dir())"
+    where = run_in(venv, "python", "-c", code)
+    assert Path(where.stdout.strip()).is_relative_to(venv)
+    shown = run_in(venv, "outbox-relay", "schema", "show").stdout
     for migration in schema.all_migrations():
-        assert f"-- {migration.label}" in result.stdout
-    assert 'CREATE TABLE "public"."outbox_events"' in result.stdout
+        assert f"-- {migration.label}" in shown
+    assert 'CREATE TABLE "public"."outbox_events"' in shown

@@ -31,7 +31,7 @@ from tests.acceptance.relay_harness import (
 
 pytestmark = pytest.mark.kafka
 
-#: Above the producer's message.max.bytes (1,100,000, see relay/kafka.py).
+#: Above the producer's message.max.bytes (1,100,000, see outbox_relay/kafka.py).
 POISON_BYTES = 2_000_000
 
 
@@ -418,7 +418,7 @@ def test_idle_relay_sleeps_and_wakes_for_a_lone_event(
     database_url: str, kafka_bootstrap: str, tmp_path: Path
 ) -> None:
     """An idle relay uses almost no CPU, yet a lone event is on Kafka long before the poll
-    interval (30 s) would have claimed it: the wait inside PostgreSQL saw it (relay.wakeup)."""
+    interval (30 s) would have claimed it: the wait inside PostgreSQL saw it (the wake-up)."""
     topic = create_topic(kafka_bootstrap)
     log_path = tmp_path / "relay.log"
     proc = start_relay(

@@ -13,8 +13,8 @@ import subprocess
 import pytest
 
 from outbox import testing
-from relay.config import RelaySettings
-from relay.exit_codes import ExitCode
+from outbox_relay.config import RelaySettings
+from outbox_relay.exit_codes import ExitCode
 from tests.acceptance.relay_harness import (
     RELAY,
     create_topic,

@@ -21,12 +21,12 @@ from sqlalchemy.engine import make_url
 
 import outbox
 from outbox.settings import OutboxSettings
-from relay.claims import OutboxSource
-from relay.config import RelaySettings
-from relay.dead_letters import Selection, replay, retry
-from relay.floor import ScanFloor
-from relay.ports import Ownership
-from relay.shards import ShardOwner
+from outbox_relay.claims import OutboxSource
+from outbox_relay.config import RelaySettings
+from outbox_relay.dead_letters import Selection, replay, retry
+from outbox_relay.floor import ScanFloor
+from outbox_relay.ports import Ownership
+from outbox_relay.shards import ShardOwner
 
 
 @pytest.fixture
@@ -298,7 +298,7 @@ def test_the_relays_commits_wait_for_the_disk_only_when_configured(
         assert app.execute("SHOW synchronous_commit").fetchone() == ("on",)
 
 
-# --- the scan floor (relay/floor.py) ----------------------------------------------------------
+# --- the scan floor (outbox_relay.floor) -----------------------------------------------------
 
 
 def floor_after_two_samples(source: OutboxSource) -> int:

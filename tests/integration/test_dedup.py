@@ -20,10 +20,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 
 import outbox
-from outbox import dedup
+from outbox import dedup, migrator
 from outbox.connections import AsyncDB, SyncDB
 from outbox.settings import OutboxSettings
-from schema import migrator
 
 Opener = Callable[[], contextlib.AbstractContextManager[Any]]
 AsyncOpener = Callable[[], contextlib.AbstractAsyncContextManager[Any]]

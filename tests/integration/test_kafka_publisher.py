@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 
-from relay.config import RelaySettings
-from relay.kafka import KafkaPublisher
-from relay.ports import ClaimedRow, Result
+from outbox_relay.config import RelaySettings
+from outbox_relay.kafka import KafkaPublisher
+from outbox_relay.ports import ClaimedRow, Result
 
 pytestmark = pytest.mark.kafka
 

@@ -1,4 +1,4 @@
-"""schema.migrator against a real PostgreSQL: apply, re-apply, race, check, lock timeouts."""
+"""outbox.migrator against a real PostgreSQL: apply, re-apply, race, check, lock timeouts."""
 
 from __future__ import annotations
 
@@ -10,10 +10,8 @@ import psycopg
 import pytest
 
 import outbox
-import schema
-from outbox import testing
+from outbox import migrator, schema, testing
 from outbox.settings import OutboxSettings
-from schema import migrator
 
 DEFAULT = OutboxSettings()
 

@@ -15,10 +15,10 @@ import psycopg
 import pytest
 
 import outbox
-from relay.config import RelaySettings
-from relay.loop import Relay
-from relay.ports import ClaimedRow, Outcome, Result
-from relay.signals import StopSignal
+from outbox_relay.config import RelaySettings
+from outbox_relay.loop import Relay
+from outbox_relay.ports import ClaimedRow, Outcome, Result
+from outbox_relay.signals import StopSignal
 
 
 class ScriptedPublisher:

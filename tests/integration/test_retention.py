@@ -11,13 +11,13 @@ import psycopg
 import pytest
 
 import outbox
-from relay.claims import OutboxSource
-from relay.config import RelaySettings
-from relay.dead_letters import Selection, replay
-from relay.loop import Relay
-from relay.ports import ClaimedRow, Outcome, Result
-from relay.retention import Purge
-from relay.signals import StopSignal
+from outbox_relay.claims import OutboxSource
+from outbox_relay.config import RelaySettings
+from outbox_relay.dead_letters import Selection, replay
+from outbox_relay.loop import Relay
+from outbox_relay.ports import ClaimedRow, Outcome, Result
+from outbox_relay.retention import Purge
+from outbox_relay.signals import StopSignal
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@
 Migration 0005 removed the two triggers writers used to run (a NOTIFY, which serialized every
 writer's commit behind one database-wide lock, and a statement trigger that took a transaction
 id). These tests pin that no trigger or rule comes back, that installations at 0004 are carried
-over with their rows, and what ``wait_for_events`` (``relay.wakeup``) wakes for: rows committed
+over with their rows, and what ``outbox_relay.wakeup.wait_for_events`` wakes for: rows committed
 above the bound of the last look, and late rows below it (among the 64 highest waiting); not
 an uncommitted row, nor another table's commit, nor rows already waiting at the look. Timing
 belongs to the benchmark (``bench/idle.py``).
@@ -20,13 +20,12 @@ import pytest
 from structlog.testing import capture_logs
 
 import outbox
-import schema
+from outbox import migrator, schema
 from outbox.settings import OutboxSettings
-from relay.config import RelaySettings
-from relay.loop import Relay
-from relay.signals import StopSignal
-from relay.wakeup import Wakeup
-from schema import migrator
+from outbox_relay.config import RelaySettings
+from outbox_relay.loop import Relay
+from outbox_relay.signals import StopSignal
+from outbox_relay.wakeup import Wakeup
 from tests.integration.test_relay_loop import ScriptedPublisher
 
 DEFAULT = OutboxSettings()
@@ -123,7 +122,7 @@ def test_an_installation_at_0004_is_carried_over_with_its_rows(
     assert publisher.sent == [b"old0", b"old1", b"old2", b"new0", b"new1"]
 
 
-# --- the wake-up (relay.wakeup) ---------------------------------------------------------------
+# --- the wake-up (outbox_relay.wakeup) -----------------------------------------------------
 
 
 def woken_by_its_commit(

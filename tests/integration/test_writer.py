@@ -17,11 +17,10 @@ from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
 import outbox
-from outbox import urls
+from outbox import migrator, urls
 from outbox.connections import SyncDB
 from outbox.envelope import Event
 from outbox.settings import DEFAULT_MAX_PAYLOAD_BYTES, OutboxSettings
-from schema import migrator
 
 Row = tuple[uuid.UUID, str, bytes | None, bytes, list[str], list[bytes]]
 Opener = Callable[[], contextlib.AbstractContextManager[Any]]

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from relay.backoff import BreakerState, CircuitBreaker, full_jitter
+from outbox_relay.backoff import BreakerState, CircuitBreaker, full_jitter
 
 
 class FakeClock:

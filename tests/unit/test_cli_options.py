@@ -19,12 +19,12 @@ import pytest
 import structlog
 from click.testing import CliRunner
 
-import relay
-from relay import cli as cli_module
-from relay import pg
-from relay.cli import cli
-from relay.config import RelaySettings
-from schema import migrator
+import outbox_relay
+from outbox import migrator
+from outbox_relay import cli as cli_module
+from outbox_relay import pg
+from outbox_relay.cli import cli
+from outbox_relay.config import RelaySettings
 
 URL = "postgresql://app@127.0.0.1:5432/shop"
 
@@ -114,7 +114,7 @@ def test_on_dead_letter_is_one_option_shared_by_run_and_status() -> None:
 
 def test_on_dead_letter_is_defined_once_in_the_source() -> None:
     """The option's declaration is written once (a second copy is how the two drifted)."""
-    sources = Path(relay.__file__).parent.rglob("*.py")
+    sources = Path(outbox_relay.__file__).parent.rglob("*.py")
     found = [
         p.name for p in sources for _ in re.finditer(r"[\"']--on-dead-letter[\"']", p.read_text())
     ]

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from confluent_kafka import KafkaError
 
-from relay.kafka import Report, failures_by_row
-from relay.ports import ClaimedRow, Result
+from outbox_relay.kafka import Report, failures_by_row
+from outbox_relay.ports import ClaimedRow, Result
 
 
 def _row(

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from confluent_kafka import KafkaError
 
-from relay.claims import Failure, plan_failures
-from relay.kafka import classify, describe
-from relay.ports import ClaimedRow, Outcome, Result
+from outbox_relay.claims import Failure, plan_failures
+from outbox_relay.kafka import classify, describe
+from outbox_relay.ports import ClaimedRow, Outcome, Result
 
 
 def _row(row_id: int, attempts: int = 0, key: bytes | None = b"k") -> ClaimedRow:

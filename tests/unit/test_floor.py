@@ -1,8 +1,8 @@
-"""The scan floor's rule, on samples written out by hand (relay/floor.py)."""
+"""The scan floor's rule, on samples written out by hand (outbox_relay/floor.py)."""
 
 from __future__ import annotations
 
-from relay.floor import FloorSample, ScanFloor
+from outbox_relay.floor import FloorSample, ScanFloor
 
 
 def sample(*, bound: int, xid: int, oldest_running: int, lowest: int | None) -> FloorSample:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from relay.pipeline import held_back, undelivered_by_key
-from relay.ports import ClaimedRow, Outcome, Result
+from outbox_relay.pipeline import held_back, undelivered_by_key
+from outbox_relay.ports import ClaimedRow, Outcome, Result
 
 
 def row(row_id: int, key: bytes | None) -> ClaimedRow:

@@ -16,15 +16,15 @@ from typing import Any
 import pytest
 from confluent_kafka import KafkaError
 
-from relay.config import RelaySettings
-from relay.kafka import (
+from outbox_relay.config import RelaySettings
+from outbox_relay.kafka import (
     AFTER_UNDELIVERED,
     KafkaPublisher,
     Report,
     failures_by_row,
     hold_back_after_failures,
 )
-from relay.ports import ClaimedRow, Outcome, Result
+from outbox_relay.ports import ClaimedRow, Outcome, Result
 
 K, L = b"K", b"L"
 

@@ -35,7 +35,7 @@ def imported_after(*modules: str) -> set[str]:
 def test_outbox_imports_neither_relay_nor_confluent_kafka() -> None:
     """``outbox`` must stay importable by applications that never touch Kafka."""
     loaded = imported_after(*OUTBOX_MODULES)
-    offenders = {m for m in loaded if m.split(".")[0] in {"relay", "confluent_kafka"}}
+    offenders = {m for m in loaded if m.split(".")[0] in {"outbox_relay", "confluent_kafka"}}
     assert offenders == set()
 
 
@@ -54,7 +54,7 @@ def test_outbox_does_not_need_greenlet_for_sync_use() -> None:
 
 def test_the_check_can_fail() -> None:
     """The import probe does see a module that is imported (guards against a vacuous test)."""
-    assert "relay.cli" in imported_after("relay.cli")
+    assert "outbox_relay.cli" in imported_after("outbox_relay.cli")
 
 
 def test_the_consume_loops_live_in_the_application_package_without_the_daemon() -> None:
@@ -62,4 +62,4 @@ def test_the_consume_loops_live_in_the_application_package_without_the_daemon() 
     client) and nothing of the relay daemon."""
     loaded = imported_after("outbox.consumer")
     assert "confluent_kafka" in loaded
-    assert {m for m in loaded if m.split(".")[0] == "relay"} == set()
+    assert {m for m in loaded if m.split(".")[0] == "outbox_relay"} == set()

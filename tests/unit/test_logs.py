@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
-from relay import logs
+from outbox_relay import logs
 
 
 def record(message: str) -> logging.LogRecord:

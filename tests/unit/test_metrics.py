@@ -1,5 +1,5 @@
-"""relay.metrics without servers: the breaker mapping, counting outcomes, the health logic, and
-the HTTP endpoints on a local port."""
+"""outbox_relay.metrics without servers: the breaker mapping, counting outcomes, the health
+logic, and the HTTP endpoints on a local port."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from outbox import testing
 from outbox.errors import ConfigurationError
-from relay.backoff import BreakerState
-from relay.config import RelaySettings
-from relay.metrics import (
+from outbox_relay.backoff import BreakerState
+from outbox_relay.config import RelaySettings
+from outbox_relay.metrics import (
     BREAKER_STATE_VALUES,
     BROKER_CHECK_CACHE_S,
     Health,
@@ -27,7 +27,7 @@ from relay.metrics import (
     failure_reasons,
     heartbeat_timeout,
 )
-from relay.ports import ClaimedRow, Outcome, Result
+from outbox_relay.ports import ClaimedRow, Outcome, Result
 
 #: Every metric family docs/metrics.md documents (counters without their _total suffix).
 DOCUMENTED = {

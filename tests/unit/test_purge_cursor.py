@@ -1,11 +1,11 @@
-"""The purge's cursor (``relay.retention.Purge``) over a table simulated in memory: which rows
+"""The purge's cursor (``Purge``) over a table simulated in memory: which rows
 each step deletes, where the cursor stops, and when a pass gives the relay its turn."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from relay.retention import Purge, PurgeStep
+from outbox_relay.retention import Purge, PurgeStep
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Reconnecting (relay/recovery.py): until it works, or until a stop."""
+"""Reconnecting (outbox_relay/recovery.py): until it works, or until a stop."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from relay.recovery import reconnect
-from relay.signals import StopSignal
+from outbox_relay.recovery import reconnect
+from outbox_relay.signals import StopSignal
 
 
 @pytest.fixture

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from outbox import ConfigurationError
-from relay.config import RelaySettings, parse_kafka_config
-from relay.kafka import producer_config
+from outbox_relay.config import RelaySettings, parse_kafka_config
+from outbox_relay.kafka import producer_config
 
 DB = "postgresql://app@localhost/shop"
 

@@ -1,8 +1,8 @@
-"""The chores' schedule (relay/schedule.py): each task when due, and how long a wait may last."""
+"""The chores' schedule (``Schedule``): each task when due, and how long a wait may last."""
 
 from __future__ import annotations
 
-from relay.schedule import Schedule, Task
+from outbox_relay.schedule import Schedule, Task
 
 
 def test_tasks_run_when_due_and_say_when_they_are_due_next() -> None:

@@ -8,7 +8,7 @@ from importlib import resources
 
 import pytest
 
-import schema
+from outbox import schema
 from outbox.settings import MAX_IDENTIFIER_LENGTH, OutboxSettings
 
 #: Checksums of released migrations. Applied migrations must never change (databases record

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from outbox.settings import SHARD_COUNT, OutboxSettings
-from relay.shards import assignment, lock_class
+from outbox_relay.shards import assignment, lock_class
 
 INT4_MAX = 2**31 - 1
 

@@ -9,11 +9,10 @@ import pytest
 from psycopg import sql as pg_sql
 
 import outbox
-import relay
-import schema
+import outbox_relay
 from outbox.settings import OutboxSettings, render_sql
 
-PACKAGES = [outbox, relay, schema]
+PACKAGES = [outbox, outbox_relay]
 ROOT = Path(outbox.__file__).parent.parent
 
 #: The ways table names reached SQL before ``OutboxSettings.sql``: a placeholder replaced by

@@ -1,15 +1,15 @@
-"""`status` names a relay by the application name that relay.pg gives its sessions."""
+"""`status` names a relay by the application name that outbox_relay.pg gives its sessions."""
 
 from __future__ import annotations
 
 import pytest
 
-from relay import pg, status
+from outbox_relay import pg, status
 
 
 @pytest.mark.parametrize("relay_id", ["r-1", "web-7.example.com-4242-ab12", "x" * 80])
 def test_status_reads_the_relay_id_from_the_owner_session_name(relay_id: str) -> None:
-    """What relay.pg builds for the ownership session, status reads back (up to 63 bytes)."""
+    """What outbox_relay.pg builds for the ownership session, status reads back (up to 63 bytes)."""
     name = pg.application_name("owner", relay_id)
     assert len(name) <= 63
     assert status.relay_name(name) == name.removeprefix(f"{pg.APPLICATION_NAME} owner ")

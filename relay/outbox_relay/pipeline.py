@@ -16,10 +16,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import psycopg
 
-from relay.backoff import full_jitter
-from relay.claims import Failure, OutboxSource, plan_failures
-from relay.config import RelaySettings
-from relay.ports import ClaimedRow, Outcome, Ownership, Publisher, Result
+from outbox_relay.backoff import full_jitter
+from outbox_relay.claims import Failure, OutboxSource, plan_failures
+from outbox_relay.config import RelaySettings
+from outbox_relay.ports import ClaimedRow, Outcome, Ownership, Publisher, Result
 
 #: Ids of a batch's undelivered rows, by key.
 Undelivered = dict[bytes, list[int]]

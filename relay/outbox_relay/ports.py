@@ -1,7 +1,7 @@
 """What the relay loop talks to: rows claimed from the outbox, outcomes of their delivery.
 
-The loop (``relay.loop``) sees only these types and Protocols; the PostgreSQL and Kafka adapters
-(``relay.claims``, ``relay.shards``, ``relay.kafka``) implement them.
+The loop (``.loop``) sees only these types and Protocols; the PostgreSQL and Kafka adapters
+(``.claims``, ``.shards``, ``.kafka``) implement them.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 if TYPE_CHECKING:
-    from relay.backoff import BreakerState
+    from outbox_relay.backoff import BreakerState
 
 
 class ClaimedRow(NamedTuple):
@@ -72,7 +72,7 @@ class Publisher(Protocol):
 
 
 class Metrics(Protocol):
-    """What the loop reports: implemented by ``relay.metrics.RelayMetrics`` (Prometheus, and the
+    """What the loop reports: implemented by ``.metrics.RelayMetrics`` (Prometheus, and the
     health probes) and by ``NoMetrics`` (without ``--metrics-port``)."""
 
     #: Whether the backlog gauges are worth a query every few seconds.

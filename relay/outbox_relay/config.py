@@ -85,7 +85,7 @@ class RelaySettings:
     #: Payload bytes fetched per batch at most (the first row always fits): bounds memory.
     batch_max_bytes: int = 16 * 1024 * 1024
     #: Seconds an idle relay waits at most before claiming anyway: new events wake it sooner
-    #: (``relay.wakeup``); rows falling due for a retry wait for this.
+    #: (``outbox_relay.wakeup``); rows falling due for a retry wait for this.
     poll_interval: float = 1.0
     #: Per-row retry delay: random(0, min(backoff_cap, backoff_base * 2**attempt)) seconds.
     backoff_base: float = 1.0

@@ -8,7 +8,7 @@ the shards it should no longer own, and tries to lock the ones it should. A shar
 its previous owner is picked up at a later rebalance, once that owner has let go between batches.
 
 The connection is kept apart from the one doing batch work, so a slow batch never costs the relay
-its shards. A claim names the shards this relay holds (:class:`~relay.ports.Ownership`) and checks
+its shards. A claim names the shards this relay holds (:class:`.ports.Ownership`) and checks
 inside its own transaction that this session is still alive, through the membership lock: a
 session's advisory locks go only with the session or when the relay itself lets go of them, and
 shards let go of leave ``owned`` before they are unlocked.
@@ -23,9 +23,9 @@ from typing import Any
 import psycopg
 
 from outbox.settings import SHARD_COUNT, OutboxSettings
-from relay.config import RelaySettings
-from relay.pg import OWNER_ROLE, relay_connect
-from relay.ports import Ownership
+from outbox_relay.config import RelaySettings
+from outbox_relay.pg import OWNER_ROLE, relay_connect
+from outbox_relay.ports import Ownership
 
 _MEMBERS_SQL = """
 SELECT objid::bigint FROM pg_locks
@@ -60,7 +60,7 @@ def assignment(members: list[int], member: int) -> frozenset[int]:
 
 class ShardOwner:
     """Owns shards on an autocommit connection of its own (which also waits for new events,
-    ``relay.wakeup``)."""
+    ``outbox_relay.wakeup``)."""
 
     def __init__(self, settings: RelaySettings) -> None:
         self._settings = settings

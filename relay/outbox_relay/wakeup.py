@@ -32,7 +32,7 @@ import psycopg
 import structlog
 
 from outbox.settings import OutboxSettings
-from relay.signals import StopSignal
+from outbox_relay.signals import StopSignal
 
 log = structlog.get_logger("relay.wakeup")
 

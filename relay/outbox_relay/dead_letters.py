@@ -19,7 +19,7 @@ from psycopg import sql as pg_sql
 from outbox.settings import OutboxSettings
 
 #: What a row put back in the queue (retried, replayed) gets as ``next_attempt_at``: due at
-#: once, and marked. Such a row is usually below the relays' scan floor (``relay.floor``) until
+#: once, and marked. Such a row is usually below the relays' scan floor (``.floor``) until
 #: their next sample; a non-NULL ``next_attempt_at`` puts it in the small index of failed rows,
 #: where the claim looks for rows below the floor that later rows of their key must wait for.
 PUT_BACK = "now()"

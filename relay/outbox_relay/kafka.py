@@ -18,9 +18,9 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from outbox.envelope import EVENT_ID_HEADER
 from outbox.errors import OutboxError
-from relay.config import GUARANTEED_KAFKA_SETTINGS, RelaySettings
-from relay.logs import LIBRDKAFKA_LOGGER
-from relay.ports import ClaimedRow, Outcome, Result
+from outbox_relay.config import GUARANTEED_KAFKA_SETTINGS, RelaySettings
+from outbox_relay.logs import LIBRDKAFKA_LOGGER
+from outbox_relay.ports import ClaimedRow, Outcome, Result
 
 log = structlog.get_logger("relay.kafka")
 

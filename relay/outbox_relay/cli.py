@@ -17,15 +17,15 @@ import click
 import psycopg
 import structlog
 
-from outbox import dedup
+from outbox import dedup, migrator
 from outbox.errors import ConfigurationError, SchemaError, one_line
+from outbox.schema import latest_version, script
 from outbox.settings import OutboxSettings
-from relay import dead_letters, logs, pg, status
-from relay.config import RelaySettings, default_relay_id, parse_kafka_config
-from relay.exit_codes import ExitCode
-from relay.kafka import BrokerUnavailableError, KafkaPublisher
-from relay.loop import serve
-from schema import latest_version, migrator, script
+from outbox_relay import dead_letters, logs, pg, status
+from outbox_relay.config import RelaySettings, default_relay_id, parse_kafka_config
+from outbox_relay.exit_codes import ExitCode
+from outbox_relay.kafka import BrokerUnavailableError, KafkaPublisher
+from outbox_relay.loop import serve
 
 F = TypeVar("F", bound=Callable[..., Any])
 log = structlog.get_logger("relay.cli")

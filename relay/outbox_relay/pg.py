@@ -8,7 +8,7 @@ import psycopg
 
 from outbox import urls
 from outbox.errors import ConfigurationError, OutboxError, one_line
-from relay.config import RelaySettings
+from outbox_relay.config import RelaySettings
 
 #: Every session of the relay and its commands carries this name (``application_name``).
 APPLICATION_NAME = "outbox-relay"

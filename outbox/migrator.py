@@ -13,8 +13,7 @@ from typing import Any
 import psycopg
 
 from outbox.errors import SchemaMismatchError, SchemaMissingError, SchemaOutdatedError
-from outbox.settings import OutboxSettings
-from schema import (
+from outbox.schema import (
     Migration,
     all_migrations,
     bootstrap_statements,
@@ -22,6 +21,7 @@ from schema import (
     lock_statement,
     record_statement,
 )
+from outbox.settings import OutboxSettings
 
 APPLY_HINT = "run `outbox-relay schema apply`"
 

@@ -2,7 +2,7 @@
 
 Pure code: loading the migration files, rendering them for given settings, and producing the
 script that ``outbox-relay schema show`` prints. Applying them to a database is in
-:mod:`schema.migrator`.
+:mod:`outbox.migrator`.
 
 Migration files are named ``NNNN_slug.sql`` and numbered from 1 without gaps. They refer to
 database objects only through placeholders (``{{schema}}``, ``{{p:events}}``), which are replaced
@@ -20,7 +20,7 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 from functools import cache
-from importlib import resources
+from pathlib import Path
 
 from psycopg import sql as pg_sql
 
@@ -78,12 +78,17 @@ def render(template: str, settings: OutboxSettings) -> str:
     return rendered
 
 
+def migrations_dir() -> Path:
+    """Where the migration files are: ``outbox/migrations`` in an installed wheel, which carries
+    the repository's ``schema/migrations`` there, or ``schema/migrations`` in a source checkout."""
+    installed = Path(__file__).with_name("migrations")
+    return installed if installed.is_dir() else Path(__file__).parents[1] / "schema" / "migrations"
+
+
 @cache
 def all_migrations() -> tuple[Migration, ...]:
     """All migrations shipped with this version, in order."""
-    files = [
-        f for f in (resources.files("schema") / "migrations").iterdir() if f.name.endswith(".sql")
-    ]
+    files = [f for f in migrations_dir().iterdir() if f.name.endswith(".sql")]
     found = []
     for file in files:
         match = _FILE_NAME.fullmatch(file.name)

@@ -8,8 +8,8 @@ import psycopg
 import structlog
 
 from outbox.backoff import full_jitter
-from relay.pg import DatabaseUnavailableError
-from relay.signals import StopSignal
+from outbox_relay.pg import DatabaseUnavailableError
+from outbox_relay.signals import StopSignal
 
 log = structlog.get_logger("relay.recovery")
 

@@ -21,23 +21,23 @@ from typing import TYPE_CHECKING
 import psycopg
 import structlog
 
+from outbox import migrator
 from outbox.errors import one_line
-from relay.backoff import CircuitBreaker
-from relay.config import RelaySettings
-from relay.floor import ScanFloor
-from relay.outage import BreakerReport
-from relay.pipeline import Pipeline, filled
-from relay.ports import ClaimedRow, Metrics, NoMetrics, Outcome, Publisher, Result
-from relay.recovery import reconnect
-from relay.retention import PURGE_EVERY, Purge
-from relay.schedule import Schedule, Task
-from relay.shards import ShardOwner
-from relay.signals import StopSignal
-from relay.wakeup import Wakeup
-from schema import migrator
+from outbox_relay.backoff import CircuitBreaker
+from outbox_relay.config import RelaySettings
+from outbox_relay.floor import ScanFloor
+from outbox_relay.outage import BreakerReport
+from outbox_relay.pipeline import Pipeline, filled
+from outbox_relay.ports import ClaimedRow, Metrics, NoMetrics, Outcome, Publisher, Result
+from outbox_relay.recovery import reconnect
+from outbox_relay.retention import PURGE_EVERY, Purge
+from outbox_relay.schedule import Schedule, Task
+from outbox_relay.shards import ShardOwner
+from outbox_relay.signals import StopSignal
+from outbox_relay.wakeup import Wakeup
 
 if TYPE_CHECKING:
-    from relay.metrics import RelayMetrics
+    from outbox_relay.metrics import RelayMetrics
 
 log = structlog.get_logger("relay.loop")
 
@@ -67,14 +67,14 @@ class Relay:
         self.publisher = publisher
         self.stop = stop
         self.clock = clock
-        #: Claim, publish, record, with the next batch claimed meanwhile (relay/pipeline.py).
+        #: Claim, publish, record, with the next batch claimed meanwhile (outbox_relay/pipeline.py).
         self.batches = Pipeline(settings, publisher)
         self.shards = ShardOwner(settings)
         #: Sleeps on the ownership connection until events may be waiting.
         self.wakeup = Wakeup(settings.outbox)
         #: Whether the last wait ended because events may be waiting (``step`` claims first).
         self._woken = False
-        #: Where claims start their index scan (see ``relay.floor``).
+        #: Where claims start their index scan (see ``outbox_relay.floor``).
         self.floor = ScanFloor()
         self.breaker = CircuitBreaker(
             threshold=settings.breaker_threshold,
@@ -253,7 +253,7 @@ class Relay:
         return now + self.settings.rebalance_interval
 
     def _wait(self, timeout: float) -> None:
-        """Until events may be waiting (``relay.wakeup``), a stop, the timeout or a chore that
+        """Until events may be waiting (``.wakeup``), a stop, the timeout or a chore that
         cannot wait (a rebalance, a purge pass)."""
         self._woken = self.wakeup.wait(
             self.shards.connection,
@@ -352,7 +352,7 @@ def serve(
     metrics: RelayMetrics | None = None
     server = None
     if settings.metrics_port is not None:
-        from relay import metrics as relay_metrics  # prometheus-client only when asked for
+        from outbox_relay import metrics as relay_metrics  # prometheus-client only when asked for
 
         health = relay_metrics.Health(
             stale_after=relay_metrics.heartbeat_timeout(settings), probe_broker=probe_broker

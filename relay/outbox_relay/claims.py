@@ -19,11 +19,11 @@ import psycopg
 from psycopg.rows import RowMaker
 
 from outbox.settings import SHARD_COUNT, OutboxSettings
-from relay.config import RelaySettings
-from relay.floor import FloorSample
-from relay.pg import relay_connect
-from relay.ports import ClaimedRow, Outcome, Ownership, Result
-from relay.retention import PurgeStep
+from outbox_relay.config import RelaySettings
+from outbox_relay.floor import FloorSample
+from outbox_relay.pg import relay_connect
+from outbox_relay.ports import ClaimedRow, Outcome, Ownership, Result
+from outbox_relay.retention import PurgeStep
 
 # Ownership is checked inside the claiming transaction: only the shards this relay holds qualify,
 # and none once its ownership session is gone (its advisory locks went with it, and another relay
@@ -57,7 +57,7 @@ WITH owned AS (
            e.attempts
     FROM {events} AS e
     WHERE e.published_at IS NULL AND e.dead_lettered_at IS NULL
-      AND e.id >= %(floor)s  -- past the entries of rows published already (relay/floor.py)
+      AND e.id >= %(floor)s  -- past the entries of rows published already (outbox_relay/floor.py)
       AND (e.next_attempt_at IS NULL OR e.next_attempt_at <= now())
       AND (SELECT mine FROM owned)[e.shard + 1]
       -- Locked by our other connection, so never ours to take: passed over with a hash probe
@@ -119,7 +119,7 @@ WHERE (s.id < (SELECT id FROM cut) OR (SELECT id FROM cut) IS NULL)
               AND (%(dead_letters_block)s OR b.dead_lettered_at IS NULL)
               AND b.id NOT IN (SELECT id FROM batch UNION ALL SELECT id FROM in_flight)))
 """  # in the batch's order, which is id order; ``claim`` makes sure of it without a sort here
-# The scan floor's sample (relay/floor.py), in its own transaction and in this order: the
+# The scan floor's sample (outbox_relay/floor.py), in its own transaction and in this order: the
 # sequence; then the transactions in this database that run a statement without a transaction id
 # (one may hold row ids it has not inserted yet), and whether any the previous sample found still
 # runs; then, in a later statement, a transaction id and the snapshot's view. pg_locks and the
@@ -155,7 +155,7 @@ SET attempts = e.attempts + 1,
 FROM unnest(%s::bigint[], %s::text[], %s::float8[], %s::bool[]) AS f(id, error, delay, dead)
 WHERE e.id = f.id
 """
-# One step of the purge (relay/retention.py): the next rows from the cursor, in id order; of those,
+# One step of the purge (.retention): the next rows from the cursor, in id order; of those,
 # delete the ones published before the cutoff; report the lowest one published after it. The
 # DELETE's own condition tests published_at, so READ COMMITTED re-checks it on a row updated
 # after the statement's snapshot (a replay) before deleting it; a condition only in a subquery
@@ -321,7 +321,7 @@ class OutboxSource:
         conn.commit()
 
     def sample_floor(self, suspects_before: Sequence[str] = ()) -> FloorSample:
-        """One sample for the scan floor (see ``relay.floor``), in a transaction of its own;
+        """One sample for the scan floor (see ``outbox_relay.floor``), in a transaction of its own;
         ``suspects_before``: the previous sample's ``suspects``."""
         conn = self.connection
         try:
@@ -362,7 +362,7 @@ class OutboxSource:
         return (int(row[0]), float(row[1])) if row else (0, 0.0)
 
     def purge_chunk(self, from_id: int, rows: int, retention: float) -> PurgeStep:
-        """One step of the purge (``relay.retention``), in a transaction of its own."""
+        """One step of the purge (``outbox_relay.retention``), in a transaction of its own."""
         params = {"from_id": from_id, "rows": rows, "retention": retention}
         row = self.connection.execute(self._purge_sql, params).fetchone()
         self.connection.commit()

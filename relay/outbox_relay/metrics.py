@@ -34,9 +34,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 from prometheus_client.exposition import choose_encoder
 
 from outbox.errors import ConfigurationError, one_line
-from relay.backoff import BreakerState
-from relay.config import RelaySettings
-from relay.ports import ClaimedRow, Outcome, Result
+from outbox_relay.backoff import BreakerState
+from outbox_relay.config import RelaySettings
+from outbox_relay.ports import ClaimedRow, Outcome, Result
 
 log = structlog.get_logger("relay.metrics")
 
@@ -207,7 +207,7 @@ class RelayMetrics:
         )
         ProcessCollector(registry=reg)  # process_* (memory, CPU, fds) on Linux
 
-    # Updated by the loop thread (``relay.ports.Metrics``).
+    # Updated by the loop thread (``outbox_relay.ports.Metrics``).
 
     wants_backlog = True
 

@@ -13,8 +13,8 @@ from typing import Any
 import psycopg
 
 from outbox.settings import OutboxSettings
-from relay import pg
-from relay.shards import lock_class
+from outbox_relay import pg
+from outbox_relay.shards import lock_class
 
 _BACKLOG_BY_TOPIC = """
 SELECT topic, count(*), extract(epoch FROM now() - min(created_at))

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 
 import structlog
 
-from relay.backoff import BreakerState, CircuitBreaker
-from relay.ports import Metrics, Outcome
+from outbox_relay.backoff import BreakerState, CircuitBreaker
+from outbox_relay.ports import Metrics, Outcome
 
 log = structlog.get_logger("relay.loop")
 
