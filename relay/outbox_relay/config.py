@@ -1,13 +1,18 @@
-"""The relay's settings: one frozen object, validated once, shared by every part of the daemon."""
+"""The relay's settings: one frozen object, validated once, shared by every part of the daemon.
+
+Each setting carries its :class:`Option` (help and bounds) beside it; ``outbox-relay run``
+generates its options from them, so a setting is described in this file only.
+"""
 
 from __future__ import annotations
 
 import os
 import secrets
 import socket
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass, field, fields
 from types import MappingProxyType
+from typing import Any
 
 from outbox.errors import ConfigurationError
 from outbox.settings import OutboxSettings
@@ -63,68 +68,198 @@ def check_kafka_config(config: Mapping[str, str]) -> None:
             )
 
 
-def _positive(name: str, value: float) -> None:
-    if value <= 0:
-        raise ConfigurationError(f"{name} must be positive, got {value}")
+#: The key of a field's :class:`Option` in its metadata.
+OPTION = "outbox_relay.option"
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """How ``outbox-relay run`` takes one setting: the help, and the bounds that the command line
+    and :class:`RelaySettings` both enforce. The flag follows from the field's name unless given
+    (``batch_size``: ``--batch-size``), and the environment variable from the flag
+    (``OUTBOX_BATCH_SIZE``)."""
+
+    help: str
+    minimum: float | None = None
+    maximum: float | None = None
+    #: The flag, where it is not the field's name (``--on-dead-letter`` for a bool).
+    flag: str | None = None
+    #: Words the option accepts, each with the setting's value it stands for.
+    choices: Mapping[str, object] | None = None
+    #: Repeatable; the values reach ``parse`` as a tuple.
+    multiple: bool = False
+    #: Turns what the command line read into the setting's value.
+    parse: Callable[[Any], object] | None = None
+    #: The default as ``--help`` shows it, where the field's own default would mislead.
+    shown_default: str | None = None
+
+    def check(self, name: str, value: object) -> None:
+        """ConfigurationError naming the setting unless ``value`` is within the bounds."""
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            return
+        if self.minimum is not None and value < self.minimum:
+            raise ConfigurationError(f"{name} must be at least {self.minimum:g}, got {value}")
+        if self.maximum is not None and value > self.maximum:
+            raise ConfigurationError(f"{name} must be at most {self.maximum:g}, got {value}")
+
+
+def setting(
+    default: Any = MISSING, *, factory: Callable[[], Any] | None = None, **option: Any
+) -> Any:
+    """A settings field with its :class:`Option` (help, bounds) beside it."""
+    metadata = {OPTION: Option(**option)}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def option_of(name: str) -> Option | None:
+    """The :class:`Option` of the ``RelaySettings`` field ``name`` (None: not an option)."""
+    found = RelaySettings.__dataclass_fields__[name].metadata.get(OPTION)
+    return found if isinstance(found, Option) else None
+
+
+_DEAD_LETTER_POLICY = {"proceed": False, "block": True}
 
 
 @dataclass(frozen=True, slots=True)
 class RelaySettings:
-    """Everything a relay needs; the CLI maps one flag and one environment variable to each."""
+    """Everything a relay needs; ``outbox-relay run`` maps one flag and one variable to each."""
 
-    database_url: str
-    kafka_bootstrap_servers: str
+    database_url: str = setting(
+        help="PostgreSQL URL: postgresql://user:pass@host:5432/db (libpq) or "
+        "postgresql+psycopg://... (SQLAlchemy).",
+    )
+    kafka_bootstrap_servers: str = setting(help="Kafka brokers, host:port[,...].")
+    #: Where the outbox tables are (``--schema``, ``--table-prefix``, shared by every command).
     outbox: OutboxSettings = field(default_factory=OutboxSettings)
-    kafka_config: Mapping[str, str] = field(default_factory=dict)
-    relay_id: str = field(default_factory=default_relay_id)
-    #: Rows claimed per batch (one transaction, one flush). Larger batches spread each batch's
-    #: fixed costs (round trips, commit, waiting for Kafka's answer) over more rows: measured
-    #: here, 5,000 drains a backlog about a quarter faster than 1,000. A crash can resend up to
-    #: one batch, and a batch's payloads are held in memory (within ``batch_max_bytes``).
-    batch_size: int = 5000
-    #: Payload bytes fetched per batch at most (the first row always fits): bounds memory.
-    batch_max_bytes: int = 16 * 1024 * 1024
-    #: Seconds an idle relay waits at most before claiming anyway: new events wake it sooner
-    #: (``outbox_relay.wakeup``); rows falling due for a retry wait for this.
-    poll_interval: float = 1.0
-    #: Per-row retry delay: random(0, min(backoff_cap, backoff_base * 2**attempt)) seconds.
-    backoff_base: float = 1.0
-    backoff_cap: float = 300.0
-    #: Failed deliveries of one row before it is dead-lettered.
-    max_attempts: int = 10
-    #: Whether a dead-lettered row blocks the later rows of its key until an operator acts.
-    dead_letter_blocks_key: bool = False
-    #: Seconds between shard rebalances (also the bound on taking over a dead relay's shards).
-    rebalance_interval: float = 2.0
-    #: Seconds to keep published rows; 0 deletes a row as soon as it is published.
-    retention: float = 0.0
-    connect_timeout: float = 10.0
-    statement_timeout: float = 30.0
-    lock_timeout: float = 5.0
-    #: librdkafka's message.timeout.ms, in seconds: the bound on one message's delivery.
-    delivery_timeout: float = 30.0
-    #: Seconds to finish the in-flight batch after SIGTERM/SIGINT.
-    grace_period: float = 30.0
-    #: Consecutive failed batches that open the circuit breaker, its first cool-down and cap.
-    breaker_threshold: int = 3
-    breaker_cooldown: float = 5.0
-    breaker_max_cooldown: float = 60.0
-    #: Rows in the probe batch sent when the breaker half-opens.
-    probe_size: int = 10
-    #: Claim the next batch (on a second connection) while the current one is published.
-    prefetch: bool = True
-    #: Whether the relay's own commits (rows marked published, failures recorded) wait for
-    #: PostgreSQL to flush them to disk (``synchronous_commit``). Off by default: it takes the
-    #: WAL flush out of every batch, and a commit lost in a database crash only makes its rows
-    #: unpublished again, so they are sent again (duplicates, never a loss). Events written by
-    #: ``outbox.add`` keep the application's own setting.
-    synchronous_commit: bool = False
-    #: Exit 0 once no unpublished, deliverable row is left (for scripts and tests).
-    exit_when_idle: bool = False
-    #: Port of the HTTP server for /metrics, /healthz and /readyz; None serves nothing.
-    metrics_port: int | None = None
-    #: Address that server listens on.
-    metrics_host: str = "0.0.0.0"  # noqa: S104 - a metrics endpoint is meant to be scraped
+    kafka_config: Mapping[str, str] = setting(
+        factory=dict,
+        help="Extra librdkafka producer setting, key=value (repeatable; whitespace-separated in "
+        "the variable), e.g. security.protocol=SASL_SSL. Idempotence and acks=all cannot be "
+        "turned off.",
+        multiple=True,
+        parse=parse_kafka_config,
+        shown_default="none",
+    )
+    relay_id: str = setting(
+        factory=default_relay_id,
+        help="Name of this relay in logs and pg_stat_activity.",
+        shown_default="host-pid-random",
+    )
+    # A crash can resend up to one batch, and a batch's payloads are held in memory.
+    batch_size: int = setting(5000, help="Rows per batch (one transaction, one flush).", minimum=1)
+    batch_max_bytes: int = setting(
+        16 * 1024 * 1024,
+        help="Payload bytes per batch at most (the oldest row always fits); bounds memory.",
+        minimum=1,
+    )
+    poll_interval: float = setting(
+        1.0,
+        help="Seconds an idle relay waits at most before it claims anyway (new events wake it "
+        "sooner; a retry falling due does not).",
+        minimum=0.01,
+    )
+    backoff_base: float = setting(
+        1.0,
+        help="Retry delay of a failed row: random(0, min(cap, base * 2**attempt)) seconds.",
+        minimum=0.001,
+    )
+    backoff_cap: float = setting(
+        300.0, help="Longest retry delay of a failed row, seconds.", minimum=0.001
+    )
+    max_attempts: int = setting(
+        10, help="Failed deliveries before a row is dead-lettered.", minimum=1
+    )
+    dead_letter_blocks_key: bool = setting(
+        False,
+        flag="--on-dead-letter",
+        choices=_DEAD_LETTER_POLICY,
+        help="After a row of a key is dead-lettered: later rows of the key proceed, or stay "
+        "blocked until an operator acts. Give `status` the relays' value.",
+    )
+    rebalance_interval: float = setting(
+        2.0,
+        help="Seconds between shard rebalances; bounds the takeover of a dead relay's shards.",
+        minimum=0.01,
+    )
+    retention: float = setting(
+        0.0,
+        help="Seconds to keep published rows (purged in small batches); 0 deletes on publish. "
+        "Give `status` the relays' value: above 0, it counts the events published in the last "
+        "minute.",
+        minimum=0,
+    )
+    connect_timeout: float = setting(
+        10.0,
+        help="Seconds to wait for PostgreSQL to accept the connection.",
+        minimum=1,
+    )
+    statement_timeout: float = setting(
+        30.0,
+        help="PostgreSQL statement_timeout of the relay's sessions, seconds.",
+        minimum=0.1,
+    )
+    lock_timeout: float = setting(
+        5.0,
+        help="PostgreSQL lock_timeout of the relay's sessions, seconds. Not `schema apply`'s "
+        "lock wait (OUTBOX_MIGRATION_LOCK_TIMEOUT).",
+        minimum=0.1,
+    )
+    delivery_timeout: float = setting(
+        30.0,
+        help="Bound on one message's delivery (librdkafka message.timeout.ms), seconds.",
+        minimum=0.1,
+    )
+    grace_period: float = setting(
+        30.0,
+        help="Seconds to finish the in-flight batch after SIGTERM/SIGINT.",
+        minimum=0.1,
+    )
+    breaker_threshold: int = setting(
+        3,
+        help="Consecutive failed batches that stop claiming (circuit breaker).",
+        minimum=1,
+    )
+    breaker_cooldown: float = setting(
+        5.0,
+        help="Seconds before a small probe batch once the breaker opened (grows with jitter).",
+        minimum=0.01,
+    )
+    breaker_max_cooldown: float = setting(
+        60.0,
+        help="Longest wait between probe batches while the breaker stays open, seconds.",
+        minimum=0.01,
+    )
+    probe_size: int = setting(10, help="Rows in a probe batch.", minimum=1)
+    prefetch: bool = setting(
+        True,
+        help="Claim the next batch on a second connection while the current one is published.",
+    )
+    # Off by default: a commit lost in a database crash only makes its rows unpublished again,
+    # so they are sent again (duplicates, never a loss). outbox.add keeps the application's own.
+    synchronous_commit: bool = setting(
+        False,
+        help="Make the relay's own commits (rows marked published) wait for the disk. Off: a "
+        "database crash can undo its last commits, and those rows are sent again (duplicates, "
+        "never a loss).",
+    )
+    exit_when_idle: bool = setting(
+        False,
+        help="Exit 0 once no deliverable row is left (for scripts and tests), after logging "
+        "relay.drained: rows published and seconds from the first claim to the last commit.",
+    )
+    metrics_port: int | None = setting(
+        None,
+        help="Serve Prometheus /metrics and the /healthz and /readyz probes on this port.",
+        minimum=1,
+        maximum=65535,
+        shown_default="not served",
+    )
+    metrics_host: str = setting(
+        "0.0.0.0",  # noqa: S104 - a metrics endpoint is meant to be scraped
+        help="Address the metrics server listens on.",
+    )
 
     def __post_init__(self) -> None:
         if not self.kafka_bootstrap_servers.strip():
@@ -133,16 +268,7 @@ class RelaySettings:
                 "OUTBOX_KAFKA_BOOTSTRAP_SERVERS (for example localhost:9092)"
             )
         check_kafka_config(self.kafka_config)
-        for name in ("batch_size", "batch_max_bytes", "max_attempts", "breaker_threshold",
-                     "probe_size"):  # fmt: skip
-            _positive(name, getattr(self, name))
-        for name in (
-            "poll_interval", "backoff_base", "backoff_cap", "rebalance_interval",
-            "connect_timeout", "statement_timeout", "lock_timeout", "delivery_timeout",
-            "grace_period", "breaker_cooldown", "breaker_max_cooldown",
-        ):  # fmt: skip
-            _positive(name, getattr(self, name))
-        if self.retention < 0:
-            raise ConfigurationError(f"retention must be 0 or more seconds, got {self.retention}")
-        if self.metrics_port is not None and not 1 <= self.metrics_port <= 65535:
-            raise ConfigurationError(f"metrics_port must be 1..65535, got {self.metrics_port}")
+        for each in fields(self):
+            option = each.metadata.get(OPTION)
+            if isinstance(option, Option):
+                option.check(each.name, getattr(self, each.name))

@@ -59,11 +59,17 @@ def test_the_wheel_installs_exactly_outbox_and_outbox_relay(wheel: Path) -> None
 
 
 def test_wheel_ships_every_migration_and_type_marker(wheel: Path) -> None:
-    """Each schema/migrations/*.sql file is inside the application package, with py.typed."""
+    """Each schema/migrations/*.sql file is inside the application package, with py.typed, and
+    so is every module of the source tree."""
     names = set(zipfile.ZipFile(wheel).namelist())
     for migration in schema.all_migrations():
         assert f"outbox/migrations/{migration.label}.sql" in names
     assert {"outbox/py.typed", "outbox_relay/py.typed"} <= names
+    sources = [*ROOT.glob("outbox/**/*.py"), *ROOT.glob("relay/outbox_relay/**/*.py")]
+    missing = {str(p.relative_to(ROOT)) for p in sources} - {
+        name.replace("outbox_relay/", "relay/outbox_relay/", 1) for name in names
+    }
+    assert missing == set()  # a subpackage left out of pyproject.toml's list
     assert not any(name.startswith(("tests/", "schema/", "relay/")) for name in names)
 
 

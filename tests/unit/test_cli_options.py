@@ -7,6 +7,7 @@ replaced by a recorder, so a test sees exactly the values an option reached.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import re
@@ -21,9 +22,10 @@ from click.testing import CliRunner
 
 import outbox_relay
 from outbox import migrator
-from outbox_relay import cli as cli_module
+from outbox.errors import ConfigurationError
 from outbox_relay import pg
 from outbox_relay.cli import cli
+from outbox_relay.cli import relay as run_module
 from outbox_relay.config import RelaySettings
 
 URL = "postgresql://app@127.0.0.1:5432/shop"
@@ -79,8 +81,8 @@ def served(monkeypatch: pytest.MonkeyPatch) -> list[RelaySettings]:
         def check_reachable(self, timeout: float) -> None:
             raise AssertionError("not called: serve is replaced")
 
-    monkeypatch.setattr(cli_module, "KafkaPublisher", Publisher)
-    monkeypatch.setattr(cli_module, "serve", lambda settings, *a, **kw: seen.append(settings))
+    monkeypatch.setattr(run_module, "KafkaPublisher", Publisher)
+    monkeypatch.setattr(run_module, "serve", lambda settings, *a, **kw: seen.append(settings))
     return seen
 
 
@@ -113,12 +115,13 @@ def test_on_dead_letter_is_one_option_shared_by_run_and_status() -> None:
 
 
 def test_on_dead_letter_is_defined_once_in_the_source() -> None:
-    """The option's declaration is written once (a second copy is how the two drifted)."""
+    """The option's flag is written once, beside its setting (a second copy is how the two
+    drifted)."""
     sources = Path(outbox_relay.__file__).parent.rglob("*.py")
     found = [
         p.name for p in sources for _ in re.finditer(r"[\"']--on-dead-letter[\"']", p.read_text())
     ]
-    assert found == ["cli.py"]
+    assert found == ["config.py"]
 
 
 @pytest.mark.parametrize(("value", "blocks"), [("block", True), ("proceed", False)])
@@ -193,3 +196,83 @@ def test_retention_variable_means_the_same_to_run_and_status(
     assert parsed(command("run"), monkeypatch, value) == parsed(
         command("status"), monkeypatch, value
     )
+
+
+# --- run's options are generated from RelaySettings ----------------------------------------
+
+#: Each setting's variable, a value other than the default, and what the setting becomes.
+VARIABLES: dict[str, tuple[str, str, object]] = {
+    "database_url": ("OUTBOX_DATABASE_URL", "postgresql://db/x", "postgresql://db/x"),
+    "kafka_bootstrap_servers": ("OUTBOX_KAFKA_BOOTSTRAP_SERVERS", "b1:9092,b2:9", "b1:9092,b2:9"),
+    "kafka_config": ("OUTBOX_KAFKA_CONFIG", "linger.ms=7", {"linger.ms": "7"}),
+    "relay_id": ("OUTBOX_RELAY_ID", "relay-a", "relay-a"),
+    "batch_size": ("OUTBOX_BATCH_SIZE", "17", 17),
+    "batch_max_bytes": ("OUTBOX_BATCH_MAX_BYTES", "4096", 4096),
+    "poll_interval": ("OUTBOX_POLL_INTERVAL", "0.25", 0.25),
+    "backoff_base": ("OUTBOX_BACKOFF_BASE", "0.5", 0.5),
+    "backoff_cap": ("OUTBOX_BACKOFF_CAP", "9", 9.0),
+    "max_attempts": ("OUTBOX_MAX_ATTEMPTS", "4", 4),
+    "dead_letter_blocks_key": ("OUTBOX_ON_DEAD_LETTER", "block", True),
+    "rebalance_interval": ("OUTBOX_REBALANCE_INTERVAL", "0.5", 0.5),
+    "retention": ("OUTBOX_RETENTION", "3600", 3600.0),
+    "connect_timeout": ("OUTBOX_CONNECT_TIMEOUT", "3", 3.0),
+    "statement_timeout": ("OUTBOX_STATEMENT_TIMEOUT", "12", 12.0),
+    "lock_timeout": ("OUTBOX_LOCK_TIMEOUT", "2", 2.0),
+    "delivery_timeout": ("OUTBOX_DELIVERY_TIMEOUT", "45", 45.0),
+    "grace_period": ("OUTBOX_GRACE_PERIOD", "7", 7.0),
+    "breaker_threshold": ("OUTBOX_BREAKER_THRESHOLD", "5", 5),
+    "breaker_cooldown": ("OUTBOX_BREAKER_COOLDOWN", "1.5", 1.5),
+    "breaker_max_cooldown": ("OUTBOX_BREAKER_MAX_COOLDOWN", "90", 90.0),
+    "probe_size": ("OUTBOX_PROBE_SIZE", "3", 3),
+    "prefetch": ("OUTBOX_PREFETCH", "false", False),
+    "synchronous_commit": ("OUTBOX_SYNCHRONOUS_COMMIT", "true", True),
+    "exit_when_idle": ("OUTBOX_EXIT_WHEN_IDLE", "true", True),
+    "metrics_port": ("OUTBOX_METRICS_PORT", "9187", 9187),
+    "metrics_host": ("OUTBOX_METRICS_HOST", "127.0.0.1", "127.0.0.1"),
+}
+
+
+def test_every_setting_but_the_location_is_an_option_of_run() -> None:
+    """Each RelaySettings field has exactly one option of `run`, read from OUTBOX_<FIELD>;
+    the outbox's location comes from --schema and --table-prefix."""
+    fields = {f.name for f in dataclasses.fields(RelaySettings)} - {"outbox"}
+    assert set(VARIABLES) == fields
+    by_variable = {p.envvar: p.name for p in command("run").params if isinstance(p, click.Option)}
+    location = {"OUTBOX_SCHEMA": "schema_name", "OUTBOX_TABLE_PREFIX": "table_prefix"}
+    generated = {variable: name for name, (variable, _, _) in VARIABLES.items()}
+    assert generated | location == by_variable
+
+
+@pytest.mark.parametrize("name", sorted(VARIABLES))
+def test_each_variable_reaches_its_setting(served: list[RelaySettings], name: str) -> None:
+    """A variable changes its own setting and no other one."""
+    variable, value, expected = VARIABLES[name]
+    env = {"OUTBOX_DATABASE_URL": URL, "OUTBOX_KAFKA_BOOTSTRAP_SERVERS": "k:9092"}
+    invoke("run", env=env)
+    invoke("run", env={**env, variable: value})
+    default, changed = (dataclasses.asdict(s) for s in served)
+    assert changed[name] == expected
+    assert {k for k in changed if changed[k] != default[k]} - {"relay_id"} == {name} - {"relay_id"}
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "refused"),
+    [
+        ("--batch-size", "0", "0 is not in the range x>=1"),
+        ("--poll-interval", "0.001", "0.001 is not in the range x>=0.01"),
+        ("--metrics-port", "70000", "70000 is not in the range 1<=x<=65535"),
+        ("--retention", "-1", "-1.0 is not in the range x>=0"),
+    ],
+)
+def test_the_command_line_and_the_settings_enforce_the_same_bounds(
+    flag: str, value: str, refused: str
+) -> None:
+    """A value out of a setting's bounds is refused by click, and by RelaySettings itself."""
+    unset: dict[str, str | None] = {k: None for k in os.environ if k.startswith("OUTBOX_")}
+    with restored_logging():
+        result = CliRunner().invoke(cli, run_args(flag, value), env=unset)
+    assert result.exit_code == 2
+    assert refused in result.output
+    name = flag.removeprefix("--").replace("-", "_")
+    with pytest.raises(ConfigurationError, match=f"{name} must be at"):
+        RelaySettings(database_url=URL, kafka_bootstrap_servers="k:9092", **{name: float(value)})

@@ -142,7 +142,7 @@ def test_settings_refuse_non_positive_numbers(name: str, value: int) -> None:
     with pytest.raises(ConfigurationError) as info:
         _settings(**{name: value})
     assert name in str(info.value)
-    assert "positive" in str(info.value)
+    assert "must be at least" in str(info.value)
 
 
 def test_settings_refuse_negative_retention_but_accept_zero() -> None:
