@@ -116,6 +116,82 @@ class ConsumeStats:
 H = TypeVar("H", Handler, BatchHandler)
 
 
+Identified = list[tuple[Message, str]]
+
+
+def first_copies(
+    messages: Sequence[Message], ids: Sequence[str], new: set[str]
+) -> tuple[Identified, Identified]:
+    """Split a batch into the first copy of each newly claimed id, in order, and the rest:
+    ids claimed before, and second copies within the batch."""
+    fresh: Identified = []
+    skipped: Identified = []
+    unseen = set(new)
+    for message, message_id in zip(messages, ids, strict=True):
+        if message_id in unseen:
+            unseen.discard(message_id)
+            fresh.append((message, message_id))
+        else:
+            skipped.append((message, message_id))
+    return fresh, skipped
+
+
+class DeadLetterTopic:
+    """Where a message goes after its last failed attempt: the dead-letter topic, with the
+    error, the attempts, the origin and the consumer in its headers. Without a topic, or when
+    Kafka does not take it, :class:`ConsumerStopped`: a message is never skipped silently."""
+
+    def __init__(self, settings: ConsumerSettings) -> None:
+        self.settings = settings
+        self._producer: Producer | None = None
+
+    def send(self, message: Message, error: Exception) -> None:
+        topic = self.settings.dead_letter_topic
+        origin = _origin(message)
+        if topic is None:
+            raise ConsumerStopped(
+                f"message {origin} failed {self.settings.max_attempts} times ({error!r}) and no "
+                "dead-letter topic is set; the consumer stops so that nothing is skipped"
+            )
+        headers: list[tuple[str, str | bytes | None]] = [
+            *header_pairs(message),
+            (ERROR_HEADER, repr(error)[:2000]),
+            (ATTEMPTS_HEADER, str(self.settings.max_attempts)),
+            (ORIGIN_HEADER, origin),
+            (CONSUMER_HEADER, self.settings.name),
+        ]
+        reports: list[KafkaError | None] = []
+        producer = self._producer_once()
+        producer.produce(
+            topic,
+            value=message.value(),
+            key=message.key(),
+            headers=headers,
+            on_delivery=lambda err, _msg: reports.append(err),
+        )
+        producer.flush(30)
+        if reports != [None]:
+            raise ConsumerStopped(
+                f"could not dead-letter message {origin} to {topic}: {reports or 'no report'}"
+            )
+        log.error("consumer.dead_lettered", origin=origin, topic=topic, error=repr(error))
+
+    def flush(self) -> None:
+        if self._producer is not None:
+            self._producer.flush(10)
+
+    def _producer_once(self) -> Producer:
+        if self._producer is None:
+            config: dict[str, Any] = {
+                **self.settings.kafka_config,
+                "bootstrap.servers": self.settings.bootstrap_servers,
+                "enable.idempotence": True,
+                "acks": "all",
+            }
+            self._producer = Producer(config)
+        return self._producer
+
+
 class _Loop(Generic[H]):
     """The loop around its handler: consuming, dedup, transactions, offsets, retries and dead
     letters. Subclasses say how the new messages of one transaction reach the handler."""
@@ -134,7 +210,7 @@ class _Loop(Generic[H]):
         self.message_id = message_id
         self.stats = ConsumeStats()
         self._stop = StopRequest()
-        self._dlq: Producer | None = None
+        self.dead_letters = DeadLetterTopic(settings)
         self._consumer = Consumer(
             {
                 "auto.offset.reset": "earliest",
@@ -167,8 +243,7 @@ class _Loop(Generic[H]):
                     break
         finally:
             self._consumer.close()  # commits the stored offsets
-            if self._dlq is not None:
-                self._dlq.flush(10)
+            self.dead_letters.flush()
             self._stop.restore()
             log.info("consumer.stopped", consumer=self.settings.name, **vars(self.stats))
 
@@ -237,19 +312,11 @@ class _Loop(Generic[H]):
         if new is None:
             self._handle_new(session, messages, ids)
             return len(messages)
-        fresh: list[Message] = []
-        fresh_ids: list[str] = []
-        for message, message_id in zip(messages, ids, strict=True):
-            if message_id not in new:
-                log.info(
-                    "consumer.duplicate_skipped", message_id=message_id, origin=_origin(message)
-                )
-                continue
-            new.discard(message_id)  # a second copy in the same batch is a duplicate
-            fresh.append(message)
-            fresh_ids.append(message_id)
+        fresh, skipped = first_copies(messages, ids, new)
+        for message, message_id in skipped:
+            log.info("consumer.duplicate_skipped", message_id=message_id, origin=_origin(message))
         if fresh:
-            self._handle_new(session, fresh, fresh_ids)
+            self._handle_new(session, [m for m, _ in fresh], [i for _, i in fresh])
         return len(fresh)
 
     def _one_by_one(self, message: Message) -> bool:
@@ -284,48 +351,9 @@ class _Loop(Generic[H]):
         return full_jitter(attempt, base=self.settings.backoff_base, cap=self.settings.backoff_cap)
 
     def _dead_letter(self, message: Message, error: Exception) -> bool:
-        topic = self.settings.dead_letter_topic
-        origin = _origin(message)
-        if topic is None:
-            raise ConsumerStopped(
-                f"message {origin} failed {self.settings.max_attempts} times ({error!r}) and no "
-                "dead-letter topic is set; the consumer stops so that nothing is skipped"
-            )
-        headers: list[tuple[str, str | bytes | None]] = [
-            *header_pairs(message),
-            (ERROR_HEADER, repr(error)[:2000]),
-            (ATTEMPTS_HEADER, str(self.settings.max_attempts)),
-            (ORIGIN_HEADER, origin),
-            (CONSUMER_HEADER, self.settings.name),
-        ]
-        reports: list[KafkaError | None] = []
-        producer = self._dead_letter_producer()
-        producer.produce(
-            topic,
-            value=message.value(),
-            key=message.key(),
-            headers=headers,
-            on_delivery=lambda err, _msg: reports.append(err),
-        )
-        producer.flush(30)
-        if reports != [None]:
-            raise ConsumerStopped(
-                f"could not dead-letter message {origin} to {topic}: {reports or 'no report'}"
-            )
+        self.dead_letters.send(message, error)
         self.stats.dead_lettered += 1
-        log.error("consumer.dead_lettered", origin=origin, topic=topic, error=repr(error))
         return True
-
-    def _dead_letter_producer(self) -> Producer:
-        if self._dlq is None:
-            config: dict[str, Any] = {
-                **self.settings.kafka_config,
-                "bootstrap.servers": self.settings.bootstrap_servers,
-                "enable.idempotence": True,
-                "acks": "all",
-            }
-            self._dlq = Producer(config)
-        return self._dlq
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Commit what is done before the partitions go to another consumer."""

@@ -12,7 +12,6 @@ recognise them by their ``event_id`` header.
 from __future__ import annotations
 
 import contextlib
-import functools
 import select
 import time
 from collections.abc import Callable, Sequence
@@ -24,14 +23,14 @@ import structlog
 from outbox import migrator
 from outbox.errors import one_line
 from outbox_relay.backoff import CircuitBreaker
+from outbox_relay.chores import Chores, Totals
 from outbox_relay.config import RelaySettings
 from outbox_relay.floor import ScanFloor
 from outbox_relay.outage import BreakerReport
-from outbox_relay.pipeline import Pipeline, filled
+from outbox_relay.pipeline import Pipeline, Undelivered, filled
 from outbox_relay.ports import ClaimedRow, Metrics, NoMetrics, Outcome, Publisher, Result
 from outbox_relay.recovery import reconnect
-from outbox_relay.retention import PURGE_EVERY, Purge
-from outbox_relay.schedule import Schedule, Task
+from outbox_relay.retention import Purge
 from outbox_relay.shards import ShardOwner
 from outbox_relay.signals import StopSignal
 from outbox_relay.wakeup import Wakeup
@@ -40,13 +39,6 @@ if TYPE_CHECKING:
     from outbox_relay.metrics import RelayMetrics
 
 log = structlog.get_logger("relay.loop")
-
-#: How often progress is logged (seconds).
-PROGRESS_EVERY = 10.0
-#: The shard whose owner purges published rows past their retention (one relay at a time).
-PURGING_SHARD = 0
-#: How often the backlog gauges are refreshed when metrics are enabled (seconds).
-BACKLOG_EVERY = 5.0
 
 
 class Relay:
@@ -83,13 +75,18 @@ class Relay:
             probe_size=settings.probe_size,
             clock=clock,
         )
-        #: Deletes published rows past ``--retention`` (None: they are deleted on publish).
-        self.purge = Purge(settings.retention) if settings.retention else None
-        self.published = 0
-        self.dead_lettered = 0
-        self.purged = 0
-        self._published_at_progress = 0
-        self.chores = self._schedule()
+        self.totals = Totals()
+        #: Rebalance, purge, gauges, floor samples and progress lines, each when due.
+        self.chores = Chores(
+            settings,
+            self.batches,
+            self.shards,
+            self.floor,
+            self.metrics,
+            self.totals,
+            clock,
+            purge=Purge(settings.retention) if settings.retention else None,
+        ).schedule()
         #: The breaker's changes, as log lines and its gauge.
         self.outage = BreakerReport(self.breaker, self.metrics)
         #: When the first batch's claim began and the last batch committed (``clock``): what
@@ -118,7 +115,7 @@ class Relay:
             else:
                 self.metrics.database_ok(True)
             self.metrics.beat()
-        log.info("relay.stopping", reason=self.stop.reason, published=self.published)
+        log.info("relay.stopping", reason=self.stop.reason, published=self.totals.published)
 
     def step(self) -> None:
         """One pass: the chores that are due (rebalance, purge, gauges, the scan floor), then one
@@ -141,16 +138,34 @@ class Relay:
             floor=self.floor.value,
             stopping=lambda: self.stop.requested,
         )
-        if not rows:
-            self.batches.source.release()
-            if woken:
-                self.chores.run_due(self.clock())
-            if self.settings.exit_when_idle and not self.batches.source.deliverable():
-                self._log_drained()
-                self.stop.request("idle")
-                return
-            self._wait(self.settings.poll_interval)
+        if rows:
+            self._send(rows, held, limit=limit, started=started, woken=woken)
+        else:
+            self._idle(woken)
+
+    def _idle(self, woken: bool) -> None:
+        """Nothing was claimed: the chores a wake-up put off, then exit (--exit-when-idle) or
+        wait."""
+        self.batches.source.release()
+        if woken:
+            self.chores.run_due(self.clock())
+        if self.settings.exit_when_idle and not self.batches.source.deliverable():
+            self._log_drained()
+            self.stop.request("idle")
             return
+        self._wait(self.settings.poll_interval)
+
+    def _send(
+        self,
+        rows: list[ClaimedRow],
+        held: Undelivered,
+        *,
+        limit: int,
+        started: float,
+        woken: bool,
+    ) -> None:
+        """Publish a claimed batch and record its outcomes, the next claim prefetched meanwhile
+        when more rows are waiting."""
         # A batch cut by neither limit took everything deliverable: the next claim would find
         # only what commits meanwhile, so it waits until this batch is done instead of taking a
         # core from it (which, at low rates, is latency).
@@ -177,80 +192,21 @@ class Relay:
         if not (more_waiting or self.settings.exit_when_idle) and all_delivered:
             self._wait(self.settings.poll_interval)
 
-    def _schedule(self) -> Schedule:
-        """The chores. They use the ``source`` connection, so never run while it holds a claim;
-        a rebalance and a purge pass end a wait when due."""
-        tasks = [Task("rebalance", self._rebalance, ends_wait=True)]
-        if self.purge is not None:
-            tasks.append(Task("purge", functools.partial(self._purge, self.purge), ends_wait=True))
-        if self.metrics.wants_backlog:
-            tasks.append(Task("backlog", self._refresh_backlog))
-        tasks += [Task("floor", self._sample_floor), Task("progress", self._log_progress)]
-        return Schedule(tasks)
-
-    def _purge(self, purge: Purge, now: float) -> float:
-        """A pass of the purge, by the owner of ``PURGING_SHARD`` only; due again at once
-        while it is behind."""
-        if PURGING_SHARD not in self.shards.owned:
-            purge.start_over()  # when it is ours again, others will have moved on
-            return now + PURGE_EVERY
-        removed, caught_up = purge.run(self.batches.source, self.clock)
-        self.purged += removed
-        self.metrics.purged(removed)
-        return now + PURGE_EVERY if caught_up else now
-
-    def _refresh_backlog(self, now: float) -> float:
-        self.metrics.set_backlog(*self.batches.source.backlog())
-        return now + BACKLOG_EVERY
-
-    def _sample_floor(self, now: float) -> float:
-        try:
-            self.floor.update(self.batches.source.sample_floor(self.floor.suspects), now)
-            if self.floor.broken:
-                log.warning(
-                    "relay.scan_floor_off",
-                    error=self.floor.broken,
-                    hint="claims start at the beginning until the relay restarts; a row may"
-                    " have waited one second, and a later row of its key gone first",
-                )
-        except psycopg.errors.InsufficientPrivilege as exc:
-            # Claims still work, from the start of the index: slower after big drains, no less.
-            function = self.settings.outbox.qualified("last_id")
-            log.warning(
-                "relay.scan_floor_off",
-                error=one_line(exc),
-                hint=f"grant the relay's role EXECUTE on {function}()",
-            )
-            self.floor.disable()
-        return self.floor.next_sample
-
     def _finish(
         self, rows: Sequence[ClaimedRow], outcomes: Sequence[Outcome], *, sent: bool
     ) -> bool:
         """Record the batch's outcomes and commit; whether every row was delivered."""
         delivered, failures = self.batches.record(rows, outcomes)
-        self.published += len(delivered)
+        self.totals.published += len(delivered)
         for failure in failures:
             if failure.dead:
-                self.dead_lettered += 1
+                self.totals.dead_lettered += 1
                 self.metrics.dead_lettered(1)
                 log.warning("event.dead_lettered", row_id=failure.row_id, error=failure.error)
         if sent:  # else every row waited behind its key: Kafka was not asked, so nothing learnt
             broker_failures = [o for o in outcomes if o.result is Result.BROKER]
             self.outage.record(ok=bool(delivered) or not broker_failures, failures=broker_failures)
         return len(delivered) == len(rows)
-
-    def _rebalance(self, now: float) -> float:
-        acquired, released = self.shards.rebalance()
-        self.metrics.set_shards_owned(len(self.shards.owned))
-        if acquired or released:
-            log.info(
-                "shards.rebalanced",
-                owned=len(self.shards.owned),
-                acquired=len(acquired),
-                released=len(released),
-            )
-        return now + self.settings.rebalance_interval
 
     def _wait(self, timeout: float) -> None:
         """Until events may be waiting (``.wakeup``), a stop, the timeout or a chore that
@@ -275,19 +231,6 @@ class Relay:
         started = self.stop.requested_at
         return started is not None and self.clock() - started > self.settings.grace_period
 
-    def _log_progress(self, now: float) -> float:
-        if self.published != self._published_at_progress:
-            log.info(
-                "relay.progress",
-                published=self.published,
-                published_since_last=self.published - self._published_at_progress,
-                dead_lettered=self.dead_lettered,
-                purged=self.purged,
-                shards=len(self.shards.owned),
-            )
-            self._published_at_progress = self.published
-        return now + PROGRESS_EVERY
-
     def _log_drained(self) -> None:
         """How long the run took from its first claim to its last commit: a one-shot drain's
         own timing, without start-up, shard assignment or shut-down."""
@@ -295,9 +238,9 @@ class Relay:
         seconds = round(last - first, 4) if first is not None and last is not None else 0.0
         log.info(
             "relay.drained",
-            published=self.published,
+            published=self.totals.published,
             seconds=seconds,
-            events_per_s=round(self.published / seconds) if seconds > 0 else None,
+            events_per_s=round(self.totals.published / seconds) if seconds > 0 else None,
         )
 
     def _recover_database(self, exc: psycopg.Error) -> None:
@@ -377,4 +320,4 @@ def serve(
         stop.close()
         if server is not None:
             server.close()
-    log.info("relay.stopped", reason=stop.reason, published=relay.published)
+    log.info("relay.stopped", reason=stop.reason, published=relay.totals.published)

@@ -143,6 +143,22 @@ class Health:
             return self._broker_error
 
 
+class _Declare:
+    """Declares the relay's metrics on one registry, each name with the relay's prefix."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def counter(self, name: str, help: str, *labels: str) -> Counter:
+        return Counter(PREFIX + name, help, labels, registry=self.registry)
+
+    def gauge(self, name: str, help: str) -> Gauge:
+        return Gauge(PREFIX + name, help, registry=self.registry)
+
+    def histogram(self, name: str, help: str, buckets: Sequence[float]) -> Histogram:
+        return Histogram(PREFIX + name, help, buckets=buckets, registry=self.registry)
+
+
 class RelayMetrics:
     """Every metric of one relay, on a registry of its own, plus its health state."""
 
@@ -151,61 +167,44 @@ class RelayMetrics:
     ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.health = health if health is not None else Health(stale_after=30.0)
-        reg = self.registry
-        self.events_published = Counter(
-            PREFIX + "events_published",
+        new = _Declare(self.registry)
+        self.events_published = new.counter(
+            "events_published",
             "Events delivered to Kafka (acknowledged) and marked published, by topic.",
-            ["topic"],
-            registry=reg,
+            "topic",
         )
-        self.delivery_failures = Counter(
-            PREFIX + "delivery_failures",
+        self.delivery_failures = new.counter(
+            "delivery_failures",
             "Events of a batch not delivered, by reason: retry (the row failed), permanent "
             "(dead-lettered at once), broker (Kafka failed), not_sent (held back or no report).",
-            ["reason"],
-            registry=reg,
+            "reason",
         )
-        self.events_dead_lettered = Counter(
-            PREFIX + "events_dead_lettered",
-            "Events dead-lettered (kept with dead_lettered_at set).",
-            registry=reg,
+        self.events_dead_lettered = new.counter(
+            "events_dead_lettered", "Events dead-lettered (kept with dead_lettered_at set)."
         )
-        self.batch_size = Histogram(
-            PREFIX + "batch_size",
-            "Rows per claimed batch.",
-            buckets=BATCH_SIZE_BUCKETS,
-            registry=reg,
+        self.purged_rows = new.counter(
+            "purged_rows", "Published rows past --retention deleted by this relay's purge."
         )
-        self.batch_duration = Histogram(
-            PREFIX + "batch_duration_seconds",
+        self.batch_size = new.histogram("batch_size", "Rows per claimed batch.", BATCH_SIZE_BUCKETS)
+        self.batch_duration = new.histogram(
+            "batch_duration_seconds",
             "Seconds from claiming a batch to committing its outcomes.",
-            buckets=BATCH_DURATION_BUCKETS,
-            registry=reg,
+            BATCH_DURATION_BUCKETS,
         )
-        self.backlog = Gauge(
-            PREFIX + "backlog_events",
+        self.backlog = new.gauge(
+            "backlog_events",
             "Unpublished, not dead-lettered events in the whole outbox (all shards).",
-            registry=reg,
         )
-        self.oldest_unpublished_age = Gauge(
-            PREFIX + "oldest_unpublished_age_seconds",
+        self.oldest_unpublished_age = new.gauge(
+            "oldest_unpublished_age_seconds",
             "Age of the oldest unpublished, not dead-lettered event (0 when none).",
-            registry=reg,
         )
-        self.shards_owned = Gauge(
-            PREFIX + "shards_owned", "Shards this relay owns (of 256).", registry=reg
-        )
-        self.purged_rows = Counter(
-            PREFIX + "purged_rows",
-            "Published rows past --retention deleted by this relay's purge.",
-            registry=reg,
-        )
-        self.circuit_breaker_state = Gauge(
-            PREFIX + "circuit_breaker_state",
+        self.shards_owned = new.gauge("shards_owned", "Shards this relay owns (of 256).")
+        self.circuit_breaker_state = new.gauge(
+            "circuit_breaker_state",
             "Kafka circuit breaker: 0 closed, 1 half-open (probing), 2 open (not claiming).",
-            registry=reg,
         )
-        ProcessCollector(registry=reg)  # process_* (memory, CPU, fds) on Linux
+        ProcessCollector(registry=self.registry)  # process_* (memory, CPU, fds) on Linux
 
     # Updated by the loop thread (``outbox_relay.ports.Metrics``).
 

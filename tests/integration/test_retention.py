@@ -144,7 +144,7 @@ def test_of_two_relays_only_the_owner_of_shard_0_purges(database_url: str) -> No
             for relay in relays:
                 relay.chores.make_due("purge")
                 relay.step()
-        purged = sorted(relay.purged for relay in relays)
+        purged = sorted(relay.totals.purged for relay in relays)
         assert purged == [0, len(old)]
         assert remaining(database_url) == {}
     finally:

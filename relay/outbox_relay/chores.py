@@ -1,0 +1,133 @@
+"""The relay's periodic chores, each a task of the loop's :class:`~.schedule.Schedule`.
+
+Rebalancing the shards, purging published rows past their retention, refreshing the backlog
+gauges, sampling the scan floor and logging progress. Each returns when it is next due. They
+use the pipeline's current ``source`` connection, so the loop runs them only while that
+connection holds no claim.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import psycopg
+import structlog
+
+from outbox.errors import one_line
+from outbox_relay.config import RelaySettings
+from outbox_relay.floor import ScanFloor
+from outbox_relay.pipeline import Pipeline
+from outbox_relay.ports import Metrics
+from outbox_relay.retention import PURGE_EVERY, Purge
+from outbox_relay.schedule import Schedule, Task
+from outbox_relay.shards import ShardOwner
+
+log = structlog.get_logger("relay.loop")
+
+#: How often progress is logged (seconds).
+PROGRESS_EVERY = 10.0
+#: The shard whose owner purges published rows past their retention (one relay at a time).
+PURGING_SHARD = 0
+#: How often the backlog gauges are refreshed when metrics are enabled (seconds).
+BACKLOG_EVERY = 5.0
+
+
+@dataclass
+class Totals:
+    """What one relay did since it started, for its progress lines and ``relay.drained``."""
+
+    published: int = 0
+    dead_lettered: int = 0
+    purged: int = 0
+
+
+@dataclass
+class Chores:
+    """The periodic work around the batches; :meth:`schedule` makes it the loop's tasks."""
+
+    settings: RelaySettings
+    batches: Pipeline
+    shards: ShardOwner
+    floor: ScanFloor
+    metrics: Metrics
+    totals: Totals
+    clock: Callable[[], float]
+    #: Deletes published rows past ``--retention`` (None: they are deleted on publish).
+    purge: Purge | None = None
+    _published_at_progress: int = 0
+
+    def schedule(self) -> Schedule:
+        """The tasks; a rebalance and a purge pass end a wait when due."""
+        tasks = [Task("rebalance", self.rebalance, ends_wait=True)]
+        if self.purge is not None:
+            tasks.append(
+                Task("purge", functools.partial(self.purge_pass, self.purge), ends_wait=True)
+            )
+        if self.metrics.wants_backlog:
+            tasks.append(Task("backlog", self.refresh_backlog))
+        tasks += [Task("floor", self.sample_floor), Task("progress", self.log_progress)]
+        return Schedule(tasks)
+
+    def rebalance(self, now: float) -> float:
+        acquired, released = self.shards.rebalance()
+        self.metrics.set_shards_owned(len(self.shards.owned))
+        if acquired or released:
+            log.info(
+                "shards.rebalanced",
+                owned=len(self.shards.owned),
+                acquired=len(acquired),
+                released=len(released),
+            )
+        return now + self.settings.rebalance_interval
+
+    def purge_pass(self, purge: Purge, now: float) -> float:
+        """A pass of the purge, by the owner of ``PURGING_SHARD`` only; due again at once
+        while it is behind."""
+        if PURGING_SHARD not in self.shards.owned:
+            purge.start_over()  # when it is ours again, others will have moved on
+            return now + PURGE_EVERY
+        removed, caught_up = purge.run(self.batches.source, self.clock)
+        self.totals.purged += removed
+        self.metrics.purged(removed)
+        return now + PURGE_EVERY if caught_up else now
+
+    def refresh_backlog(self, now: float) -> float:
+        self.metrics.set_backlog(*self.batches.source.backlog())
+        return now + BACKLOG_EVERY
+
+    def sample_floor(self, now: float) -> float:
+        try:
+            self.floor.update(self.batches.source.sample_floor(self.floor.suspects), now)
+            if self.floor.broken:
+                log.warning(
+                    "relay.scan_floor_off",
+                    error=self.floor.broken,
+                    hint="claims start at the beginning until the relay restarts; a row may"
+                    " have waited one second, and a later row of its key gone first",
+                )
+        except psycopg.errors.InsufficientPrivilege as exc:
+            # Claims still work, from the start of the index: slower after big drains, no less.
+            function = self.settings.outbox.qualified("last_id")
+            log.warning(
+                "relay.scan_floor_off",
+                error=one_line(exc),
+                hint=f"grant the relay's role EXECUTE on {function}()",
+            )
+            self.floor.disable()
+        return self.floor.next_sample
+
+    def log_progress(self, now: float) -> float:
+        totals = self.totals
+        if totals.published != self._published_at_progress:
+            log.info(
+                "relay.progress",
+                published=totals.published,
+                published_since_last=totals.published - self._published_at_progress,
+                dead_lettered=totals.dead_lettered,
+                purged=totals.purged,
+                shards=len(self.shards.owned),
+            )
+            self._published_at_progress = totals.published
+        return now + PROGRESS_EVERY
