@@ -8,27 +8,31 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session
 
 import outbox
 from outbox import dedup, migrator
-from outbox.connections import AsyncDB, SyncDB
+from outbox.connections import SyncDB
 from outbox.settings import OutboxSettings
-
-Opener = Callable[[], contextlib.AbstractContextManager[Any]]
-AsyncOpener = Callable[[], contextlib.AbstractAsyncContextManager[Any]]
-
-SYNC = ["orm-session", "sa-connection", "psycopg", "psycopg-autocommit-in-transaction"]
-ASYNC = ["async-session", "sa-async-connection", "psycopg-async"]
+from tests.integration.connections import (
+    ASYNC_KINDS,
+    SYNC_KINDS,
+    AsyncOpener,
+    Opener,
+    async_opener,
+    execute,
+    pgconn_of,
+    sync_opener,
+    traced,
+)
 
 
 class Boom(Exception):
@@ -44,92 +48,16 @@ def claims(database_url: str, table: str = "outbox_dedup") -> list[tuple[str, st
     return [(c, m) for c, m in rows]
 
 
-def execute(db: SyncDB, sql: str) -> None:
-    """Run a business statement on whichever sync connection type ``db`` is."""
-    if isinstance(db, psycopg.Connection):
-        db.execute(sql)
-    elif isinstance(db, Session):
-        db.execute(sa.text(sql))
-    else:
-        assert isinstance(db, Connection)
-        db.exec_driver_sql(sql)
-
-
-def pgconn_of(db: SyncDB) -> psycopg.pq.abc.PGconn:
-    """The libpq connection underneath ``db``."""
-    if isinstance(db, psycopg.Connection):
-        return db.pgconn
-    conn = db.connection() if isinstance(db, Session) else db
-    assert isinstance(conn, Connection)
-    driver = conn.connection.driver_connection
-    assert isinstance(driver, psycopg.Connection)
-    return driver.pgconn
-
-
-@contextlib.contextmanager
-def traced(pgconn: psycopg.pq.abc.PGconn, path: Path) -> Iterator[Counter[str]]:
-    """Count the protocol messages the client sends inside the block, by message type."""
-    sent: Counter[str] = Counter()
-    with path.open("wb") as trace:
-        pgconn.trace(trace.fileno())
-        pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS | psycopg.pq.Trace.REGRESS_MODE)
-        try:
-            yield sent
-        finally:
-            pgconn.untrace()
-    for line in path.read_text(errors="replace").splitlines():
-        direction, _length, message, *_ = [*line.split("\t"), "", ""]
-        if direction == "F":
-            sent[message.strip()] += 1
-
-
-def sync_opener(kind: str, engine: sa.Engine, database_url: str) -> Opener:
-    """Opens a transaction on one kind of sync connection: commits on exit, rolls back on error."""
-
-    @contextlib.contextmanager
-    def open_transaction() -> Iterator[SyncDB]:
-        if kind == "orm-session":
-            with Session(engine) as session, session.begin():
-                yield session
-        elif kind == "sa-connection":
-            with engine.begin() as conn:
-                yield conn
-        elif kind == "psycopg":
-            with psycopg.connect(database_url) as pg:
-                assert not pg.autocommit
-                yield pg
-        else:
-            with psycopg.connect(database_url, autocommit=True) as pg, pg.transaction():
-                yield pg
-
-    return open_transaction
-
-
-@pytest.fixture(params=SYNC)
+@pytest.fixture(params=SYNC_KINDS)
 def transaction(request: pytest.FixtureRequest, engine: sa.Engine, database_url: str) -> Opener:
     return sync_opener(request.param, engine, database_url)
 
 
-@pytest.fixture(params=ASYNC)
+@pytest.fixture(params=ASYNC_KINDS)
 def async_transaction(
     request: pytest.FixtureRequest, async_engine: AsyncEngine, database_url: str
 ) -> AsyncOpener:
-    """Opens a transaction on one kind of async connection: commits on exit, rolls back on error."""
-    kind = request.param
-
-    @contextlib.asynccontextmanager
-    async def open_transaction() -> AsyncIterator[AsyncDB]:
-        if kind == "async-session":
-            async with AsyncSession(async_engine) as session, session.begin():
-                yield session
-        elif kind == "sa-async-connection":
-            async with async_engine.begin() as conn:
-                yield conn
-        else:
-            async with await psycopg.AsyncConnection.connect(database_url) as pg:
-                yield pg
-
-    return open_transaction
+    return async_opener(request.param, async_engine, database_url)
 
 
 @pytest.fixture

@@ -5,14 +5,13 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
@@ -21,12 +20,19 @@ from outbox import migrator, urls
 from outbox.connections import SyncDB
 from outbox.envelope import Event
 from outbox.settings import DEFAULT_MAX_PAYLOAD_BYTES, OutboxSettings
+from tests.integration.connections import (
+    SYNC_KINDS,
+    Opener,
+    execute,
+    pgconn_of,
+    round_trips,
+    sync_opener,
+    traced,
+)
 
 Row = tuple[uuid.UUID, str, bytes | None, bytes, list[str], list[bytes]]
-Opener = Callable[[], contextlib.AbstractContextManager[Any]]
 
 DEFAULT_TABLE = OutboxSettings().events_table
-TRANSACTIONS = ["orm-session", "sa-connection", "psycopg", "psycopg-autocommit-in-transaction"]
 
 
 def stored(database_url: str, table: str = DEFAULT_TABLE) -> list[Row]:
@@ -50,73 +56,10 @@ def row(
     return (event_id, topic, key, payload, list(headers), list(headers.values()))
 
 
-def run(db: SyncDB, sql: str) -> None:
-    """Run a business statement on whichever connection type ``db`` is."""
-    if isinstance(db, psycopg.Connection):
-        db.execute(sql)
-    elif isinstance(db, Session):
-        db.execute(sa.text(sql))
-    else:
-        assert isinstance(db, Connection)
-        db.exec_driver_sql(sql)
-
-
-def pgconn_of(db: SyncDB) -> psycopg.pq.abc.PGconn:
-    """The libpq connection underneath ``db``."""
-    if isinstance(db, psycopg.Connection):
-        return db.pgconn
-    conn = db.connection() if isinstance(db, Session) else db
-    assert isinstance(conn, Connection)
-    driver = conn.connection.driver_connection
-    assert isinstance(driver, psycopg.Connection)
-    return driver.pgconn
-
-
-@contextlib.contextmanager
-def traced(db: SyncDB, path: Path) -> Iterator[Counter[str]]:
-    """Count the protocol messages the client sends inside the block, by message type."""
-    sent: Counter[str] = Counter()
-    pgconn = pgconn_of(db)
-    with path.open("wb") as trace:
-        pgconn.trace(trace.fileno())
-        pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS | psycopg.pq.Trace.REGRESS_MODE)
-        try:
-            yield sent
-        finally:
-            pgconn.untrace()  # flushes the trace
-    for line in path.read_text(errors="replace").splitlines():
-        direction, _length, message, *_ = [*line.split("\t"), "", ""]
-        if direction == "F":
-            sent[message.strip()] += 1
-
-
-def round_trips(sent: Counter[str]) -> int:
-    """Each Sync (extended protocol) or Query (simple protocol) waits for the server once."""
-    return sent["Sync"] + sent["Query"]
-
-
-@pytest.fixture(params=TRANSACTIONS)
+@pytest.fixture(params=SYNC_KINDS)
 def transaction(request: pytest.FixtureRequest, engine: sa.Engine, database_url: str) -> Opener:
     """Opens a transaction on one kind of sync connection: commits on exit, rolls back on error."""
-    kind = request.param
-
-    @contextlib.contextmanager
-    def open_transaction() -> Iterator[SyncDB]:
-        if kind == "orm-session":
-            with Session(engine) as session, session.begin():
-                yield session
-        elif kind == "sa-connection":
-            with engine.begin() as conn:
-                yield conn
-        elif kind == "psycopg":
-            with psycopg.connect(database_url) as pg:
-                assert not pg.autocommit
-                yield pg
-        else:
-            with psycopg.connect(database_url, autocommit=True) as pg, pg.transaction():
-                yield pg
-
-    return open_transaction
+    return sync_opener(request.param, engine, database_url)
 
 
 @pytest.fixture
@@ -226,11 +169,11 @@ def test_bad_event_raises_before_writing_and_the_transaction_stays_usable(
     """A rejected event sends nothing to the server; the business change and a good event commit."""
     event = {"topic": "orders", "payload": {"id": 1}, **bad}
     with transaction() as db:
-        run(db, "INSERT INTO orders (id) VALUES (1)")
-        with traced(db, tmp_path / "add.trace") as sent, pytest.raises(error):
+        execute(db, "INSERT INTO orders (id) VALUES (1)")
+        with traced(pgconn_of(db), tmp_path / "add.trace") as sent, pytest.raises(error):
             outbox.add(db, **event)
         assert sent == Counter()
-        with traced(db, tmp_path / "add_many.trace") as sent, pytest.raises(error):
+        with traced(pgconn_of(db), tmp_path / "add_many.trace") as sent, pytest.raises(error):
             outbox.add_many(db, [Event("orders", {"id": 0}), Event(**event)])
         assert sent == Counter()
         good = outbox.add(db, "orders", {"id": 1})
@@ -263,7 +206,7 @@ def test_add_many_writes_events_in_order_and_returns_their_ids(
 def test_add_many_of_nothing_writes_nothing(database_url: str, tmp_path: Path) -> None:
     """An empty add_many returns no ids, sends nothing and stores nothing."""
     with psycopg.connect(database_url) as conn:
-        with traced(conn, tmp_path / "empty.trace") as sent:
+        with traced(pgconn_of(conn), tmp_path / "empty.trace") as sent:
             assert outbox.add_many(conn, []) == []
         assert sent == Counter()
     assert stored(database_url) == []
@@ -275,10 +218,10 @@ def test_add_many_of_1000_events_is_one_round_trip(
     """1,000 events take one round trip (libpq protocol trace), where three add calls take three."""
     events = [Event("bulk", {"n": n}, key=f"k{n % 7}") for n in range(1000)]
     with transaction() as db:
-        run(db, "SELECT 1")  # the transaction is open before we start counting
-        with traced(db, tmp_path / "many.trace") as many:
+        execute(db, "SELECT 1")  # the transaction is open before we start counting
+        with traced(pgconn_of(db), tmp_path / "many.trace") as many:
             ids = outbox.add_many(db, events)
-        with traced(db, tmp_path / "adds.trace") as adds:
+        with traced(pgconn_of(db), tmp_path / "adds.trace") as adds:
             ids += [outbox.add(db, "bulk", {"n": n}) for n in range(3)]
     assert (round_trips(many), many["Execute"]) == (1, 1)
     assert (round_trips(adds), adds["Execute"]) == (3, 3)  # so the count above can fail
@@ -290,7 +233,7 @@ def test_add_many_of_12000_events_uses_three_statements(database_url: str, tmp_p
     events = [Event("bulk", str(n)) for n in range(12_000)]
     with psycopg.connect(database_url) as conn:
         conn.execute("SELECT 1")
-        with traced(conn, tmp_path / "big.trace") as sent:
+        with traced(pgconn_of(conn), tmp_path / "big.trace") as sent:
             ids = outbox.add_many(conn, events)
     assert (round_trips(sent), sent["Execute"]) == (3, 3)
     rows = stored(database_url)

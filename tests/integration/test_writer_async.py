@@ -5,29 +5,29 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 
 import outbox
 from outbox.connections import AsyncDB
 from outbox.envelope import Event
+from tests.integration.connections import (
+    ASYNC_KINDS,
+    AsyncOpener,
+    async_opener,
+    async_pgconn_of,
+    execute_async,
+    round_trips,
+    traced,
+)
 
 Row = tuple[uuid.UUID, str, bytes | None, bytes, list[str], list[bytes]]
-AsyncOpener = Callable[[], contextlib.AbstractAsyncContextManager[Any]]
-
-TRANSACTIONS = [
-    "async-session",
-    "sa-async-connection",
-    "psycopg-async",
-    "psycopg-async-autocommit-in-transaction",
-]
 
 
 async def stored(database_url: str) -> list[Row]:
@@ -40,75 +40,12 @@ async def stored(database_url: str) -> list[Row]:
         return await cursor.fetchall()
 
 
-async def run(db: AsyncDB, sql: str) -> None:
-    """Run a business statement on whichever async connection type ``db`` is."""
-    if isinstance(db, psycopg.AsyncConnection):
-        await db.execute(sql)
-    elif isinstance(db, AsyncSession):
-        await db.execute(sa.text(sql))
-    else:
-        assert isinstance(db, AsyncConnection)
-        await db.exec_driver_sql(sql)
-
-
-async def pgconn_of(db: AsyncDB) -> psycopg.pq.abc.PGconn:
-    """The libpq connection underneath ``db``."""
-    if isinstance(db, psycopg.AsyncConnection):
-        return db.pgconn
-    conn = await db.connection() if isinstance(db, AsyncSession) else db
-    assert isinstance(conn, AsyncConnection)
-    driver = (await conn.get_raw_connection()).driver_connection
-    assert isinstance(driver, psycopg.AsyncConnection)
-    return driver.pgconn
-
-
-@contextlib.contextmanager
-def traced(pgconn: psycopg.pq.abc.PGconn, path: Path) -> Iterator[Counter[str]]:
-    """Count the protocol messages the client sends inside the block, by message type."""
-    sent: Counter[str] = Counter()
-    with path.open("wb") as trace:
-        pgconn.trace(trace.fileno())
-        pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS | psycopg.pq.Trace.REGRESS_MODE)
-        try:
-            yield sent
-        finally:
-            pgconn.untrace()  # flushes the trace
-    for line in path.read_text(errors="replace").splitlines():
-        direction, _length, message, *_ = [*line.split("\t"), "", ""]
-        if direction == "F":
-            sent[message.strip()] += 1
-
-
-def round_trips(sent: Counter[str]) -> int:
-    """Each Sync (extended protocol) or Query (simple protocol) waits for the server once."""
-    return sent["Sync"] + sent["Query"]
-
-
-@pytest.fixture(params=TRANSACTIONS)
+@pytest.fixture(params=ASYNC_KINDS)
 def transaction(
     request: pytest.FixtureRequest, async_engine: AsyncEngine, database_url: str
 ) -> AsyncOpener:
     """Opens a transaction on one kind of async connection: commits on exit, rolls back on error."""
-    kind = request.param
-
-    @contextlib.asynccontextmanager
-    async def open_transaction() -> AsyncIterator[AsyncDB]:
-        if kind == "async-session":
-            async with AsyncSession(async_engine) as session, session.begin():
-                yield session
-        elif kind == "sa-async-connection":
-            async with async_engine.begin() as conn:
-                yield conn
-        elif kind == "psycopg-async":
-            async with await psycopg.AsyncConnection.connect(database_url) as pg:
-                assert not pg.autocommit
-                yield pg
-        else:
-            connect = psycopg.AsyncConnection.connect(database_url, autocommit=True)
-            async with await connect as pg, pg.transaction():
-                yield pg
-
-    return open_transaction
+    return async_opener(request.param, async_engine, database_url)
 
 
 class Boom(Exception):
@@ -157,8 +94,8 @@ async def test_bad_event_keeps_the_transaction_usable(
     async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
         await conn.execute("CREATE TABLE orders (id integer PRIMARY KEY)")
     async with transaction() as db:
-        await run(db, "INSERT INTO orders (id) VALUES (7)")
-        with traced(await pgconn_of(db), tmp_path / "bad.trace") as sent:
+        await execute_async(db, "INSERT INTO orders (id) VALUES (7)")
+        with traced(await async_pgconn_of(db), tmp_path / "bad.trace") as sent:
             with pytest.raises(outbox.InvalidHeaderError, match="reserved"):
                 await outbox.add_async(db, "orders", {}, headers={"event_id": "x"})
             with pytest.raises(outbox.InvalidTopicError):
@@ -177,8 +114,8 @@ async def test_add_many_async_is_one_round_trip(
 ) -> None:
     """1,000 events take one round trip, where three add_async calls take three."""
     async with transaction() as db:
-        await run(db, "SELECT 1")  # the transaction is open before we start counting
-        pgconn = await pgconn_of(db)
+        await execute_async(db, "SELECT 1")  # the transaction is open before we start counting
+        pgconn = await async_pgconn_of(db)
         with traced(pgconn, tmp_path / "many.trace") as many:
             ids = await outbox.add_many_async(db, [Event("bulk", {"n": n}) for n in range(1000)])
         with traced(pgconn, tmp_path / "adds.trace") as adds:
