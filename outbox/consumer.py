@@ -14,8 +14,8 @@ the two redelivers the message, and the claim recognises it and skips the handle
     loop.run()          # until SIGTERM / SIGINT, or loop.stop()
 
 :class:`BatchConsumeLoop` hands its handler all of a batch's new messages at once, so the
-handler can write their side effects in a few statements instead of one per message (the
-batch-mode figures in the README's Performance section come from it):
+handler can write their side effects in a few statements instead of one per message (its
+figures are on the docs' performance page, "Consumers"):
 
     def bill_all(session: Session, messages: Sequence[Message]) -> None:
         session.execute(insert(Invoice), [invoice_row(m) for m in messages])

@@ -25,19 +25,9 @@ from outbox_relay.pg import relay_connect
 from outbox_relay.ports import ClaimedRow, Outcome, Ownership, Result
 from outbox_relay.retention import PurgeStep
 
-# Ownership is checked inside the claiming transaction: only the shards this relay holds qualify,
-# and none once its ownership session is gone (its advisory locks went with it, and another relay
-# may hold the shards by now), so a relay that lost a shard claims no further row of it. The
-# session's liveness is one lock-table probe: a shared try-lock of its membership lock, which
-# succeeds only when no session holds that lock any more (reading pg_locks instead copies the
-# whole lock table, and took half of a one-row claim's execution).
-#
-# Per-key order: a row is claimed only if no earlier unpublished row of its key exists outside
-# this batch (locked by another relay, waiting for a retry, or, when dead letters block their
-# key, dead-lettered). Rows are sent in id order, so a key's rows reach Kafka in the order they
-# became visible, whatever the shard ownership does meanwhile. The one batch this relay is
-# publishing while it claims the next (``in_flight``) does not block its keys: it is sent first,
-# and the loop holds back the next batch's rows of any key that batch failed to deliver.
+# The claim: rows of the shards this relay holds (none once its ownership session is gone), and
+# only a row with no earlier unpublished row of its key outside this batch or the one in flight,
+# so each key's rows reach Kafka in id order. Why: the design page, "Shards".
 _CLAIM = """
 WITH owned AS (
     -- One flag per shard, element shard + 1, so the planner walks the claim index in id order and

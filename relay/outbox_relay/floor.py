@@ -1,51 +1,12 @@
 """The scan floor: an id below which no row can be waiting to be published, now or later.
 
-PostgreSQL keeps the index entries of deleted rows (and, with ``--retention``, of published
-ones) until VACUUM, at the front of the indexes the claim walks in id order. Without a floor
-every claim walks past every row drained since the last vacuum: over a 1,000,000-row drain the
-claim of 5,000 rows grew from 18 to 26 ms. With one, the claim starts at the floor.
-
-The floor is refreshed from a sample (``OutboxSource.sample_floor``), taken in this order:
-
-1. ``bound``: the id sequence's last value. Every row id handed out later is above it (0, so no
-   floor, when the sequence hands out ids from per-session caches).
-2. ``suspects``: the transactions of this database that are running a statement but have no
-   transaction id yet (from ``pg_locks`` and ``pg_stat_activity``, readable by every role).
-   An INSERT or COPY takes its row ids before its transaction id (when it writes its first row;
-   a COPY may buffer up to 1,000 rows first), so such a transaction may hold row ids up to
-   ``bound`` that no snapshot shows. Also: whether any of the previous sample's suspects
-   still runs.
-3. ``xid``: a transaction id taken for the sample; in the same statement ``oldest_running``,
-   the oldest transaction still running, and ``lowest``, the lowest id of an unpublished, not
-   dead-lettered row (any shard, locked or not).
-
-A transaction that holds a row id of at most the previous ``bound`` and commits after this
-sample's snapshot either had a transaction id at the previous sample's step 2 (so below its
-``xid``, and it still runs: ``oldest_running`` is at most that ``xid``), or had none: it was then
-inside the statement that took the id, so it was one of the previous sample's suspects, and
-it still runs. So when neither holds, every row not yet visible has an id above the previous
-``bound``, and every visible unpublished row is at least ``lowest``: the floor is the lower of
-the two. Otherwise (or with no previous sample) there is no floor: the claim starts at the
-beginning, as it would without one. Writers need do nothing for this (no trigger runs on the
-write path): a raw INSERT, a COPY, any language or ``session_replication_role`` is covered.
-Only a row id taken in an earlier statement than its INSERT (``nextval`` with ``OVERRIDING
-SYSTEM VALUE``) escapes it, and such a row may wait up to one interval.
-
-A transaction that runs one statement across two samples (a long report, ``pg_dump``) keeps
-the floor off while it runs: claims are then as they were before the floor, slower after big
-drains, never wrong.
-
-Rows put back behind the floor (a dead letter retried, published rows replayed) are found by
-the next sample, since each one looks at the whole table: they wait at most one interval. So a
-floor can delay a row, never lose it. (Later rows of their key wait for them: see the claim.)
-
-What the floor cannot see, it detects and then does without: a sample that finds the sequence
-lower than the previous one (``ALTER SEQUENCE ... RESTART``, ``TRUNCATE ... RESTART
-IDENTITY``, ``setval``), or a new row (not one an operator put back) below the floor in use
-(inserted with an id taken earlier, ``OVERRIDING SYSTEM VALUE``), turns the floor off for the
-rest of the run, with a log line (``relay.scan_floor_off``). Such a row may have been passed
-over for one interval, and a later row of its key sent before it; from then on, claims start at
-the beginning.
+Claims start at the floor, past the index entries of rows drained since the last VACUUM. The
+floor comes from a sample taken once a second (``OutboxSource.sample_floor``: the sequence's
+bound, the statements that may hold row ids without a transaction id, the oldest running
+transaction and the lowest unpublished id), and only where the previous sample vouches for
+every transaction still running; otherwise claims start at the beginning. What a floor cannot
+see turns it off for the rest of the run. Why this delays a row at most, never loses it: the
+design page, "The scan floor".
 """
 
 from __future__ import annotations

@@ -1,12 +1,8 @@
 """The relay loop: claim a batch, publish it, record the outcomes; wait when there is nothing.
 
-Why a row is marked published only after Kafka acknowledged it: marking first and publishing
-second would lose the event whenever the process dies in between. Marking after the ack
-means the worst case is the opposite one: if the batch's final transaction fails (the database
-connection drops, the relay is killed), the rows that did reach Kafka stay unpublished in the
-table, their locks vanish with the transaction, and they are sent again. Duplicates, never loss;
-the duplicates are exactly the rows of the batch in flight at the failure, and consumers
-recognise them by their ``event_id`` header.
+A row is marked published only after Kafka acknowledged it, in the batch's own transaction: a
+relay that dies mid-batch sends the batch again (duplicates, never a loss). Why this order, and
+which rows count as acknowledged: the design page, "Marking comes after the ack".
 """
 
 from __future__ import annotations

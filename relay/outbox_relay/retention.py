@@ -1,22 +1,11 @@
 """The purge of published rows past ``--retention``: a cursor that walks the table in id order.
 
-Rows are claimed oldest first, so they are marked published roughly in id order, and they age
-past the retention in that order too. The purge keeps a cursor: each step deletes the published
-rows past the retention among the next ``chunk`` rows from it (one short transaction, one range
-of the primary key), and moves the cursor past them. It stops at the first row published too
-recently (the rows from there on are younger: the next pass resumes there) or at the end of the
-table. So each pass reads only the rows near the frontier, never the index entries of the rows
-purged before it (a ``LIMIT``-ed scan from the lowest id walks all of those until VACUUM), and
-keeps pace with any rate the relay publishes at: a pass that runs out of its time budget is due
-again right after the next batch.
-
-Rows the cursor passed while they were unpublished (a backlog, dead letters, rows failing) and
-that are published later are found when the cursor starts over from the lowest id, once every
-``restart_every`` seconds. Only one relay purges at a time: the owner of shard 0 (see
-``Relay``), so relays never compete for the same rows.
-
-Each DELETE tests ``published_at`` on the row it deletes, so a row that ``replay`` made
-unpublished after the DELETE's snapshot is re-checked when its lock is granted, and kept.
+Rows age past the retention roughly in id order, so each step deletes the expired rows among
+the next ``chunk`` from the cursor and stops at the first row published too recently: a pass
+reads only the rows near that frontier, never the entries of rows purged before. The cursor
+starts over once every ``restart_every`` seconds to find rows it passed while they were
+unpublished. Only the owner of shard 0 purges, and each DELETE re-checks ``published_at`` on
+its row, so a row ``replay`` put back is kept. More: the design page, "The purge cursor".
 """
 
 from __future__ import annotations

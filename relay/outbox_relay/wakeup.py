@@ -1,25 +1,11 @@
 """How an idle relay learns that events were committed, without costing the writers anything.
 
-No trigger runs in the application's transactions (a NOTIFY at commit serializes every writer's
-commit behind one database-wide lock). Instead the idle relay calls ``wait_for_events``
-(migration 0005), which sleeps inside PostgreSQL in ticks of 1 ms (for ``FAST_MS`` after a
-batch, when the next event may be close), then doubling up to ``MAX_TICK_MS``, and returns as
-soon as
-
-* the id sequence moved past the bound of the relay's last look and a row above it has
-  become visible (new rows), or
-* the 64 highest unpublished rows between the scan floor and that bound include one the look
-  did not (late rows: a row id is taken before its transaction commits, so rows do not become
-  visible in id order). Checked only in ticks after some transaction ended, so an idle database
-  costs nothing more; only 64 rows, so many rows waiting behind a failed one cost no more.
-
-A look (:class:`Look`) is the sequence's last value, then the ids of those rows, read in that
-order and always *before* the claim that follows it: whatever that claim did not see is then
-either above the bound or missing from the look. A claim made without a wait in between keeps
-the older look, which can only make the next wait return sooner.
-
-Each call lasts at most ``CALL_SECONDS``, so a stop request waits at most that long, and the
-call never holds a snapshot long enough to matter to VACUUM or to the scan floor.
+No trigger runs in the application's transactions. The idle relay calls ``wait_for_events``
+(migration 0005), which sleeps inside PostgreSQL in short ticks and returns once the id
+sequence moved past the relay's last :class:`Look` and a row above it is visible, or a late row
+(committed below that bound) appears among the highest waiting ones. A look is always read
+before the claim that follows it, so whatever the claim missed makes the next wait return.
+Details and costs: the design page, "How an idle relay wakes up".
 """
 
 from __future__ import annotations
@@ -36,9 +22,8 @@ from outbox_relay.signals import StopSignal
 
 log = structlog.get_logger("relay.wakeup")
 
-#: The longest tick of an idle wait: the most a lone event waits to be noticed. A tick costs the
-#: backend 50-100 us here, mostly the sleep and wake-up themselves: measured over an idle minute
-#: (bench/idle.py), the relay process took 0.27% of a core and its three backends 1.1%.
+#: The longest tick of an idle wait: the most a lone event waits to be noticed, against the
+#: backend's CPU while idle (its cost: the performance page, "Measurements behind the defaults").
 MAX_TICK_MS = 8
 #: How long a wait that follows work ticks every millisecond: at steady low rates the next
 #: event is a few milliseconds away (at 200 events/s, 5 ms).
