@@ -24,7 +24,7 @@ log = structlog.get_logger("relay.wakeup")
 
 #: The longest tick of an idle wait: the most a lone event waits to be noticed, against the
 #: backend's CPU while idle (its cost: the performance page, "Measurements behind the defaults").
-MAX_TICK_MS = 8
+MAX_TICK_MS = 6
 #: How long a wait that follows work ticks every millisecond: at steady low rates the next
 #: event is a few milliseconds away (at 200 events/s, 5 ms).
 FAST_MS = 20
