@@ -12,6 +12,7 @@ from typing import Any
 
 import psycopg
 
+from outbox.connections import require_transaction
 from outbox.errors import SchemaMismatchError, SchemaMissingError, SchemaOutdatedError
 from outbox.schema import (
     Migration,
@@ -97,13 +98,24 @@ def apply(
     """
     with conn.transaction():
         _run(conn, f"SET LOCAL lock_timeout = {int(lock_timeout_ms):d}")
-        _run(conn, lock_statement(settings))
-        for statement in bootstrap_statements(settings):
-            _run(conn, statement)
-        found = status(conn, settings)
-        if found.unknown or found.changed:
-            require_current(conn, settings)
-        for migration in found.pending:
-            _run(conn, migration.render(settings))
-            _run(conn, record_statement(settings, migration))
+        return apply_pending(conn, settings)
+
+
+def apply_pending(conn: psycopg.Connection[Any], settings: OutboxSettings) -> list[Migration]:
+    """Apply every pending migration in the transaction ``conn`` has open, which the caller
+    commits (a migration tool's: Alembic's revision, Django's migration); return those applied.
+
+    Takes the same advisory lock as :func:`apply` until that transaction ends, so concurrent
+    appliers still serialise.
+    """
+    require_transaction(conn)
+    _run(conn, lock_statement(settings))
+    for statement in bootstrap_statements(settings):
+        _run(conn, statement)
+    found = status(conn, settings)
+    if found.unknown or found.changed:
+        require_current(conn, settings)
+    for migration in found.pending:
+        _run(conn, migration.render(settings))
+        _run(conn, record_statement(settings, migration))
     return list(found.pending)
