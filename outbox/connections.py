@@ -1,7 +1,8 @@
 """Run one statement on whatever connection the caller holds, inside the caller's transaction.
 
-The writer and the dedup helper accept a SQLAlchemy ``Session``/``Connection`` or a psycopg 3
-``Connection`` (and their async twins). This module is the only place that knows those types.
+The writer and the dedup helper accept a SQLAlchemy ``Session``/``Connection``, a psycopg 3
+``Connection`` (and their async twins), or a Django database connection on the psycopg 3
+backend (``django.db.connection``). This module is the only place that knows those types.
 It never commits, never opens a connection, and refuses a connection that is in autocommit mode
 with no transaction open, because a row written there would escape the caller's transaction.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, TypeGuard
 
 import psycopg
 import sqlalchemy.exc
@@ -30,13 +31,30 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection as SAAsyncConnection
     from sqlalchemy.ext.asyncio import AsyncSession, async_scoped_session
 
-SyncDB: TypeAlias = "Session | scoped_session[Any] | SAConnection | psycopg.Connection[Any]"
+
+class DjangoConnection(Protocol):
+    """What the library uses of Django's ``BaseDatabaseWrapper`` (``django.db.connection``),
+    described here so that the library never imports Django."""
+
+    vendor: str
+    connection: Any
+
+    def ensure_connection(self) -> None: ...
+
+    def cursor(self) -> Any: ...
+
+
+SyncDB: TypeAlias = (
+    "Session | scoped_session[Any] | SAConnection | psycopg.Connection[Any] | DjangoConnection"
+)
 AsyncDB: TypeAlias = (
     "AsyncSession | async_scoped_session[Any] | SAAsyncConnection | psycopg.AsyncConnection[Any]"
 )
 Params = Sequence[object]
 
-_SYNC_NAMES = "a SQLAlchemy Session or Connection, or a psycopg Connection"
+_SYNC_NAMES = (
+    "a SQLAlchemy Session or Connection, a psycopg Connection, or a Django database connection"
+)
 _ASYNC_NAMES = "a SQLAlchemy AsyncSession or AsyncConnection, or a psycopg AsyncConnection"
 
 
@@ -55,6 +73,8 @@ def execute(db: SyncDB, sql: str, params: Params) -> Executed:
             require_transaction(db)
             cursor = db.execute(sql, params)
             return Executed(cursor.rowcount, cursor.fetchall() if cursor.description else [])
+        if _is_django(db):
+            return _django_execute(db, sql, params)
         conn = _sa_connection(db)
         require_transaction(_psycopg_of(conn.connection.driver_connection, conn))
         result = conn.exec_driver_sql(sql, tuple(params))
@@ -77,6 +97,41 @@ async def execute_async(db: AsyncDB, sql: str, params: Params) -> Executed:
         return Executed(result.rowcount, _sa_rows(result))
     except (psycopg.Error, sqlalchemy.exc.DBAPIError) as exc:
         raise translate(exc) from exc
+
+
+def _is_django(db: object) -> TypeGuard[DjangoConnection]:
+    """A Django database connection: ``connections[alias]``, or ``django.db.connection`` (a
+    proxy of the default one, which forwards every attribute)."""
+    module = type(db).__module__
+    return (
+        module.startswith("django.db.backends.") or module == "django.utils.connection"
+    ) and hasattr(db, "ensure_connection")
+
+
+def _django_execute(db: DjangoConnection, sql: str, params: Params) -> Executed:
+    """Through Django's own cursor, so its transaction bookkeeping (a broken ``atomic`` block
+    refuses further statements), query logging and execute wrappers all see the statement."""
+    db.ensure_connection()
+    raw = db.connection
+    if not isinstance(raw, psycopg.Connection):
+        raise UnsupportedConnectionError(
+            f"outbox needs Django's PostgreSQL backend on psycopg 3 (Django 4.2+ with psycopg "
+            f"installed); this connection is {db.vendor!r} on {type(raw).__module__!r}"
+        )
+    require_transaction(raw)
+    try:
+        with db.cursor() as cursor:
+            cursor.execute(sql, params)
+            rows = [tuple(r) for r in cursor.fetchall()] if cursor.description else []
+            return Executed(cursor.rowcount, rows)
+    except (
+        Exception
+    ) as exc:  # Django wraps driver errors in django.db.utils; the cause is psycopg's
+        cause = exc.__cause__
+        translated = translate(cause) if isinstance(cause, psycopg.Error) else exc
+        if translated is cause:
+            raise
+        raise translated from exc
 
 
 def _sa_rows(result: sqlalchemy.CursorResult[Any]) -> list[tuple[Any, ...]]:
@@ -108,6 +163,13 @@ async def _sa_async_connection(db: object) -> SAAsyncConnection:
     from sqlalchemy.ext.asyncio import AsyncConnection as SAAsyncConnection
     from sqlalchemy.ext.asyncio import AsyncSession, async_scoped_session
 
+    if _is_django(db):
+        raise UnsupportedConnectionError(
+            "Django's database connections are synchronous, and its transactions (atomic) "
+            "cannot span awaits: in async code, run the transaction in a function wrapped by "
+            "asgiref's sync_to_async and call the sync variant (outbox.add, dedup.claim) in it"
+        )
+
     if isinstance(db, async_scoped_session):
         db = db()
     if isinstance(db, AsyncSession):
@@ -132,7 +194,9 @@ def _is_async(db: object) -> bool | None:
         "sqlalchemy.ext.asyncio"
     ):
         return True
-    if isinstance(db, psycopg.Connection | Session | SAConnection | scoped_session):
+    if isinstance(db, psycopg.Connection | Session | SAConnection | scoped_session) or _is_django(
+        db
+    ):
         return False
     return None
 
