@@ -63,8 +63,19 @@ class ConsumerStopped(OutboxError):
     """The loop stopped because a message could not be processed and has nowhere else to go."""
 
 
-def _origin(message: Message) -> str:
+def origin_of(message: Message) -> str:
+    """Where a message was: topic/partition/offset."""
     return f"{message.topic()}/{message.partition()}/{message.offset()}"
+
+
+def usable(message: Message) -> bool:
+    """A message, not an error report; errors other than a partition's end are logged."""
+    error = message.error()
+    if error is None:
+        return True
+    if error.code() != KafkaError._PARTITION_EOF:
+        log.warning("consumer.kafka_error", error=str(error))
+    return False
 
 
 def header_pairs(message: Message) -> list[tuple[str, str | bytes | None]]:
@@ -147,7 +158,7 @@ class DeadLetterTopic:
 
     def send(self, message: Message, error: Exception) -> None:
         topic = self.settings.dead_letter_topic
-        origin = _origin(message)
+        origin = origin_of(message)
         if topic is None:
             raise ConsumerStopped(
                 f"message {origin} failed {self.settings.max_attempts} times ({error!r}) and no "
@@ -192,6 +203,54 @@ class DeadLetterTopic:
         return self._producer
 
 
+def consumer_config(settings: ConsumerSettings) -> dict[str, Any]:
+    """The Kafka consumer's configuration: offsets are stored by the loop after the database
+    commit, and committed by the client periodically, on rebalance and on close."""
+    return {
+        "auto.offset.reset": "earliest",
+        **settings.kafka_config,
+        "bootstrap.servers": settings.bootstrap_servers,
+        "group.id": settings.name,
+        "enable.auto.commit": True,
+        "enable.auto.offset.store": False,
+    }
+
+
+def span_attributes(settings: ConsumerSettings) -> dict[str, str | int]:
+    """What every process span of a loop says (OpenTelemetry's messaging conventions)."""
+    return {
+        "messaging.system": "kafka",
+        "messaging.operation.type": "process",
+        "messaging.operation.name": "process",
+        "messaging.consumer.group.name": settings.name,
+    }
+
+
+def message_span_attributes(
+    settings: ConsumerSettings, message: Message, message_id: str
+) -> dict[str, str | int]:
+    """The attributes of the span around one message's handler."""
+    return {
+        **span_attributes(settings),
+        "messaging.destination.name": message.topic() or "",
+        "messaging.destination.partition.id": str(message.partition()),
+        "messaging.kafka.offset": message.offset() or 0,
+        "messaging.message.id": message_id,
+    }
+
+
+def batch_span_attributes(
+    settings: ConsumerSettings, messages: Sequence[Message]
+) -> tuple[str | None, dict[str, str | int]]:
+    """The topic (when the batch has one) and attributes of the span around a batch handler."""
+    topics = {message.topic() for message in messages}
+    topic = next(iter(topics)) if len(topics) == 1 else None
+    attributes = {**span_attributes(settings), "messaging.batch.message_count": len(messages)}
+    if topic:
+        attributes["messaging.destination.name"] = topic
+    return topic, attributes
+
+
 class _Loop(Generic[H]):
     """The loop around its handler: consuming, dedup, transactions, offsets, retries and dead
     letters. Subclasses say how the new messages of one transaction reach the handler."""
@@ -211,18 +270,7 @@ class _Loop(Generic[H]):
         self.stats = ConsumeStats()
         self._stop = StopRequest()
         self.dead_letters = DeadLetterTopic(settings)
-        self._consumer = Consumer(
-            {
-                "auto.offset.reset": "earliest",
-                **settings.kafka_config,
-                "bootstrap.servers": settings.bootstrap_servers,
-                "group.id": settings.name,
-                # Offsets are stored by us after the database commit, and committed by the
-                # client periodically, on rebalance and on close.
-                "enable.auto.commit": True,
-                "enable.auto.offset.store": False,
-            }
-        )
+        self._consumer = Consumer(consumer_config(settings))
 
     def stop(self) -> None:
         """Ask the loop to stop after the message in hand (thread-safe)."""
@@ -238,7 +286,7 @@ class _Loop(Generic[H]):
         try:
             while not self._stop.requested:
                 batch = self._consumer.consume(self.settings.batch_size, self.settings.poll_timeout)
-                messages = [m for m in batch if self._usable(m)]
+                messages = [m for m in batch if usable(m)]
                 if messages and not self._process(messages):
                     break
         finally:
@@ -246,14 +294,6 @@ class _Loop(Generic[H]):
             self.dead_letters.flush()
             self._stop.restore()
             log.info("consumer.stopped", consumer=self.settings.name, **vars(self.stats))
-
-    def _usable(self, message: Message) -> bool:
-        error = message.error()
-        if error is None:
-            return True
-        if error.code() != KafkaError._PARTITION_EOF:
-            log.warning("consumer.kafka_error", error=str(error))
-        return False
 
     def _process(self, messages: list[Message]) -> bool:
         """Process in order; store each offset once its transaction committed. False: stop."""
@@ -270,22 +310,13 @@ class _Loop(Generic[H]):
         """Hand the transaction's new messages (in order, never empty) to the handler."""
         raise NotImplementedError
 
-    def _span_attributes(self) -> dict[str, str | int]:
-        """What every process span of this loop says (OpenTelemetry's messaging conventions)."""
-        return {
-            "messaging.system": "kafka",
-            "messaging.operation.type": "process",
-            "messaging.operation.name": "process",
-            "messaging.consumer.group.name": self.settings.name,
-        }
-
     def _apply(self, session: Session, message: Message) -> bool:
         """Claim and handle inside the caller's transaction; False for a duplicate."""
         message_id = self.message_id(message)
         if self.settings.deduplicate and not dedup.claim(
             session, self.settings.name, message_id, settings=self.settings.outbox
         ):
-            log.info("consumer.duplicate_skipped", message_id=message_id, origin=_origin(message))
+            log.info("consumer.duplicate_skipped", message_id=message_id, origin=origin_of(message))
             return False
         self._handle_new(session, [message], [message_id])
         return True
@@ -314,7 +345,7 @@ class _Loop(Generic[H]):
             return len(messages)
         fresh, skipped = first_copies(messages, ids, new)
         for message, message_id in skipped:
-            log.info("consumer.duplicate_skipped", message_id=message_id, origin=_origin(message))
+            log.info("consumer.duplicate_skipped", message_id=message_id, origin=origin_of(message))
         if fresh:
             self._handle_new(session, [m for m, _ in fresh], [i for _, i in fresh])
         return len(fresh)
@@ -387,13 +418,7 @@ class ConsumeLoop(_Loop[Handler]):
         if not tracing.available():
             self.handler(session, message)
             return
-        attributes = {
-            **self._span_attributes(),
-            "messaging.destination.name": message.topic() or "",
-            "messaging.destination.partition.id": str(message.partition()),
-            "messaging.kafka.offset": message.offset() or 0,
-            "messaging.message.id": message_id,
-        }
+        attributes = message_span_attributes(self.settings, message, message_id)
         with tracing.consuming(message.topic() or "", header_pairs(message), attributes):
             self.handler(session, message)
 
@@ -407,10 +432,6 @@ class BatchConsumeLoop(_Loop[BatchHandler]):
         if not tracing.available():
             self.handler(session, messages)
             return
-        topics = {message.topic() for message in messages}
-        topic = next(iter(topics)) if len(topics) == 1 else None
-        attributes = {**self._span_attributes(), "messaging.batch.message_count": len(messages)}
-        if topic:
-            attributes["messaging.destination.name"] = topic
+        topic, attributes = batch_span_attributes(self.settings, messages)
         with tracing.consuming_batch(topic, map(header_pairs, messages), attributes):
             self.handler(session, messages)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from outbox.connections import execute
 from outbox.envelope import EVENT_ID_HEADER
+from outbox.errors import OutboxError
 from outbox.settings import OutboxSettings
 from outbox.writer import default
 
@@ -92,7 +93,7 @@ def outbox_events(
     ]
 
 
-class RelayOnceError(AssertionError):
+class RelayOnceError(OutboxError, AssertionError):
     """``relay_once`` left events unpublished: the message names them and their last error."""
 
 

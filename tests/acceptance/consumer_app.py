@@ -1,9 +1,10 @@
 """A small consumer application for the acceptance tests, run as ``python consumer_app.py``.
 
-It runs a :class:`outbox.consumer.ConsumeLoop` whose handler writes one row per message into the
-side-effect table ``effects`` (created if missing; no unique constraint, so a side effect applied
-twice shows as two rows). It stops on SIGTERM and then prints its stats as one JSON line,
-``STATS {...}``, on stdout.
+It runs a :class:`outbox.consumer.ConsumeLoop` (with ``--async``, an
+:class:`outbox.consumer_async.AsyncConsumeLoop` on an ``AsyncSession``) whose handler writes one
+row per message into the side-effect table ``effects`` (created if missing; no unique
+constraint, so a side effect applied twice shows as two rows). It stops on SIGTERM and then
+prints its stats as one JSON line, ``STATS {...}``, on stdout.
 
 ``--kill-after-commits N`` makes it SIGKILL itself right after the database commit of its Nth
 transaction (an ``after_commit`` session event), printing ``KILLING after commit N of <id>``:
@@ -14,6 +15,7 @@ stored, let alone committed.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import signal
@@ -72,37 +74,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--kill-after-commits", type=int, default=0)
     parser.add_argument("--handler-delay", type=float, default=0.0, help="seconds per message")
+    parser.add_argument("--async", dest="use_async", action="store_true", help="the async loop")
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    engine = sa.create_engine(urls.to_sqlalchemy(args.database_url))
-    with engine.begin() as conn:
-        conn.exec_driver_sql(EFFECTS_DDL)
-    sessions = sessionmaker(engine)
-    commits = 0
-    last_handled = ""
-
-    def handler(session: Session, message: Message) -> None:
-        nonlocal last_handled
-        time.sleep(args.handler_delay)
-        record(session, message)
-        last_handled = event_id_or_position(message)
-
-    def after_commit(_session: Session) -> None:
-        nonlocal commits
-        commits += 1
-        if commits == args.kill_after_commits:
-            print(f"KILLING after commit {commits} of {last_handled}", flush=True)
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    def session_factory() -> Session:
-        session = sessions()
-        event.listen(session, "after_commit", after_commit)
-        return session
-
-    settings = ConsumerSettings(
+def consumer_settings(args: argparse.Namespace) -> ConsumerSettings:
+    return ConsumerSettings(
         args.name,
         [args.topic],
         args.bootstrap_servers,
@@ -112,7 +89,75 @@ def main(argv: list[str] | None = None) -> int:
         poll_timeout=0.2,
         kafka_config=KAFKA_CONFIG,
     )
-    loop = ConsumeLoop(settings, handler, session_factory)
+
+
+class KillAfterCommits:
+    """The ``after_commit`` listener: SIGKILL right after the Nth commit."""
+
+    def __init__(self, kill_after: int) -> None:
+        self.kill_after = kill_after
+        self.commits = 0
+        self.last_handled = ""
+
+    def __call__(self, _session: Session) -> None:
+        self.commits += 1
+        if self.commits == self.kill_after:
+            print(f"KILLING after commit {self.commits} of {self.last_handled}", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
+
+    from outbox.consumer_async import AsyncConsumeLoop
+
+    engine = create_async_engine(urls.to_sqlalchemy(args.database_url))
+    async with engine.begin() as conn:
+        await conn.exec_driver_sql(EFFECTS_DDL)
+    sessions = async_sessionmaker(engine)
+    killer = KillAfterCommits(args.kill_after_commits)
+
+    async def handler(session: AsyncSession, message: Message) -> None:
+        await asyncio.sleep(args.handler_delay)
+        await session.run_sync(record, message)
+        killer.last_handled = event_id_or_position(message)
+
+    def session_factory() -> AsyncSession:
+        session = sessions()
+        event.listen(session.sync_session, "after_commit", killer)
+        return session
+
+    loop = AsyncConsumeLoop(consumer_settings(args), handler, session_factory)
+    print("STARTED", flush=True)
+    try:
+        await loop.run()
+    finally:
+        print("STATS " + json.dumps(vars(loop.stats)), flush=True)
+        await engine.dispose()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.use_async:
+        return asyncio.run(main_async(args))
+    engine = sa.create_engine(urls.to_sqlalchemy(args.database_url))
+    with engine.begin() as conn:
+        conn.exec_driver_sql(EFFECTS_DDL)
+    sessions = sessionmaker(engine)
+    killer = KillAfterCommits(args.kill_after_commits)
+
+    def handler(session: Session, message: Message) -> None:
+        time.sleep(args.handler_delay)
+        record(session, message)
+        killer.last_handled = event_id_or_position(message)
+
+    def session_factory() -> Session:
+        session = sessions()
+        event.listen(session, "after_commit", killer)
+        return session
+
+    loop = ConsumeLoop(consumer_settings(args), handler, session_factory)
     print("STARTED", flush=True)
     try:
         loop.run()

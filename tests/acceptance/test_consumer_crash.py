@@ -112,11 +112,13 @@ def committed(bootstrap: str, group: str, topic: str) -> list[int]:
     return [max(tp.offset, 0) for tp in offsets]
 
 
+@pytest.mark.parametrize("mode", [[], ["--async"]], ids=["ConsumeLoop", "AsyncConsumeLoop"])
 def test_consumer_killed_after_its_database_commit_skips_the_redelivered_message(
     database_url: str,
     kafka_bootstrap: str,
     tmp_path: Path,
     record_property: Callable[[str, object], None],
+    mode: list[str],
 ) -> None:
     """SIGKILL after the DB commit and before the offset commit; the restarted consumer gets
     the message again and skips it as a duplicate: exactly one side effect per message."""
@@ -137,6 +139,7 @@ def test_consumer_killed_after_its_database_commit_skips_the_redelivered_message
         str(kill_after),
         "--handler-delay",
         "0.1",
+        *mode,
     )
     try:
         code = first.wait(timeout=90)
@@ -158,7 +161,7 @@ def test_consumer_killed_after_its_database_commit_skips_the_redelivered_message
     assert committed_at_kill[killed[1]] <= killed[2], "its offset must not be committed"
 
     second_log = tmp_path / "second.log"
-    second = start_consumer(database_url, kafka_bootstrap, topic, name, second_log)
+    second = start_consumer(database_url, kafka_bootstrap, topic, name, second_log, *mode)
     try:
         wait_until(lambda: len(effects(database_url)) >= total, timeout=90, interval=0.2)
         # Consumed to the end (duplicates included) once the group's offsets reach the ends.

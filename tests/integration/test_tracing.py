@@ -10,6 +10,7 @@ sets it (or reuses an SDK provider already set) and attaches an in-memory export
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -442,3 +443,63 @@ def test_a_failing_handler_s_span_records_the_error(
     assert failed.events[0].attributes["exception.message"] == "first attempt fails"
     assert succeeded.status.status_code is StatusCode.UNSET
     assert (failed.parent, succeeded.parent) == (None, None)  # no traceparent: new traces
+
+
+@pytest.mark.kafka
+@pytest.mark.asyncio
+@pytest.mark.parametrize("batch", [False, True], ids=["AsyncConsumeLoop", "AsyncBatchConsumeLoop"])
+async def test_the_async_loops_continue_the_trace(
+    spans: InMemorySpanExporter,
+    database_url: str,
+    async_engine: AsyncEngine,
+    kafka_bootstrap: str,
+    topic: str,
+    batch: bool,
+) -> None:
+    """As the sync loops: the handler is awaited inside a CONSUMER span of the trace whose
+    context outbox.add stored (parent for one message, a link for a batch), current meanwhile."""
+    from sqlalchemy.ext.asyncio import async_sessionmaker
+
+    from outbox.consumer_async import AsyncBatchConsumeLoop, AsyncConsumeLoop
+
+    with (
+        REQUESTS.start_as_current_span("POST /orders") as request,
+        psycopg.connect(database_url) as c,
+    ):
+        event_id = str(outbox.add(c, topic, "traced", key="k"))
+    result = run_relay(database_url, kafka_bootstrap, "--exit-when-idle", timeout=60)
+    assert result.returncode == 0, result.stderr
+    current: list[SpanContext] = []
+
+    async def one(_session: object, _message: Message) -> None:
+        current.append(trace.get_current_span().get_span_context())
+
+    async def many(_session: object, _messages: Sequence[Message]) -> None:
+        current.append(trace.get_current_span().get_span_context())
+
+    spans.clear()
+    config = settings(unique_name(), topic, kafka_bootstrap, batch_size=50 if batch else 1)
+    sessions = async_sessionmaker(async_engine)
+    loop = (
+        AsyncBatchConsumeLoop(config, many, sessions)
+        if batch
+        else AsyncConsumeLoop(config, one, sessions)
+    )
+    task = asyncio.create_task(loop.run(handle_signals=False))
+    async with asyncio.timeout(WAIT):
+        while loop.stats.processed < 1:  # noqa: ASYNC110 - the stats have no event to wait on
+            await asyncio.sleep(0.05)
+    loop.stop()
+    await asyncio.wait_for(task, 30)
+    [span] = process_spans(spans, topic)
+    assert span.kind is SpanKind.CONSUMER
+    assert current == [span.get_span_context()]
+    request_ids = (request.get_span_context().trace_id, request.get_span_context().span_id)
+    if batch:
+        assert [(link.context.trace_id, link.context.span_id) for link in span.links] == [
+            request_ids
+        ]
+    else:
+        assert span.parent is not None
+        assert (span.context.trace_id, span.parent.span_id) == request_ids
+        assert (span.attributes or {})["messaging.message.id"] == event_id

@@ -23,11 +23,12 @@ NOT_OUTBOX_ERRORS: dict[str, str] = {}
 
 
 def modules() -> list[ModuleType]:
-    """Every module of the two packages (``__main__`` would run the command)."""
+    """Every module of the two packages (``__main__`` would run the command; the Django app's
+    modules import only inside a configured Django project, and define no exceptions)."""
     found: list[ModuleType] = list(PACKAGES)
     for package in PACKAGES:
         for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
-            if not info.name.endswith(".__main__"):
+            if not info.name.endswith(".__main__") and not info.name.startswith("outbox.django."):
                 found.append(importlib.import_module(info.name))
     return found
 
