@@ -8,7 +8,9 @@ two kinds of handler:
 - ``outbox.consumer.BatchConsumeLoop``, whose handler gets the batch's new messages at once and
   inserts their rows in one statement (the targets are on these figures);
 - ``outbox.consumer.ConsumeLoop``, whose handler is called per message and inserts its row with
-  its own statement (one round trip per message, which is what limits it).
+  its own statement (one round trip per message, which is what limits it);
+- ``outbox.consumer_async.AsyncBatchConsumeLoop`` with dedup, the batch handler's coroutine twin
+  on an ``AsyncSession``, against the sync batch loop with dedup.
 
 Timed from the first handler call to the last commit. Runs are interleaved and the median is
 reported. Embedded servers by default.
@@ -18,6 +20,7 @@ reported. Embedded servers by default.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -33,6 +36,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from outbox import urls
 from outbox.consumer import BatchConsumeLoop, ConsumeLoop, ConsumerSettings
+from outbox.consumer_async import AsyncBatchConsumeLoop
 
 FAST_JOIN = {"session.timeout.ms": "6000", "heartbeat.interval.ms": "500", "log_level": "3"}
 
@@ -58,7 +62,13 @@ def produce(bootstrap: str, topic: str, messages: int) -> None:
 SIDE_EFFECTS = sa.table("side_effects", sa.column("n", sa.Integer))
 
 #: (handler kind, deduplicate) of each loop measured, in the order run.
-LOOPS = [("batch", True), ("batch", False), ("message", True), ("message", False)]
+LOOPS = [
+    ("batch", True),
+    ("batch", False),
+    ("message", True),
+    ("message", False),
+    ("async batch", True),
+]
 
 
 def one_run(
@@ -87,6 +97,8 @@ def one_run(
     settings = ConsumerSettings(
         name, [topic], bootstrap, batch_size=batch, kafka_config=FAST_JOIN, deduplicate=deduplicate
     )
+    if kind == "async batch":
+        return async_run(settings, engine, messages)
     loop: ConsumeLoop | BatchConsumeLoop = (
         BatchConsumeLoop(settings, per_batch, sessionmaker(engine))
         if kind == "batch"
@@ -94,6 +106,46 @@ def one_run(
     )
     thread = threading.Thread(target=loop.run, kwargs={"handle_signals": False})
     thread.start()
+    deadline = time.monotonic() + 300
+    while loop.stats.processed < messages and time.monotonic() < deadline:
+        time.sleep(0.002)
+    end = time.perf_counter()
+    loop.stop()
+    thread.join()
+    if loop.stats.processed < messages:
+        raise RuntimeError(f"only {loop.stats.processed} of {messages} processed")
+    return messages / (end - first[0])
+
+
+def async_run(settings: ConsumerSettings, engine: sa.Engine, messages: int) -> float:
+    """The async batch loop on an event loop of its own thread; timed as the others."""
+    from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
+
+    first: list[float] = []
+    started = threading.Event()
+    loops: list[AsyncBatchConsumeLoop] = []
+
+    async def per_batch(session: AsyncSession, batch: Sequence[Message]) -> None:
+        if not first:
+            first.append(time.perf_counter())
+        await session.execute(
+            sa.insert(SIDE_EFFECTS), [{"n": message.offset()} for message in batch]
+        )
+
+    async def main() -> None:
+        async_engine = create_async_engine(engine.url)
+        loop = AsyncBatchConsumeLoop(settings, per_batch, async_sessionmaker(async_engine))
+        loops.append(loop)
+        started.set()
+        try:
+            await loop.run(handle_signals=False)
+        finally:
+            await async_engine.dispose()
+
+    thread = threading.Thread(target=asyncio.run, args=(main(),))
+    thread.start()
+    started.wait(60)
+    loop = loops[0]
     deadline = time.monotonic() + 300
     while loop.stats.processed < messages and time.monotonic() < deadline:
         time.sleep(0.002)
@@ -142,6 +194,12 @@ def measure(env: common.Env, opts: common.Options) -> dict[str, Any]:
             "with_dedup": rates[kind, True],
             "without_dedup": rates[kind, False],
         }
+    async_rate = common.median(rates["async batch", True])
+    result["async_batch"] = {
+        "with_dedup_msgs_per_s": async_rate,
+        "ratio_to_sync": common.ratio(async_rate, result["batch"]["with_dedup_msgs_per_s"]),
+    }
+    result["runs"]["async_batch"] = {"with_dedup": rates["async batch", True]}
     return result
 
 
@@ -169,6 +227,16 @@ def rows(result: dict[str, Any]) -> list[common.Row]:
                 f"{figures['ratio']:.2f} of without",
             ),
         ]
+    figures = result["async_batch"]
+    out.append(
+        common.Row(
+            "consumer",
+            f"async batch handler with dedup, batches of {batch}",
+            common.num(figures["with_dedup_msgs_per_s"]),
+            "msg/s",
+            f"{figures['ratio_to_sync']:.2f} of the sync batch loop with dedup",
+        )
+    )
     return out
 
 
