@@ -106,6 +106,16 @@ def one_run(
     )
     thread = threading.Thread(target=loop.run, kwargs={"handle_signals": False})
     thread.start()
+    return timed_until_done(loop, thread, messages, first)
+
+
+def timed_until_done(
+    loop: ConsumeLoop | BatchConsumeLoop | AsyncBatchConsumeLoop,
+    thread: threading.Thread,
+    messages: int,
+    first: list[float],
+) -> float:
+    """Messages per second from the first handler call until all are processed; then stop."""
     deadline = time.monotonic() + 300
     while loop.stats.processed < messages and time.monotonic() < deadline:
         time.sleep(0.002)
@@ -146,15 +156,7 @@ def async_run(settings: ConsumerSettings, engine: sa.Engine, messages: int) -> f
     thread.start()
     started.wait(60)
     loop = loops[0]
-    deadline = time.monotonic() + 300
-    while loop.stats.processed < messages and time.monotonic() < deadline:
-        time.sleep(0.002)
-    end = time.perf_counter()
-    loop.stop()
-    thread.join()
-    if loop.stats.processed < messages:
-        raise RuntimeError(f"only {loop.stats.processed} of {messages} processed")
-    return messages / (end - first[0])
+    return timed_until_done(loop, thread, messages, first)
 
 
 def measure(env: common.Env, opts: common.Options) -> dict[str, Any]:
