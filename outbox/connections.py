@@ -124,9 +124,8 @@ def _django_execute(db: DjangoConnection, sql: str, params: Params) -> Executed:
             cursor.execute(sql, params)
             rows = [tuple(r) for r in cursor.fetchall()] if cursor.description else []
             return Executed(cursor.rowcount, rows)
-    except (
-        Exception
-    ) as exc:  # Django wraps driver errors in django.db.utils; the cause is psycopg's
+    except Exception as exc:
+        # Django wraps the driver's errors in its own (django.db.utils); the cause is psycopg's.
         cause = exc.__cause__
         translated = translate(cause) if isinstance(cause, psycopg.Error) else exc
         if translated is cause:
