@@ -1,0 +1,92 @@
+"""The Prometheus alert rules shipped in deploy/prometheus: they parse (``promtool check
+rules``), their unit tests pass (``promtool test rules``: series that must fire each alert and
+series that must not), every alert has both kinds of test, and every metric they name is one
+the relay exports.
+
+promtool comes from Debian's ``prometheus`` package (``.ci/run`` installs it when missing);
+without it these tests skip and say so.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.unit.test_metrics import DOCUMENTED
+
+RULES_DIR = Path(__file__).resolve().parents[2] / "deploy" / "prometheus"
+RULES = RULES_DIR / "outbox-rules.yml"
+RULE_TESTS = RULES_DIR / "outbox-rules.test.yml"
+PROMTOOL = shutil.which("promtool")
+needs_promtool = pytest.mark.skipif(
+    PROMTOOL is None, reason="promtool is not installed (Debian: apt-get install prometheus)"
+)
+
+
+def promtool(*args: str) -> subprocess.CompletedProcess[str]:
+    assert PROMTOOL is not None
+    return subprocess.run(
+        [PROMTOOL, *args], cwd=RULES_DIR, capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def alerts() -> list[dict[str, Any]]:
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    return [rule for group in groups for rule in group["rules"] if "alert" in rule]
+
+
+@needs_promtool
+def test_the_rules_parse() -> None:
+    checked = promtool("check", "rules", RULES.name)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert f"SUCCESS: {len(alerts())} rules found" in checked.stdout
+
+
+@needs_promtool
+def test_the_rules_unit_tests_pass() -> None:
+    tested = promtool("test", "rules", RULE_TESTS.name)
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+    assert "SUCCESS" in tested.stdout
+
+
+@needs_promtool
+def test_a_broken_rule_is_caught(tmp_path: Path) -> None:
+    """The check can fail: a rule with a syntax error in its expression is refused."""
+    broken = tmp_path / "broken.yml"
+    broken.write_text(RULES.read_text().replace("> 60", "> > 60", 1))
+    assert promtool("check", "rules", str(broken)).returncode != 0
+
+
+def test_every_alert_is_tested_firing_and_not_firing() -> None:
+    """For each alert, at least one evaluation that expects it to fire and one that expects
+    nothing: a rule that always or never fires cannot pass both."""
+    cases = [
+        case
+        for test in yaml.safe_load(RULE_TESTS.read_text())["tests"]
+        for case in test.get("alert_rule_test", [])
+    ]
+    for alert in alerts():
+        name = alert["alert"]
+        fired = [c for c in cases if c["alertname"] == name and c["exp_alerts"]]
+        quiet = [c for c in cases if c["alertname"] == name and not c["exp_alerts"]]
+        assert fired, f"{name}: no test expects it to fire"
+        assert quiet, f"{name}: no test expects it to stay quiet"
+
+
+def test_every_alert_has_a_severity_and_a_summary() -> None:
+    for alert in alerts():
+        assert alert["labels"]["severity"] in {"warning", "critical"}, alert["alert"]
+        assert alert["annotations"]["summary"], alert["alert"]
+
+
+def test_the_rules_name_only_metrics_the_relay_exports() -> None:
+    named = set(re.findall(r"outbox_relay_[a-z_]+", RULES.read_text()))
+    assert named
+    exported = DOCUMENTED | {f"{name}_total" for name in DOCUMENTED}
+    assert named <= exported, named - exported
