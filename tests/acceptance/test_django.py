@@ -114,6 +114,18 @@ def test_an_order_and_its_event_commit_together(django_database: str) -> None:
     assert row == ("orders", str(order.id).encode())
 
 
+def test_connections_by_alias_work_as_the_default_proxy(django_database: str) -> None:
+    """``connections["default"]`` is the backend's own wrapper, not the proxy: same result."""
+    wrapper = connections["default"]
+    assert type(wrapper).__module__.startswith("django.db.backends.postgresql")
+    with transaction.atomic():
+        outbox.add(wrapper, "orders", {"item": "by alias"})
+    with pytest.raises(outbox.TransactionRequiredError):
+        outbox.add(wrapper, "orders", {"item": "by alias, loose"})
+    assert orders_and_events(django_database, "by alias")[1] == 1
+    assert orders_and_events(django_database, "by alias, loose")[1] == 0
+
+
 def test_an_order_and_its_event_roll_back_together(django_database: str) -> None:
     from shop.models import Order
 
