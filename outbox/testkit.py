@@ -129,9 +129,10 @@ def relay_once(
         exit_when_idle=True,
         **relay_settings,
     )
-    waiting = _unpublished(urls.to_libpq(database_url), outbox_settings)
+    libpq_url = urls.to_libpq(database_url)
+    waiting = _unpublished(libpq_url, outbox_settings)
     if create_topics:
-        _create_missing_topics(kafka_bootstrap_servers, {row[1] for row in waiting})
+        ensure_topics(kafka_bootstrap_servers, {row[1] for row in waiting})
     stop = StopSignal()
     relay = Relay(config, KafkaPublisher(config), stop)
     try:
@@ -143,7 +144,7 @@ def relay_once(
         relay.close_connections()
         relay.shutdown()
         stop.close()
-    left = {row[0]: row for row in _unpublished(urls.to_libpq(database_url), outbox_settings)}
+    left = {row[0]: row for row in _unpublished(libpq_url, outbox_settings)}
     if left:
         raise RelayOnceError(
             f"{len(left)} event(s) were not published: "
@@ -179,7 +180,8 @@ FROM {events} WHERE published_at IS NULL ORDER BY id
 """
 
 
-def _create_missing_topics(bootstrap: str, topics: set[str]) -> None:
+def ensure_topics(bootstrap: str, topics: set[str]) -> None:
+    """Create those of ``topics`` that do not exist yet (3 partitions each)."""
     from confluent_kafka import KafkaError, KafkaException
     from confluent_kafka.admin import AdminClient
     from confluent_kafka.cimpl import NewTopic

@@ -22,6 +22,7 @@ import pytest
 import outbox
 from outbox import dedup, migrator, schema, testing
 from outbox.settings import OutboxSettings
+from outbox.testkit import ensure_topics
 from tests.acceptance.relay_harness import read_topic, run_relay
 from tests.acceptance.test_cli import run
 
@@ -213,7 +214,7 @@ def test_the_relay_publishes_what_django_wrote(django_database: str, kafka_boots
     """Orders placed through the example's management command reach Kafka, keyed by order."""
     from shop.models import Order
 
-    _ensure_topic(kafka_bootstrap, "orders")  # the example's topic name
+    ensure_topics(kafka_bootstrap, {"orders"})  # the example's topic name
     out = io.StringIO()
     for item in ("pen", "ink", "paper"):
         call_command("place_order", item, stdout=out)
@@ -235,16 +236,3 @@ def test_the_relay_publishes_what_django_wrote(django_database: str, kafka_boots
     ]
     assert {r.event_id for r in received} == ids
     assert {r.key.decode() for r in received if r.key is not None} == placed
-
-
-def _ensure_topic(bootstrap: str, name: str) -> None:
-    from confluent_kafka import KafkaError, KafkaException
-    from confluent_kafka.admin import AdminClient, NewTopic
-
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    future = admin.create_topics([NewTopic(name, num_partitions=3, replication_factor=1)])[name]
-    try:
-        future.result(timeout=30)
-    except KafkaException as exc:
-        if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-            raise
