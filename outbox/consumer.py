@@ -31,16 +31,25 @@ so one bad message does not hold back the others.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import structlog
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from prometheus_client import CollectorRegistry
 from sqlalchemy.orm import Session
 
 from outbox import dedup, tracing
 from outbox.backoff import full_jitter
+from outbox.consumer_metrics import (
+    ConsumeStats,
+    Progress,
+    metrics_registry,
+    partitions_of,
+    serve,
+)
 from outbox.envelope import EVENT_ID_HEADER
 from outbox.errors import OutboxError
 from outbox.settings import OutboxSettings
@@ -114,20 +123,30 @@ class ConsumerSettings:
     #: Claim each message id in the dedup table. Turn off only for handlers that are idempotent
     #: by themselves: duplicates then reach the handler.
     deduplicate: bool = True
-
-
-@dataclass
-class ConsumeStats:
-    processed: int = 0  # handler ran and its transaction committed
-    duplicates: int = 0  # recognised by the dedup table and skipped
-    failures: int = 0  # handler attempts that raised
-    dead_lettered: int = 0
+    #: Serve Prometheus ``/metrics`` on this port while the loop runs (off when None); see
+    #: :mod:`outbox.consumer_metrics`.
+    metrics_port: int | None = None
+    metrics_host: str = "0.0.0.0"  # noqa: S104 - a metrics endpoint is meant to be scraped
 
 
 H = TypeVar("H", Handler, BatchHandler)
 
 
 Identified = list[tuple[Message, str]]
+#: The messages of a transaction: (handled, skipped as duplicates).
+Split = tuple[list[Message], list[Message]]
+
+
+def one_split(message: Message, applied: bool) -> Split:
+    """One message's transaction as a split: handled, or skipped as a duplicate."""
+    return ([message], []) if applied else ([], [message])
+
+
+def serving(settings: ConsumerSettings, registry: CollectorRegistry | None) -> Callable[[], None]:
+    """Start serving ``/metrics`` when ``settings.metrics_port`` is set; returns the closer."""
+    if settings.metrics_port is None or registry is None:
+        return lambda: None
+    return serve(registry, settings.metrics_host, settings.metrics_port)
 
 
 def first_copies(
@@ -262,15 +281,21 @@ class _Loop(Generic[H]):
         session_factory: Callable[[], Session],
         *,
         message_id: MessageId = event_id_or_position,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self.settings = settings
         self.handler: H = handler
         self.session_factory = session_factory
         self.message_id = message_id
-        self.stats = ConsumeStats()
+        self.registry = metrics_registry(settings.metrics_port, registry)
+        self.progress = Progress(settings.name, settings.topics, self.registry)
         self._stop = StopRequest()
         self.dead_letters = DeadLetterTopic(settings)
         self._consumer = Consumer(consumer_config(settings))
+
+    @property
+    def stats(self) -> ConsumeStats:
+        return self.progress.stats
 
     def stop(self) -> None:
         """Ask the loop to stop after the message in hand (thread-safe)."""
@@ -279,32 +304,50 @@ class _Loop(Generic[H]):
     def run(self, *, handle_signals: bool = True) -> None:
         """Consume until :meth:`stop`, SIGTERM/SIGINT (when ``handle_signals``), or a message
         that can be neither processed nor dead-lettered (:class:`ConsumerStopped`)."""
+        close_metrics = serving(self.settings, self.registry)  # first: it may refuse its port
         if handle_signals:
             self._stop.install()
-        self._consumer.subscribe(list(self.settings.topics), on_revoke=self._on_revoke)
+        self._consumer.subscribe(
+            list(self.settings.topics), on_assign=self._on_assign, on_revoke=self._on_revoke
+        )
         log.info("consumer.started", consumer=self.settings.name, topics=list(self.settings.topics))
         try:
             while not self._stop.requested:
                 batch = self._consumer.consume(self.settings.batch_size, self.settings.poll_timeout)
                 messages = [m for m in batch if usable(m)]
+                if messages and self.progress.enabled:
+                    self._see_watermarks(messages)
                 if messages and not self._process(messages):
                     break
         finally:
             self._consumer.close()  # commits the stored offsets
             self.dead_letters.flush()
             self._stop.restore()
+            close_metrics()
             log.info("consumer.stopped", consumer=self.settings.name, **vars(self.stats))
 
     def _process(self, messages: list[Message]) -> bool:
         """Process in order; store each offset once its transaction committed. False: stop."""
         if len(messages) > 1 and self._in_one_transaction(messages):
-            self._consumer.store_offsets(offsets=next_offsets(messages))
+            self._store(next_offsets(messages))
             return True
         for message in messages:
             if not self._one_by_one(message):
                 return False
-            self._consumer.store_offsets(message=message)
+            self._store(next_offsets([message]))
         return True
+
+    def _see_watermarks(self, messages: list[Message]) -> None:
+        """Note the high watermarks of the batch's partitions (local reads, for the lag)."""
+        for topic, partition in partitions_of(messages):
+            _, high = self._consumer.get_watermark_offsets(
+                TopicPartition(topic, partition), cached=True
+            ) or (-1, -1)
+            self.progress.lag.seen(topic, partition, high)
+
+    def _store(self, offsets: list[TopicPartition]) -> None:
+        self._consumer.store_offsets(offsets=offsets)
+        self.progress.lag.stored(offsets)
 
     def _handle_new(self, session: Session, messages: list[Message], ids: list[str]) -> None:
         """Hand the transaction's new messages (in order, never empty) to the handler."""
@@ -322,18 +365,20 @@ class _Loop(Generic[H]):
         return True
 
     def _in_one_transaction(self, messages: list[Message]) -> bool:
+        started = time.perf_counter()
         try:
             with self.session_factory() as session, session.begin():
-                applied = self._apply_batch(session, messages)
+                fresh, skipped = self._apply_batch(session, messages)
         except Exception as exc:  # the handler's own errors: replay one by one
             log.info("consumer.batch_failed", size=len(messages), error=repr(exc))
+            self.progress.batch_replayed()
             return False
-        self.stats.processed += applied
-        self.stats.duplicates += len(messages) - applied
+        self.progress.committed(fresh, skipped, time.perf_counter() - started)
         return True
 
-    def _apply_batch(self, session: Session, messages: list[Message]) -> int:
-        """Claim the whole batch in one statement, then handle the new messages in order."""
+    def _apply_batch(self, session: Session, messages: list[Message]) -> Split:
+        """Claim the whole batch in one statement, then handle the new messages in order;
+        (the messages handled, the duplicates skipped)."""
         ids = [self.message_id(message) for message in messages]
         new = (
             dedup.claim_many(session, self.settings.name, ids, settings=self.settings.outbox)
@@ -342,23 +387,25 @@ class _Loop(Generic[H]):
         )
         if new is None:
             self._handle_new(session, messages, ids)
-            return len(messages)
+            return messages, []
         fresh, skipped = first_copies(messages, ids, new)
         for message, message_id in skipped:
             log.info("consumer.duplicate_skipped", message_id=message_id, origin=origin_of(message))
         if fresh:
             self._handle_new(session, [m for m, _ in fresh], [i for _, i in fresh])
-        return len(fresh)
+        return [m for m, _ in fresh], [m for m, _ in skipped]
 
     def _one_by_one(self, message: Message) -> bool:
         error: Exception | None = None
         for attempt in range(self.settings.max_attempts):
+            started = time.perf_counter()
             try:
                 with self.session_factory() as session, session.begin():
                     applied = self._apply(session, message)
             except Exception as exc:  # any handler error: roll back, retry, then dead-letter
                 error = exc
-                self.stats.failures += 1
+                last = attempt + 1 == self.settings.max_attempts
+                self.progress.failed(message, retrying=not last)
                 log.warning(
                     "consumer.handler_failed",
                     attempt=attempt + 1,
@@ -366,14 +413,10 @@ class _Loop(Generic[H]):
                     topic=message.topic(),
                     offset=message.offset(),
                 )
-                last = attempt + 1 == self.settings.max_attempts
                 if not last and self._stop.wait(self._delay(attempt)):
                     return False  # stopping: the message stays unacknowledged
                 continue
-            if applied:
-                self.stats.processed += 1
-            else:
-                self.stats.duplicates += 1
+            self.progress.committed(*one_split(message, applied), time.perf_counter() - started)
             return True
         assert error is not None
         return self._dead_letter(message, error)
@@ -383,16 +426,34 @@ class _Loop(Generic[H]):
 
     def _dead_letter(self, message: Message, error: Exception) -> bool:
         self.dead_letters.send(message, error)
-        self.stats.dead_lettered += 1
+        self.progress.dead_lettered(message)
         return True
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """With metrics, where the lag of the new partitions starts: the committed offsets."""
+        if self.progress.enabled:
+            self.progress.lag.assigned(committed(consumer.committed, partitions))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Commit what is done before the partitions go to another consumer."""
+        self.progress.lag.revoked(partitions)
         try:
             consumer.commit(asynchronous=False)
         except KafkaException as exc:
             if exc.args[0].code() != KafkaError._NO_OFFSET:
                 log.warning("consumer.commit_failed", error=str(exc))
+
+
+def committed(
+    ask: Callable[..., list[TopicPartition]], partitions: list[TopicPartition]
+) -> list[TopicPartition]:
+    """The group's committed offsets of ``partitions``, or the partitions as they are (offset
+    unknown) when the broker does not answer within 10 s."""
+    try:
+        return ask(partitions, timeout=10)
+    except KafkaException as exc:
+        log.warning("consumer.committed_unknown", error=str(exc))
+        return partitions
 
 
 def next_offsets(messages: Sequence[Message]) -> list[TopicPartition]:

@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import signal
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Generic, TypeVar
 
@@ -36,13 +37,14 @@ import psycopg
 import structlog
 from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 from confluent_kafka.aio import AIOConsumer
+from prometheus_client import CollectorRegistry
 
 from outbox import dedup, tracing
 from outbox.backoff import full_jitter
 from outbox.consumer import (
     ConsumerSettings,
-    ConsumeStats,
     DeadLetterTopic,
+    Split,
     batch_span_attributes,
     consumer_config,
     event_id_or_position,
@@ -50,9 +52,12 @@ from outbox.consumer import (
     header_pairs,
     message_span_attributes,
     next_offsets,
+    one_split,
     origin_of,
+    serving,
     usable,
 )
+from outbox.consumer_metrics import ConsumeStats, Progress, metrics_registry, partitions_of
 
 log = structlog.get_logger("outbox.consumer")
 
@@ -94,16 +99,22 @@ class _AsyncLoop(Generic[H]):
         transactions: Callable[[], Any],
         *,
         message_id: MessageId = event_id_or_position,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self.settings = settings
         self.handler: H = handler
         self.transactions = transactions
         self.message_id = message_id
-        self.stats = ConsumeStats()
+        self.registry = metrics_registry(settings.metrics_port, registry)
+        self.progress = Progress(settings.name, settings.topics, self.registry)
         self.dead_letters = DeadLetterTopic(settings)
         self._stopping = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.stop_reason = ""
+
+    @property
+    def stats(self) -> ConsumeStats:
+        return self.progress.stats
 
     def stop(self, reason: str = "stop()") -> None:
         """Ask the loop to stop after the message in hand (from any thread)."""
@@ -117,16 +128,21 @@ class _AsyncLoop(Generic[H]):
         """Consume until :meth:`stop`, SIGTERM/SIGINT (when ``handle_signals``), cancellation,
         or a message that can be neither processed nor dead-lettered (``ConsumerStopped``)."""
         self._loop = asyncio.get_running_loop()
+        close_metrics = serving(self.settings, self.registry)  # first: it may refuse its port
         installed = self._install_signals() if handle_signals else []
         consumer = AIOConsumer(consumer_config(self.settings), max_workers=2)
         try:
-            await consumer.subscribe(list(self.settings.topics), on_revoke=self._on_revoke)
+            await consumer.subscribe(
+                list(self.settings.topics), on_assign=self._on_assign, on_revoke=self._on_revoke
+            )
             log.info(
                 "consumer.started", consumer=self.settings.name, topics=list(self.settings.topics)
             )
             while not self._stopping.is_set():
                 batch = await consumer.consume(self.settings.batch_size, self.settings.poll_timeout)
                 messages = [m for m in batch if usable(m)]
+                if messages and self.progress.enabled:
+                    await self._see_watermarks(consumer, messages)
                 if messages and not await self._process(consumer, messages):
                     break
         finally:
@@ -134,6 +150,7 @@ class _AsyncLoop(Generic[H]):
                 self._loop.remove_signal_handler(sig)
             await consumer.close()  # commits the stored offsets
             await asyncio.to_thread(self.dead_letters.flush)
+            close_metrics()
             log.info("consumer.stopped", consumer=self.settings.name, **vars(self.stats))
 
     def _install_signals(self) -> list[signal.Signals]:
@@ -155,33 +172,46 @@ class _AsyncLoop(Generic[H]):
     async def _process(self, consumer: AIOConsumer, messages: list[Message]) -> bool:
         """Process in order; store each offset once its transaction committed. False: stop."""
         if len(messages) > 1 and await self._in_one_transaction(messages):
-            await consumer.store_offsets(offsets=next_offsets(messages))
+            await self._store(consumer, next_offsets(messages))
             return True
         for message in messages:
             if not await self._one_by_one(message):
                 return False
-            await consumer.store_offsets(message=message)
+            await self._store(consumer, next_offsets([message]))
         return True
+
+    async def _see_watermarks(self, consumer: AIOConsumer, messages: list[Message]) -> None:
+        """Note the high watermarks of the batch's partitions (local reads, for the lag)."""
+        for topic, partition in partitions_of(messages):
+            _, high = await consumer.get_watermark_offsets(
+                TopicPartition(topic, partition), cached=True
+            ) or (-1, -1)
+            self.progress.lag.seen(topic, partition, high)
+
+    async def _store(self, consumer: AIOConsumer, offsets: list[TopicPartition]) -> None:
+        await consumer.store_offsets(offsets=offsets)
+        self.progress.lag.stored(offsets)
 
     async def _handle_new(self, db: Any, messages: list[Message], ids: list[str]) -> None:
         raise NotImplementedError
 
     async def _in_one_transaction(self, messages: list[Message]) -> bool:
+        started = time.perf_counter()
         try:
             async with transaction(self.transactions) as db:
-                applied = await self._apply_batch(db, messages)
+                fresh, skipped = await self._apply_batch(db, messages)
         except Exception as exc:  # the handler's own errors: replay one by one
             log.info("consumer.batch_failed", size=len(messages), error=repr(exc))
+            self.progress.batch_replayed()
             return False
-        self.stats.processed += applied
-        self.stats.duplicates += len(messages) - applied
+        self.progress.committed(fresh, skipped, time.perf_counter() - started)
         return True
 
-    async def _apply_batch(self, db: Any, messages: list[Message]) -> int:
+    async def _apply_batch(self, db: Any, messages: list[Message]) -> Split:
         ids = [self.message_id(message) for message in messages]
         if not self.settings.deduplicate:
             await self._handle_new(db, messages, ids)
-            return len(messages)
+            return messages, []
         new = await dedup.claim_many_async(
             db, self.settings.name, ids, settings=self.settings.outbox
         )
@@ -190,7 +220,7 @@ class _AsyncLoop(Generic[H]):
             log.info("consumer.duplicate_skipped", message_id=message_id, origin=origin_of(message))
         if fresh:
             await self._handle_new(db, [m for m, _ in fresh], [i for _, i in fresh])
-        return len(fresh)
+        return [m for m, _ in fresh], [m for m, _ in skipped]
 
     async def _apply(self, db: Any, message: Message) -> bool:
         message_id = self.message_id(message)
@@ -205,12 +235,14 @@ class _AsyncLoop(Generic[H]):
     async def _one_by_one(self, message: Message) -> bool:
         error: Exception | None = None
         for attempt in range(self.settings.max_attempts):
+            started = time.perf_counter()
             try:
                 async with transaction(self.transactions) as db:
                     applied = await self._apply(db, message)
             except Exception as exc:  # any handler error: roll back, retry, then dead-letter
                 error = exc
-                self.stats.failures += 1
+                last = attempt + 1 == self.settings.max_attempts
+                self.progress.failed(message, retrying=not last)
                 log.warning(
                     "consumer.handler_failed",
                     attempt=attempt + 1,
@@ -218,18 +250,14 @@ class _AsyncLoop(Generic[H]):
                     topic=message.topic(),
                     offset=message.offset(),
                 )
-                last = attempt + 1 == self.settings.max_attempts
                 if not last and await self._stopped_within(self._delay(attempt)):
                     return False  # stopping: the message stays unacknowledged
                 continue
-            if applied:
-                self.stats.processed += 1
-            else:
-                self.stats.duplicates += 1
+            self.progress.committed(*one_split(message, applied), time.perf_counter() - started)
             return True
         assert error is not None
         await asyncio.to_thread(self.dead_letters.send, message, error)
-        self.stats.dead_lettered += 1
+        self.progress.dead_lettered(message)
         return True
 
     def _delay(self, attempt: int) -> float:
@@ -240,8 +268,18 @@ class _AsyncLoop(Generic[H]):
             await asyncio.wait_for(self._stopping.wait(), seconds)
         return self._stopping.is_set()
 
+    async def _on_assign(self, consumer: AIOConsumer, partitions: list[TopicPartition]) -> None:
+        """With metrics, where the lag of the new partitions starts: the committed offsets."""
+        if self.progress.enabled:
+            try:
+                partitions = await consumer.committed(partitions, timeout=10)
+            except KafkaException as exc:
+                log.warning("consumer.committed_unknown", error=str(exc))
+            self.progress.lag.assigned(partitions)
+
     async def _on_revoke(self, consumer: AIOConsumer, partitions: list[TopicPartition]) -> None:
         """Commit what is done before the partitions go to another consumer."""
+        self.progress.lag.revoked(partitions)
         try:
             await consumer.commit(asynchronous=False)
         except KafkaException as exc:
