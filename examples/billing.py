@@ -4,6 +4,8 @@ The consume loop claims each event's id in the ``outbox_dedup`` table inside the
 transaction that writes the invoice, so an event Kafka delivers twice is billed once.
 
     python examples/billing.py --database-url postgresql://... --kafka-bootstrap-servers ...
+
+With ``--metrics-port 9465`` it serves its Prometheus metrics (outbox.consumer_metrics).
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ def main() -> None:
     parser.add_argument("--database-url", required=True)
     parser.add_argument("--kafka-bootstrap-servers", required=True)
     parser.add_argument("--topic", default="orders.placed")
+    parser.add_argument(
+        "--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port"
+    )
     args = parser.parse_args()
     logs.configure("json")
     engine = sa.create_engine(urls.to_sqlalchemy(args.database_url))
@@ -60,6 +65,7 @@ def main() -> None:
             "max.poll.interval.ms": "10000",
         },
         backoff_cap=2.0,
+        metrics_port=args.metrics_port,
     )
     ConsumeLoop(settings, bill, sessionmaker(engine)).run()
 

@@ -179,6 +179,9 @@ class RelayMetrics:
             "(dead-lettered at once), broker (Kafka failed), not_sent (held back or no report).",
             "reason",
         )
+        for result in Result:  # every reason exported from the start, at 0
+            if result is not Result.DELIVERED:
+                self.delivery_failures.labels(reason=result.value)
         self.events_dead_lettered = new.counter(
             "events_dead_lettered", "Events dead-lettered (kept with dead_lettered_at set)."
         )

@@ -122,6 +122,9 @@ def test_every_documented_metric_is_exposed_on_a_registry_of_its_own() -> None:
     assert values[("outbox_relay_shards_owned", ())] == 256
     assert values[("outbox_relay_circuit_breaker_state", ())] == 2
     assert samples(second)[("outbox_relay_backlog_events", ())] == 0
+    reasons = {"retry", "permanent", "broker", "not_sent"}  # at 0 before any failure
+    failures = "outbox_relay_delivery_failures_total"
+    assert {samples(second)[(failures, (("reason", r),))] for r in reasons} == {0}
 
 
 def test_openmetrics_is_served_when_asked_for() -> None:
