@@ -1,7 +1,7 @@
 """The Prometheus alert rules shipped in deploy/prometheus: they parse (``promtool check
 rules``), their unit tests pass (``promtool test rules``: series that must fire each alert and
 series that must not), every alert has both kinds of test, and every metric they name is one
-the relay exports.
+the relay or the consume loops export.
 
 promtool comes from Debian's ``prometheus`` package (``.ci/run`` installs it when missing);
 without it these tests skip and say so.
@@ -9,7 +9,6 @@ without it these tests skip and say so.
 
 from __future__ import annotations
 
-import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.unit.test_metrics import DOCUMENTED
+from tests.exported_metrics import exported, named_in
 
 RULES_DIR = Path(__file__).resolve().parents[2] / "deploy" / "prometheus"
 RULES = RULES_DIR / "outbox-rules.yml"
@@ -85,8 +84,7 @@ def test_every_alert_has_a_severity_and_a_summary() -> None:
         assert alert["annotations"]["summary"], alert["alert"]
 
 
-def test_the_rules_name_only_metrics_the_relay_exports() -> None:
-    named = set(re.findall(r"outbox_relay_[a-z_]+", RULES.read_text()))
-    assert named
-    exported = DOCUMENTED | {f"{name}_total" for name in DOCUMENTED}
-    assert named <= exported, named - exported
+def test_the_rules_name_only_metrics_the_relay_and_the_consumers_export() -> None:
+    named = set().union(*(named_in(alert["expr"]) for alert in alerts()))
+    assert {name.split("_")[1] for name in named} == {"relay", "consumer"}
+    assert named - exported() == set()
