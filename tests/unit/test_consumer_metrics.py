@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 import urllib.request
+from pathlib import Path
 
 import pytest
 from confluent_kafka import Message, TopicPartition
@@ -144,3 +145,15 @@ def test_the_metrics_are_served_and_a_taken_port_is_named() -> None:
     with socket.socket() as sock:  # closed: nothing listens there any more
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past the TIME_WAIT
         sock.bind(("127.0.0.1", port))
+
+
+def test_the_docs_document_every_consumer_metric() -> None:
+    """docs/metrics.md names each consumer metric as it is exposed (read from a registry)."""
+    docs = (Path(__file__).parents[2] / "docs" / "metrics.md").read_text()
+    registry = CollectorRegistry()
+    Progress("billing", ["orders"], registry)
+    families = list(registry.collect())
+    assert len(families) == 8
+    for family in families:
+        exposed = f"{family.name}_total" if family.type == "counter" else family.name
+        assert f"`{exposed}`" in docs, exposed
