@@ -10,7 +10,10 @@ two kinds of handler:
 - ``outbox.consumer.ConsumeLoop``, whose handler is called per message and inserts its row with
   its own statement (one round trip per message, which is what limits it);
 - ``outbox.consumer_async.AsyncBatchConsumeLoop`` with dedup, the batch handler's coroutine twin
-  on an ``AsyncSession``, against the sync batch loop with dedup.
+  on an ``AsyncSession``, against the sync batch loop with dedup;
+- what the consumer metrics cost: the batch loop with dedup recording into a Prometheus registry
+  against the same loop without metrics, and the same pair with one message per transaction
+  (where the metrics are paid per message) on the first 3,000 messages.
 
 Timed from the first handler call to the last commit. Runs are interleaved and the median is
 reported. Embedded servers by default.
@@ -32,6 +35,7 @@ import common
 import psycopg
 import sqlalchemy as sa
 from confluent_kafka import Message, Producer
+from prometheus_client import CollectorRegistry
 from sqlalchemy.orm import Session, sessionmaker
 
 from outbox import urls
@@ -61,14 +65,33 @@ def produce(bootstrap: str, topic: str, messages: int) -> None:
 
 SIDE_EFFECTS = sa.table("side_effects", sa.column("n", sa.Integer))
 
-#: (handler kind, deduplicate) of each loop measured, in the order run.
-LOOPS = [
-    ("batch", True),
-    ("batch", False),
-    ("message", True),
-    ("message", False),
-    ("async batch", True),
+#: (handler kind, deduplicate, metrics, one message per transaction) of each loop measured, in
+#: the order run.
+Loop = tuple[str, bool, bool, bool]
+LOOPS: list[Loop] = [
+    ("batch", True, False, False),
+    ("batch", False, False, False),
+    ("message", True, False, False),
+    ("message", False, False, False),
+    ("async batch", True, False, False),
 ]
+#: The metrics' cost: each pair (off, on) runs off, on, on, off in every run, so that what drifts
+#: along a run (the dedup table grows with every loop) weighs on both alike.
+METRICS_PAIRS: list[tuple[Loop, Loop]] = [
+    (("batch", True, False, False), ("batch", True, True, False)),
+    (("batch", True, False, True), ("batch", True, True, True)),
+]
+#: Messages of the runs with one message per transaction (about 1,000 transactions a second).
+SINGLE_MESSAGES = 3000
+
+
+def describe(loop: Loop) -> str:
+    kind, dedup, metrics, single = loop
+    return (
+        f"{kind} handler {'with' if dedup else 'without'} dedup"
+        + (" and metrics" if metrics else "")
+        + (", one per transaction" if single else "")
+    )
 
 
 def one_run(
@@ -77,8 +100,7 @@ def one_run(
     engine: sa.Engine,
     messages: int,
     batch: int,
-    kind: str,
-    deduplicate: bool,
+    loop_kind: Loop,
 ) -> float:
     """Messages per second through the loop, first handler call to last commit."""
     first: list[float] = []
@@ -93,16 +115,20 @@ def one_run(
             first.append(time.perf_counter())
         session.execute(sa.insert(SIDE_EFFECTS), [{"n": message.offset()} for message in batch])
 
+    kind, deduplicate, metrics, single = loop_kind
+    if single:
+        batch, messages = 1, min(messages, SINGLE_MESSAGES)
     name = f"bench-{uuid.uuid4().hex[:8]}"
     settings = ConsumerSettings(
         name, [topic], bootstrap, batch_size=batch, kafka_config=FAST_JOIN, deduplicate=deduplicate
     )
     if kind == "async batch":
         return async_run(settings, engine, messages)
+    registry = CollectorRegistry() if metrics else None
     loop: ConsumeLoop | BatchConsumeLoop = (
-        BatchConsumeLoop(settings, per_batch, sessionmaker(engine))
+        BatchConsumeLoop(settings, per_batch, sessionmaker(engine), registry=registry)
         if kind == "batch"
-        else ConsumeLoop(settings, per_message, sessionmaker(engine))
+        else ConsumeLoop(settings, per_message, sessionmaker(engine), registry=registry)
     )
     thread = threading.Thread(target=loop.run, kwargs={"handle_signals": False})
     thread.start()
@@ -161,7 +187,8 @@ def async_run(settings: ConsumerSettings, engine: sa.Engine, messages: int) -> f
 
 def measure(env: common.Env, opts: common.Options) -> dict[str, Any]:
     messages, batch = opts.consumer_messages, opts.consumer_batch
-    rates: dict[tuple[str, bool], list[float]] = {loop: [] for loop in LOOPS}
+    rates: dict[Loop, list[float]] = {loop: [] for loop in LOOPS}
+    paired: dict[Loop, list[float]] = {loop: [] for pair in METRICS_PAIRS for loop in pair}
     with env.database() as url, env.topic() as topic:
         with psycopg.connect(url) as conn:
             conn.execute("CREATE TABLE side_effects (id bigserial PRIMARY KEY, n bigint)")
@@ -169,39 +196,50 @@ def measure(env: common.Env, opts: common.Options) -> dict[str, Any]:
         engine = sa.create_engine(urls.to_sqlalchemy(url))
         try:
             for run in range(opts.runs):  # interleaved, so drift hits all alike
-                for kind, deduplicate in LOOPS:
-                    rates[kind, deduplicate].append(
-                        one_run(env.bootstrap, topic, engine, messages, batch, kind, deduplicate)
-                    )
+                for loop in LOOPS:
+                    rates[loop].append(one_run(env.bootstrap, topic, engine, messages, batch, loop))
+                for off, on in METRICS_PAIRS:
+                    for loop in (off, on, on, off):
+                        paired[loop].append(
+                            one_run(env.bootstrap, topic, engine, messages, batch, loop)
+                        )
                 common.progress(
                     f"consumer run {run + 1}/{opts.runs}: "
-                    + ", ".join(
-                        f"{kind} handler {'with' if dedup else 'without'} dedup "
-                        f"{rates[kind, dedup][-1]:,.0f}/s"
-                        for kind, dedup in LOOPS
-                    )
+                    + ", ".join(f"{describe(loop)} {rates[loop][-1]:,.0f}/s" for loop in LOOPS)
+                    + "; metrics pairs: "
+                    + ", ".join(f"{describe(loop)} {paired[loop][-1]:,.0f}/s" for loop in paired)
                 )
         finally:
             engine.dispose()
     result: dict[str, Any] = {"messages": messages, "batch_size": batch, "runs": {}}
     for kind in ("batch", "message"):
-        with_dedup = common.median(rates[kind, True])
-        without = common.median(rates[kind, False])
+        with_dedup = common.median(rates[kind, True, False, False])
+        without = common.median(rates[kind, False, False, False])
         result[kind] = {
             "with_dedup_msgs_per_s": with_dedup,
             "without_dedup_msgs_per_s": without,
             "ratio": common.ratio(with_dedup, without),
         }
         result["runs"][kind] = {
-            "with_dedup": rates[kind, True],
-            "without_dedup": rates[kind, False],
+            "with_dedup": rates[kind, True, False, False],
+            "without_dedup": rates[kind, False, False, False],
         }
-    async_rate = common.median(rates["async batch", True])
+    async_rate = common.median(rates["async batch", True, False, False])
     result["async_batch"] = {
         "with_dedup_msgs_per_s": async_rate,
         "ratio_to_sync": common.ratio(async_rate, result["batch"]["with_dedup_msgs_per_s"]),
     }
-    result["runs"]["async_batch"] = {"with_dedup": rates["async batch", True]}
+    result["runs"]["async_batch"] = {"with_dedup": rates["async batch", True, False, False]}
+    result["metrics"] = {}
+    for off_loop, on_loop in METRICS_PAIRS:
+        on, off = common.median(paired[on_loop]), common.median(paired[off_loop])
+        key = "one_per_transaction" if on_loop[3] else "batches"
+        result["metrics"][key] = {
+            "on_msgs_per_s": on,
+            "off_msgs_per_s": off,
+            "ratio": common.ratio(on, off),
+        }
+        result["runs"][f"metrics_{key}"] = {"on": paired[on_loop], "off": paired[off_loop]}
     return result
 
 
@@ -239,6 +277,22 @@ def rows(result: dict[str, Any]) -> list[common.Row]:
             f"{figures['ratio_to_sync']:.2f} of the sync batch loop with dedup",
         )
     )
+    for key, label in (
+        ("batches", f"batches of {batch}"),
+        ("one_per_transaction", "one message per transaction"),
+    ):
+        figures = result.get("metrics", {}).get(key)
+        if figures:
+            off = common.num(figures["off_msgs_per_s"])
+            out.append(
+                common.Row(
+                    "consumer",
+                    f"batch handler with dedup and metrics, {label}",
+                    common.num(figures["on_msgs_per_s"]),
+                    "msg/s",
+                    f"{figures['ratio']:.2f} of metrics off ({off})",
+                )
+            )
     return out
 
 

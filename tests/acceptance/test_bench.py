@@ -111,6 +111,8 @@ def test_quick_suite_reports_every_section(
     for handler in ("batch", "message"):
         positive(results, "consumer", handler, "with_dedup_msgs_per_s")
         positive(results, "consumer", handler, "without_dedup_msgs_per_s")
+    for metrics in ("batches", "one_per_transaction"):
+        positive(results, "consumer", "metrics", metrics, "ratio")
     positive(results, "memory", "max_mb")
     assert {t["name"] for t in results["targets"]} >= {
         "relay peak RSS, all runs",
