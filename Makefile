@@ -7,10 +7,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: help install test lint typecheck pytest demo quickstart bench plots docs format clean
+.PHONY: help install test lint typecheck pytest demo quickstart bench plots dashboard-picture docs format clean
 
 help: ## List the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-18s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "outbox-relay needs Python 3.11 or newer; run: make PYTHON=python3.11"'
@@ -44,6 +44,9 @@ bench: $(STAMP) ## Benchmark suite (~30 min): one table, JSON in bench/results.j
 
 plots: $(STAMP) ## Draw the performance page's plots (docs/img) from bench/results.json
 	$(BIN)/python bench/plots.py
+
+dashboard-picture: $(STAMP) ## Draw docs/img/dashboard.png from a real Prometheus run (needs prometheus)
+	OUTBOX_DASHBOARD_PNG=docs/img/dashboard.png $(BIN)/pytest -q tests/acceptance/test_dashboards.py
 
 # NO_MKDOCS_2_WARNING silences a banner of mkdocs-material's (not a build warning).
 docs: $(STAMP) ## Build the documentation site into site/ (strict: any warning fails)

@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import shutil
 import subprocess
 import threading
+import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -50,7 +52,7 @@ from tests.acceptance.relay_harness import (
     stop,
     wait_until,
 )
-from tests.unit.test_dashboard import queries
+from tests.unit.test_dashboard import DASHBOARD, queries
 
 pytestmark = [
     pytest.mark.kafka,
@@ -66,6 +68,8 @@ RULES = ROOT / "deploy" / "prometheus" / "outbox-rules.yml"
 #: What Grafana's $__rate_interval becomes here: four scrapes at 1 s, and some.
 RATE_INTERVAL = "10s"
 LAG_ALERT = "OutboxLagging"
+#: Where to draw a picture of the dashboard's panels from this run (make dashboard-picture).
+PICTURE_ENV = "OUTBOX_DASHBOARD_PNG"
 
 
 class Prometheus:
@@ -98,7 +102,7 @@ class Stack:
     prometheus: Prometheus
     proxy: TcpProxy
     written: list[int]
-    log: Path
+    started: float  # when Prometheus started scraping (Unix time)
 
 
 def prometheus_config(relay: str, consumer: str) -> dict[str, Any]:
@@ -208,11 +212,12 @@ def stack(
             config = prometheus_config(f"127.0.0.1:{relay_port}", f"127.0.0.1:{consumer_port}")
             try:
                 with prometheus_server(config, directory) as prometheus:
+                    started = time.time()
                     wait_until(lambda: consumer.stats.processed >= 50, timeout=60)
                     # Enough samples for every rate window of the dashboard.
                     enough = 'count_over_time(up{job="outbox-consumer"}[1m]) >= 15'
                     wait_until(lambda: bool(prometheus.query(enough)), timeout=60, interval=1)
-                    yield Stack(prometheus, proxy, written, directory / "relay.log")
+                    yield Stack(prometheus, proxy, written, started)
             finally:
                 stopping.set()
                 writer.join(timeout=10)
@@ -281,6 +286,7 @@ def test_the_lag_alert_becomes_true_when_the_relay_stops_publishing(stack: Stack
     assert prometheus.alert_states(LAG_ALERT) == set()
 
     stack.proxy.cut()
+    cut_at = time.time()
     try:
         written_before = len(stack.written)
         wait_until(lambda: bool(prometheus.query(expr)), timeout=120, interval=1)
@@ -290,3 +296,34 @@ def test_the_lag_alert_becomes_true_when_the_relay_stops_publishing(stack: Stack
         wait_until(lambda: "pending" in prometheus.alert_states(LAG_ALERT), timeout=30, interval=1)
     finally:
         stack.proxy.restore()
+    if os.environ.get(PICTURE_ENV):
+        picture(stack, cut_at, Path(os.environ[PICTURE_ENV]))
+
+
+def picture(stack: Stack, cut_at: float, path: Path) -> None:
+    """Draw some of the dashboard's panels from what Prometheus recorded during this module."""
+    from tests.acceptance import dashboard_picture  # matplotlib: the docs extra, only here
+
+    end = time.time()
+    panels = {p["title"]: p for p in json.loads(DASHBOARD.read_text())["panels"]}
+    drawn: dict[str, list[dashboard_picture.Line]] = {}
+    for title in dashboard_picture.PANELS:
+        lines = drawn.setdefault(title, [])
+        for target in panels[title]["targets"]:
+            data = stack.prometheus.get(
+                "/api/v1/query_range",
+                query=target["expr"].replace("$__rate_interval", RATE_INTERVAL),
+                start=str(stack.started),
+                end=str(end),
+                step="1",
+            )
+            for series in data["result"]:
+                lines.append(
+                    dashboard_picture.Line(
+                        dashboard_picture.legend(target["legendFormat"], series["metric"]),
+                        [float(t) - stack.started for t, _ in series["values"]],
+                        [float(v) for _, v in series["values"]],
+                    )
+                )
+    marks = {"relay cut off from Kafka": cut_at - stack.started}
+    dashboard_picture.draw(drawn, marks, path)
