@@ -19,7 +19,7 @@ PANELS = (
     "Events published / s by topic",
     "Messages processed / s",
     "Backlog",
-    "Consumer lag",
+    "Delivery failures / s by reason",
     "Oldest unpublished event",
     "Circuit breaker",
 )
