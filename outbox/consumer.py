@@ -307,11 +307,13 @@ class _Loop(Generic[H]):
         close_metrics = serving(self.settings, self.registry)  # first: it may refuse its port
         if handle_signals:
             self._stop.install()
-        self._consumer.subscribe(
-            list(self.settings.topics), on_assign=self._on_assign, on_revoke=self._on_revoke
-        )
-        log.info("consumer.started", consumer=self.settings.name, topics=list(self.settings.topics))
         try:
+            self._consumer.subscribe(
+                list(self.settings.topics), on_assign=self._on_assign, on_revoke=self._on_revoke
+            )
+            log.info(
+                "consumer.started", consumer=self.settings.name, topics=list(self.settings.topics)
+            )
             while not self._stop.requested:
                 batch = self._consumer.consume(self.settings.batch_size, self.settings.poll_timeout)
                 messages = [m for m in batch if usable(m)]

@@ -130,8 +130,9 @@ class _AsyncLoop(Generic[H]):
         self._loop = asyncio.get_running_loop()
         close_metrics = serving(self.settings, self.registry)  # first: it may refuse its port
         installed = self._install_signals() if handle_signals else []
-        consumer = AIOConsumer(consumer_config(self.settings), max_workers=2)
+        consumer: AIOConsumer | None = None
         try:
+            consumer = AIOConsumer(consumer_config(self.settings), max_workers=2)
             await consumer.subscribe(
                 list(self.settings.topics), on_assign=self._on_assign, on_revoke=self._on_revoke
             )
@@ -148,7 +149,8 @@ class _AsyncLoop(Generic[H]):
         finally:
             for sig in installed:
                 self._loop.remove_signal_handler(sig)
-            await consumer.close()  # commits the stored offsets
+            if consumer is not None:
+                await consumer.close()  # commits the stored offsets
             await asyncio.to_thread(self.dead_letters.flush)
             close_metrics()
             log.info("consumer.stopped", consumer=self.settings.name, **vars(self.stats))
