@@ -6,22 +6,21 @@ through its entry point). With nothing in the environment, an embedded PostgreSQ
 session. ``OUTBOX_TEST_DATABASE_URL`` and
 ``OUTBOX_TEST_KAFKA_BOOTSTRAP`` point the suite at real servers instead.
 
-Isolation: the schema is applied once to a template database; every test that asks for a
-database gets its own copy (``CREATE DATABASE ... TEMPLATE``), dropped afterwards. Topics get
-unique names.
+Isolation: the plugin applies the schema once to a template database; every test that asks
+for a database gets its own copy (``CREATE DATABASE ... TEMPLATE``), dropped afterwards. Topics
+get unique names.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 
-import psycopg
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from outbox import migrator, testing, urls
+from outbox import testing, urls
 from outbox.settings import OutboxSettings
 
 
@@ -32,25 +31,23 @@ def pg_server(outbox_postgres: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def template_database(pg_server: str) -> Iterator[str]:
-    """Name of a database holding the outbox schema with default settings."""
-    name = testing.unique_name("outbox_tmpl")
-    url = testing.create_database(pg_server, name)
-    try:
-        with psycopg.connect(url) as conn:
-            migrator.apply(conn, OutboxSettings())
-        yield name
-    finally:
-        testing.drop_database(pg_server, name)
+def outbox_settings() -> OutboxSettings:
+    """The suite's outbox is where the defaults put it (the plugin's follows
+    ``outbox.configure``; the tests that move the outbox make databases of their own)."""
+    return OutboxSettings()
+
+
+@pytest.fixture(scope="session")
+def template_database(_outbox_template: str) -> str:
+    """Name of the plugin's template database: the outbox schema with default settings."""
+    return _outbox_template
 
 
 @pytest.fixture
-def database_url(pg_server: str, template_database: str) -> Iterator[str]:
-    """libpq URL of a fresh database of this test's own, with the outbox schema applied."""
-    name = testing.unique_name("outbox_test")
-    url = testing.create_database(pg_server, name, template=template_database)
-    yield url
-    testing.drop_database(pg_server, name)
+def database_url(outbox_database: str) -> str:
+    """libpq URL of a fresh database of this test's own (the plugin's ``outbox_database``),
+    with the outbox schema applied."""
+    return urls.to_libpq(outbox_database)
 
 
 @pytest.fixture
