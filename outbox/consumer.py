@@ -393,9 +393,10 @@ class _Loop(Generic[H]):
         fresh, skipped = first_copies(messages, ids, new)
         for message, message_id in skipped:
             log.info("consumer.duplicate_skipped", message_id=message_id, origin=origin_of(message))
-        if fresh:
-            self._handle_new(session, [m for m, _ in fresh], [i for _, i in fresh])
-        return [m for m, _ in fresh], [m for m, _ in skipped]
+        handled = [m for m, _ in fresh]
+        if handled:
+            self._handle_new(session, handled, [i for _, i in fresh])
+        return handled, [m for m, _ in skipped]
 
     def _one_by_one(self, message: Message) -> bool:
         error: Exception | None = None

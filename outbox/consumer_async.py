@@ -220,9 +220,10 @@ class _AsyncLoop(Generic[H]):
         fresh, skipped = first_copies(messages, ids, new)
         for message, message_id in skipped:
             log.info("consumer.duplicate_skipped", message_id=message_id, origin=origin_of(message))
-        if fresh:
-            await self._handle_new(db, [m for m, _ in fresh], [i for _, i in fresh])
-        return [m for m, _ in fresh], [m for m, _ in skipped]
+        handled = [m for m, _ in fresh]
+        if handled:
+            await self._handle_new(db, handled, [i for _, i in fresh])
+        return handled, [m for m, _ in skipped]
 
     async def _apply(self, db: Any, message: Message) -> bool:
         message_id = self.message_id(message)

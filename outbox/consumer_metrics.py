@@ -204,9 +204,8 @@ class Progress:
             self.families.batches_replayed.labels(consumer)
             for topic in topics:  # exported at 0 from the start, except for patterns
                 if not topic.startswith("^"):
-                    zero = Tally({topic: 0})
-                    self._count(zero, "processed", "duplicates", "failures", "retries")
-                    self._count(zero, "dead_lettered")
+                    names = ("processed", "duplicates", "failures", "retries", "dead_lettered")
+                    self._count(Tally({topic: 0}), *names)
 
     @property
     def enabled(self) -> bool:
