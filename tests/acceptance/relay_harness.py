@@ -287,13 +287,14 @@ class TcpProxy:
 
 @contextlib.contextmanager
 def broker_behind_proxy(tmp_path: Path) -> Iterator[tuple[str, TcpProxy]]:
-    """A Tansu broker of its own that advertises a proxy's address; yields (bootstrap, proxy).
+    """A broker of its own (the suite's kind) that advertises a proxy's address; yields
+    (bootstrap, proxy).
 
     Clients reach the broker only through the proxy, so cutting the proxy is a broker outage
-    that keeps the broker's in-memory topics.
+    that keeps the broker's topics (Tansu's are in memory: a restart would forget them).
     """
     broker_port, proxy_port = testing.free_port(), testing.free_port()
-    with testing.tansu(broker_port, proxy_port, log_path=tmp_path / "proxied-broker.log"):
+    with testing.broker(broker_port, proxy_port, log_path=tmp_path / "proxied-broker.log"):
         proxy = TcpProxy("127.0.0.1", broker_port, port=proxy_port)
         try:
             yield f"127.0.0.1:{proxy_port}", proxy
