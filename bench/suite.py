@@ -16,6 +16,10 @@ Sections (``--only`` takes a comma-separated list of them):
 * idle:     an idle relay's CPU and transactions; a lone event after an idle minute;
 * writer:   outbox.add against a bare INSERT; add_many's cost and round trips;
 * consumer: the consume loop with dedup against without;
+* peers:    the relay beside Debezium (PostgreSQL connector, Outbox Event Router, Kafka Connect)
+            on one PostgreSQL and one Apache Kafka broker: drain, latency at 200 and 2,000/s,
+            CPU and memory; the relay on Apache Kafka against on the suite's broker (needs
+            Java and Maven; skipped without them);
 * memory:   the relay's peak RSS, from the drain, latency, scale and soak runs (no runs of
             its own: it shows what those sections measured).
 
@@ -47,6 +51,7 @@ import drain
 import idle
 import latency
 import limits
+import peers
 import retention
 import scale
 import soak
@@ -64,6 +69,7 @@ SECTIONS = (
     "idle",
     "writer",
     "consumer",
+    "peers",
     "memory",
 )
 DEFAULT_JSON = Path(__file__).resolve().parent / "results.json"
@@ -173,6 +179,7 @@ def main() -> int:
             "idle": idle.measure,
             "writer": writer.measure,
             "consumer": consumer.measure,
+            "peers": peers.measure,
         }
         for name, measure in steps.items():
             if name in selected:
@@ -197,6 +204,7 @@ def main() -> int:
         "idle": (idle.rows, idle.targets),
         "writer": (writer.rows, writer.targets),
         "consumer": (consumer.rows, consumer.targets),
+        "peers": (peers.rows, peers.targets),
         "memory": (memory_rows, memory_targets),
     }
     for name, (to_rows, to_targets) in shown.items():
