@@ -337,8 +337,15 @@ def measure(env: common.Env, opts: common.Options) -> dict[str, Any]:
     return summarise(runs, opts, rates)
 
 
-def _med(runs: list[dict[str, Any]], get: Callable[[dict[str, Any]], float]) -> float:
-    return common.median(get(r) for r in runs)
+def dig(value: Any, *path: str) -> Any:
+    """``value[path[0]][path[1]]...``"""
+    for part in path:
+        value = value[part]
+    return value
+
+
+def _med(runs: list[dict[str, Any]], *path: str) -> float:
+    return common.median(dig(r, *path) for r in runs)
 
 
 def summarise(
@@ -349,11 +356,9 @@ def summarise(
         drains = [r[name]["drain"] for r in runs]
         lat = [r[name]["latency"] for r in runs]
         systems[name] = {
-            "drain": {k: _med(drains, lambda d, k=k: d[k]) for k in drains[0]},
+            "drain": {k: _med(drains, k) for k in drains[0]},
             "latency": {
-                str(rate): {
-                    k: _med(lat, lambda x, k=k, r=str(rate): x[r][k]) for k in LATENCY_FIGURES
-                }
+                str(rate): {k: _med(lat, str(rate), k) for k in LATENCY_FIGURES}
                 | {"missing": sum(x[str(rate)]["missing"] for x in lat)}
                 for rate in rates
             },
@@ -364,15 +369,15 @@ def summarise(
     brokers = {}
     for broker in ("apache", "embedded"):
         b = [r["brokers"][broker] for r in runs]
-        relay, raw = _med(b, lambda x: x["relay"]), _med(b, lambda x: x["raw_producer"])
+        relay, raw = _med(b, "relay"), _med(b, "raw_producer")
         brokers[broker] = {
             "relay_events_per_s": relay,
             "raw_producer_events_per_s": raw,
             "ratio_to_raw_producer": common.ratio(relay, raw),
-            "relay_p50_ms": _med(b, lambda x: x["relay_latency"]["p50_ms"]),
-            "relay_p99_ms": _med(b, lambda x: x["relay_latency"]["p99_ms"]),
-            "alone_p50_ms": _med(b, lambda x: x["alone_latency"]["p50_ms"]),
-            "alone_p99_ms": _med(b, lambda x: x["alone_latency"]["p99_ms"]),
+            "relay_p50_ms": _med(b, "relay_latency", "p50_ms"),
+            "relay_p99_ms": _med(b, "relay_latency", "p99_ms"),
+            "alone_p50_ms": _med(b, "alone_latency", "p50_ms"),
+            "alone_p99_ms": _med(b, "alone_latency", "p99_ms"),
         }
     return {
         "events": opts.events,
@@ -414,50 +419,37 @@ def rows(result: dict[str, Any]) -> list[common.Row]:
         return [common.Row("peers", "skipped", "-", "", result["skipped"])]
     s = result["systems"]
 
-    def each(get: Callable[[dict[str, Any]], float]) -> dict[str, float]:
-        return {name: get(s[name]) for name in SYSTEMS}
+    def each(*path: str) -> dict[str, float]:
+        return {name: dig(s[name], *path) for name in SYSTEMS}
 
     n = f"{result['events']:,}"
     out = _pair(
         f"drain of {n} events, first to last arrival",
         "events/s",
-        each(lambda x: x["drain"]["events_per_s"]),
+        each("drain", "events_per_s"),
     )
     out += _pair(
         f"drain of {n} events, from the process's start",
         "events/s",
-        each(lambda x: x["drain"]["wall_events_per_s"]),
+        each("drain", "wall_events_per_s"),
     )
     for rate in result["rates"]:
         for p in ("p50", "p99"):
             out += _pair(
                 f"commit to delivery at {rate:,}/s, {p}",
                 "ms",
-                each(lambda x, r=str(rate), p=p: x["latency"][r][f"{p}_ms"]),
+                each("latency", str(rate), f"{p}_ms"),
                 1,
             )
-    for where, get in _cpu_places(result["rates"]):
-        out += _pair(f"process CPU per 1,000 events, {where}", "CPU-s", each(get("cpu")), 3)
-        out += _pair(f"PostgreSQL CPU per 1,000 events, {where}", "CPU-s", each(get("pg_cpu")), 3)
-    out += _pair("peak RSS, all runs", "MB", each(lambda x: x["peak_rss_mb"]))
+    places: list[tuple[str, tuple[str, ...]]] = [("drain (start-up included)", ("drain",))]
+    places += [(f"at {rate:,}/s", ("latency", str(rate))) for rate in result["rates"]]
+    for where, at in places:
+        for who, kind in (("process", "cpu"), ("PostgreSQL", "pg_cpu")):
+            values = each(*at, f"{kind}_s_per_1000")
+            out += _pair(f"{who} CPU per 1,000 events, {where}", "CPU-s", values, 3)
+    out += _pair("peak RSS, all runs", "MB", each("peak_rss_mb"))
     out += _broker_rows(result["brokers"])
     return out
-
-
-def _cpu_places(
-    rates: list[int],
-) -> list[tuple[str, Callable[[str], Callable[[dict[str, Any]], float]]]]:
-    places: list[tuple[str, Callable[[str], Callable[[dict[str, Any]], float]]]] = [
-        ("drain (start-up included)", lambda kind: lambda x: x["drain"][f"{kind}_s_per_1000"])
-    ]
-    for rate in rates:
-        places.append(
-            (
-                f"at {rate:,}/s",
-                lambda kind, r=str(rate): lambda x: x["latency"][r][f"{kind}_s_per_1000"],
-            )
-        )
-    return places
 
 
 def _broker_rows(brokers: dict[str, Any]) -> list[common.Row]:

@@ -10,15 +10,18 @@ matplotlib, PNGs into ``docs/img/``:
                    p50, p99, p99.9 and maximum, not every sample, so the curves are drawn through
                    those points;
 * ``writers.png``: application commits/s into the outbox table against a copy without
-                   triggers (and with migration 0004's triggers), by number of clients.
+                   triggers (and with migration 0004's triggers), by number of clients;
+* ``peers.png``:   the relay beside Debezium (the peers section): drain events/s, p99 at
+                   200 and 2,000 events/s, CPU per 1,000 events, peak RSS.
 
 A figure whose data the JSON lacks (a section not run, or failed) is not drawn: its PNG is
-removed and the page says so. Then the block between the ``plots:`` markers of
-``docs/performance.md`` is rewritten: each figure with its caption, which names the run (git
-revision and date from the JSON's ``meta``).
+removed and the page says so; with ``--keep``, a figure the page shows already stays as it is
+(for a JSON of some sections only: ``bench/suite.py --only peers``, say). Then the block between
+the ``plots:`` markers of ``docs/performance.md`` is rewritten: each figure with its caption,
+which names the run (git revision and date from the JSON's ``meta``).
 
     .venv/bin/python bench/plots.py [--results bench/results.json] [--out docs/img]
-                                    [--page docs/performance.md | --no-page]
+                                    [--page docs/performance.md | --no-page] [--keep]
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import argparse
 import datetime
 import json
 import math
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,6 +57,7 @@ RELAY = "#1f77b4"
 BASELINE = "#7f7f7f"
 BEFORE = "#d62728"
 LIMIT = "#2ca02c"
+DEBEZIUM = "#ff7f0e"
 
 
 @dataclass
@@ -254,6 +259,63 @@ def draw_writers(results: dict[str, Any]) -> Figure | str:
     return fig
 
 
+# --- the relay beside Debezium ----------------------------------------------------------------
+
+
+def _peer_panel(
+    ax: Axes, title: str, unit: str, bars: list[tuple[str, float, float]], digits: int
+) -> None:
+    """Grouped bars: for each measure, the relay's and Debezium's, with their values."""
+    width = 0.38
+    for i, (label, colour) in enumerate((("relay", RELAY), ("Debezium", DEBEZIUM))):
+        xs = [n + (i - 0.5) * width for n in range(len(bars))]
+        values = [bar[1 + i] for bar in bars]
+        drawn = ax.bar(xs, values, width, label=label, color=colour)
+        ax.bar_label(drawn, labels=[f"{v:,.{digits}f}" for v in values], fontsize=8, padding=2)
+    ax.set_xticks(range(len(bars)), [bar[0] for bar in bars], fontsize=8)
+    ax.set_ylabel(unit)
+    ax.set_ylim(0, max(max(bar[1], bar[2]) for bar in bars) * 1.2)
+    ax.set_title(title, fontsize=10)
+
+
+def draw_peers(results: dict[str, Any]) -> Figure | str:
+    systems = results.get("peers", {}).get("systems", {})
+    if "relay" not in systems or "debezium" not in systems:
+        return "the results hold no peers section"
+    relay, dbz = systems["relay"], systems["debezium"]
+
+    def pair(*path: str) -> tuple[float, float]:
+        values = []
+        for system in (relay, dbz):
+            for part in path:
+                system = system[part]
+            values.append(float(system))
+        return values[0], values[1]
+
+    rates = [r for r in ("200", "2000") if r in relay["latency"]]
+    fig, axes = plt.subplots(1, 4, figsize=(14, 4.2), layout="constrained")
+    events = results["peers"].get("events", 0)
+    _peer_panel(
+        axes[0],
+        f"Drain of {events:,} events",
+        "events/s",
+        [("first to last arrival", *pair("drain", "events_per_s"))],
+        0,
+    )
+    axes[0].yaxis.set_major_formatter(lambda v, _pos: thousands(v))
+    p99 = [(f"{int(r):,}/s", *pair("latency", r, "p99_ms")) for r in rates]
+    _peer_panel(axes[1], "Commit to delivery, p99", "ms", p99, 1)
+    cpu = [
+        (f"{name} at {int(r):,}/s", *pair("latency", r, key))
+        for r in rates[-1:]
+        for name, key in (("process", "cpu_s_per_1000"), ("PostgreSQL", "pg_cpu_s_per_1000"))
+    ]
+    _peer_panel(axes[2], "CPU per 1,000 events", "CPU-seconds", cpu, 3)
+    _peer_panel(axes[3], "Peak RSS", "MB", [("all runs", *pair("peak_rss_mb"))], 0)
+    axes[0].legend(fontsize=8, loc="upper right")
+    return fig
+
+
 PLOTS = (
     Plot(
         "drain",
@@ -277,6 +339,15 @@ PLOTS = (
         "migration 0004's triggers (medians of the rounds; the numbers are the outbox table's "
         "ratio to the copy)",
         draw_writers,
+    ),
+    Plot(
+        "peers",
+        "The relay beside Debezium: drain, p99 latency, CPU and memory",
+        "the relay beside Debezium (PostgreSQL connector and Outbox Event Router in Kafka Connect "
+        "standalone) on the same PostgreSQL, Apache Kafka broker and events: drain from the first "
+        "arrival to the last, commit-to-delivery p99, CPU-seconds per 1,000 events of the process "
+        "and of PostgreSQL at the higher rate, peak RSS",
+        draw_peers,
     ),
 )
 
@@ -308,14 +379,33 @@ def describe_run(meta: dict[str, Any]) -> str:
     return "; ".join(p for p in parts if p)
 
 
-def draw_all(results: dict[str, Any], out: Path) -> list[str]:
-    """Draw every plot into ``out``; return the page's block (Markdown lines)."""
+def shown_figures(page: Path) -> dict[str, list[str]]:
+    """The figures the page's block holds now, by plot name (what ``--keep`` leaves in place)."""
+    text = page.read_text()
+    start, end = text.find(START), text.find(END)
+    figures: dict[str, list[str]] = {}
+    for chunk in re.findall(r"<figure markdown>.*?</figure>", text[start:end], re.DOTALL):
+        name = re.search(r"\(img/([\w-]+)\.png\)", chunk)
+        if name:
+            figures[name.group(1)] = [*chunk.splitlines(), ""]
+    return figures
+
+
+def draw_all(
+    results: dict[str, Any], out: Path, keep: dict[str, list[str]] | None = None
+) -> list[str]:
+    """Draw every plot into ``out``; return the page's block (Markdown lines). A plot without
+    data whose figure ``keep`` holds keeps that figure (and its PNG)."""
     out.mkdir(parents=True, exist_ok=True)
     run = describe_run(results.get("meta", {}))
     block = [START, ""]
     for plot in PLOTS:
         path = out / f"{plot.name}.png"
         drawn = plot.draw(results)
+        if isinstance(drawn, str) and keep and plot.name in keep and path.exists():
+            block += keep[plot.name]
+            print(f"{plot.name}: kept as the page shows it ({drawn})")
+            continue
         if isinstance(drawn, str):
             path.unlink(missing_ok=True)
             block += [f"**{sentence(plot.name)}:** not drawn: {drawn}.", ""]
@@ -349,11 +439,15 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=IMAGES, help="directory for the PNGs")
     parser.add_argument("--page", type=Path, default=PAGE, help="page whose block to rewrite")
     parser.add_argument("--no-page", action="store_true", help="draw only; print the block")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the page's figures this JSON has no data for"
+    )
     args = parser.parse_args()
     if not args.results.exists():
         print(f"{args.results} not found: run `make bench` first", file=sys.stderr)
         return 1
-    block = draw_all(json.loads(args.results.read_text()), args.out)
+    keep = shown_figures(args.page) if args.keep else None
+    block = draw_all(json.loads(args.results.read_text()), args.out, keep)
     if args.no_page:
         print("\n".join(block))
     else:
