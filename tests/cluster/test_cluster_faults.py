@@ -602,10 +602,11 @@ class ProxyGroup:
 
 
 def cluster_schedule(rng: random.Random, seconds: float) -> list[Fault]:
-    """Every relay fault kind once, every broker fault kind twice, two to four more at random,
+    """Every relay fault kind once, every broker fault kind three times, two to four more at random,
     at random times; a broker fault's ``cut_seconds`` is how long the broker stays down/cut."""
     kinds = [
         *FAULT_KINDS,
+        *BROKER_FAULTS,
         *BROKER_FAULTS,
         *BROKER_FAULTS,
         *rng.choices(CLUSTER_FAULT_KINDS, k=rng.randint(2, 4)),
@@ -618,7 +619,7 @@ def cluster_schedule(rng: random.Random, seconds: float) -> list[Fault]:
             kind=kind,
             slot=rng.randrange(RELAYS),  # a relay, or for a broker fault a node (same range)
             cut_seconds=round(
-                rng.uniform(3, 14) if kind in BROKER_FAULTS else rng.uniform(1, 10), 2
+                rng.uniform(3, 12) if kind in BROKER_FAULTS else rng.uniform(1, 10), 2
             ),
             scope=rng.choice(["all", "relay", "work", "owner"]),
             restart_after=round(rng.uniform(0.2, 2.0), 2),
@@ -629,7 +630,8 @@ def cluster_schedule(rng: random.Random, seconds: float) -> list[Fault]:
 
 @dataclass
 class ClusterChaos(Chaos):
-    """The chaos test's relay faults plus broker faults, one broker at a time."""
+    """The chaos test's relay faults plus broker faults: at most one broker down (killed or
+    stopping) at a time, another may be cut off; one is always left alone."""
 
     cluster: ProxiedCluster | None = None
     group: ProxyGroup | None = None
@@ -643,12 +645,21 @@ class ClusterChaos(Chaos):
         assert self.cluster is not None
         assert self.group is not None
         self.note(f"fault due at phase +{fault.at:.2f} s: {fault}")
-        if self.broker_faults:
-            self.skipped[f"{fault.kind} (a broker is already down)"] += 1
-            self.note(f"{fault.kind}: a broker is already down or cut, skipped")
+        nodes = self.cluster.cluster.nodes
+        # The fault's node, or the next one no broker fault holds; at most one node down
+        # (killed or stopping) at a time, and one node always untouched.
+        free = [
+            i
+            for i in (fault.slot % len(nodes) + k for k in range(len(nodes)))
+            if i % len(nodes) not in self.broker_faults
+        ]
+        down = [k for k, _ in self.broker_faults.values() if k != "broker_cut"]
+        if len(free) < 2 or (fault.kind != "broker_cut" and down):
+            self.skipped[f"{fault.kind} (brokers already down or cut)"] += 1
+            self.note(f"{fault.kind}: skipped, broker faults under way {self.broker_faults}")
             return
-        index = fault.slot % len(self.cluster.cluster.nodes)
-        node = self.cluster.cluster.nodes[index]
+        index = free[0] % len(nodes)
+        node = nodes[index]
         live = sum(1 for slot in self.slots if slot.alive())
         if fault.kind == "broker_kill":
             self.cluster.cluster.kill(node)
@@ -678,8 +689,9 @@ class ClusterChaos(Chaos):
             elif node.running:  # a controlled shutdown still under way: restart once done
                 continue
             else:
+                code = node_code(node)
                 self.cluster.cluster.start_node(node, wait=False)
-                self.note(f"RESTART node {node.node_id} (exited {node_code(node)})")
+                self.note(f"RESTART node {node.node_id} (it exited with {code})")
             del self.broker_faults[index]
 
     def duplicate_bound(self) -> int:
@@ -700,9 +712,9 @@ def test_chaos_on_the_cluster(
     """Fault: the chaos test (tests/acceptance/test_chaos.py: three relays, writers committing
     and rolling back on a dozen keys, relays SIGKILLed, SIGTERMed and restarted, their
     PostgreSQL sessions terminated, every broker cut off) on the cluster, plus broker faults at
-    seeded random times, one broker at a time: SIGKILL and restart, controlled shutdown and
-    restart, one broker's proxy cut. 45 s (``OUTBOX_CLUSTER_CHAOS_SECONDS``), replay with
-    ``OUTBOX_CHAOS_SEED``.
+    seeded random times: SIGKILL and restart, controlled shutdown and restart, one broker's
+    proxy cut for a while (at most one broker down at a time, another may be cut off). 45 s
+    (``OUTBOX_CLUSTER_CHAOS_SECONDS``), replay with ``OUTBOX_CHAOS_SEED``.
 
     Checks (the chaos test's): every committed event on Kafka, no rolled-back one, each key on
     one partition and in commit order (first copies out of order only as the documented b a b,
