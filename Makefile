@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: help install test lint typecheck pytest demo quickstart bench plots dashboard-picture docs format clean
+.PHONY: help install test test-apache-kafka test-cluster lint typecheck pytest demo quickstart bench plots dashboard-picture docs format clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-18s %s\n", $$1, $$2}'
@@ -32,6 +32,12 @@ typecheck: $(STAMP)
 
 pytest: $(STAMP)
 	$(BIN)/pytest
+
+test-apache-kafka: $(STAMP) ## Integration and acceptance tests on Apache Kafka itself (needs Java 17+ and Maven)
+	OUTBOX_TEST_KAFKA=apache $(BIN)/pytest tests/integration tests/acceptance
+
+test-cluster: $(STAMP) ## Fault tests on a three-broker Apache Kafka cluster (needs Java 17+ and Maven)
+	OUTBOX_TEST_CLUSTER=1 $(BIN)/pytest -rA tests/cluster
 
 demo: $(STAMP) ## Orders -> outbox -> relay (SIGKILLed once) -> Kafka -> billing with dedup, on embedded servers
 	$(BIN)/python -m examples.demo

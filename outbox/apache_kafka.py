@@ -166,7 +166,7 @@ class Cluster:
             Node(i + 1, directory / f"node-{i + 1}", clients[i] or _free_port(), advertised[i])
             for i in range(size)
         ]
-        self.settings = {**_default_settings(size), **(settings or {})}
+        self.settings = {**broker_settings(size), **(settings or {})}
         self._cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         self._jars = kafka_jars()
 
@@ -252,7 +252,13 @@ class Cluster:
         node.directory.mkdir(parents=True, exist_ok=True)
         properties = node.directory / "server.properties"
         properties.write_text(_properties({**self.settings, **self._node_settings(node)}))
-        format_ = ["format", "--ignore-formatted", "-t", self._cluster_id, "-c", str(properties)]
+        format_ = [
+            "format",
+            "--ignore-formatted",
+            f"--cluster-id={self._cluster_id}",
+            "-c",
+            str(properties),
+        ]
         result = subprocess.run(
             [*self._java("kafka.tools.StorageTool"), *format_],
             capture_output=True,
@@ -276,7 +282,9 @@ class Cluster:
         }
 
 
-def _default_settings(size: int) -> dict[str, str]:
+def broker_settings(size: int) -> dict[str, str]:
+    """The settings every node of a ``size``-node test cluster shares (``docker-compose.yml``'s
+    broker has the same ones for one node), apart from its own id, listeners and directory."""
     replicas = str(min(size, 3))
     return {
         "process.roles": "broker,controller",

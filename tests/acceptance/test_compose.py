@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from outbox import apache_kafka
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -87,3 +89,22 @@ def test_the_monitoring_services_mount_files_that_exist_and_scrape_the_services_
     assert mounts[dashboard_target] == "./deploy/grafana/outbox-dashboard.json"
     home = services["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
     assert home == dashboard_target
+
+
+def test_the_compose_broker_runs_the_tests_kafka_release_and_settings() -> None:
+    """The Compose stack's broker is the Apache Kafka release the tests run
+    (``outbox.apache_kafka``), with the same broker settings (listener names aside, which
+    differ because Compose's containers need their own)."""
+    kafka = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["kafka"]
+    assert kafka["image"] == f"apache/kafka:{apache_kafka.KAFKA_VERSION}"
+    compose = {
+        name.removeprefix("KAFKA_").lower().replace("_", "."): str(value).lower()
+        for name, value in kafka["environment"].items()
+    }
+    listeners = {
+        "controller.listener.names",
+        "inter.broker.listener.name",
+        "listener.security.protocol.map",
+    }
+    tests = {k: v for k, v in apache_kafka.broker_settings(1).items() if k not in listeners}
+    assert {k: compose.get(k) for k in tests} == tests
