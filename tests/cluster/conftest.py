@@ -130,7 +130,7 @@ def kafka_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxiedC
         pytest.skip(reason)
     directory = tmp_path_factory.mktemp("kafka-cluster")
     client_ports = [testing.free_port() for _ in range(SIZE)]
-    proxies = [BrokerProxy("127.0.0.1", port) for port in client_ports]
+    proxies: list[TcpProxy] = [BrokerProxy("127.0.0.1", port) for port in client_ports]
     try:
         with apache_kafka.cluster(
             SIZE,
