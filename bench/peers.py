@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -284,35 +285,42 @@ def latency_once(peer: Peer, rates: tuple[int, ...], seconds: float) -> dict[str
 # --- the section -------------------------------------------------------------------------------
 
 
-def one_run(found: Servers, opts: common.Options, rates: tuple[int, ...]) -> dict[str, Any]:
-    run: dict[str, Any] = {}
-    peers = {name: Peer(name, found.apache, found.pg) for name in SYSTEMS}
-    for name, peer in peers.items():
-        run[name] = {"drain": drain_once(peer, opts.events)}
-        common.progress(f"peers: {name} drained {run[name]['drain']['events_per_s']:,.0f}/s")
-    for name, peer in peers.items():
-        run[name]["latency"] = latency_once(peer, rates, opts.latency_seconds)
-        p99 = ", ".join(f"{r}/s {run[name]['latency'][str(r)]['p99_ms']:.1f}" for r in rates)
-        common.progress(f"peers: {name} p99 ms: {p99}")
-    run["brokers"] = {"apache": brokers_once(found.apache, opts)}
-    run["brokers"]["apache"]["relay"] = run["relay"]["drain"]["events_per_s"]
-    run["brokers"]["apache"]["relay_latency"] = run["relay"]["latency"]["200"]
-    embedded = Peer("relay", found.embedded, found.pg)
-    run["brokers"]["embedded"] = brokers_once(found.embedded, opts)
-    run["brokers"]["embedded"]["relay"] = drain_once(embedded, opts.events)["events_per_s"]
-    run["brokers"]["embedded"]["relay_latency"] = latency_once(
-        embedded, (200,), opts.latency_seconds
-    )["200"]
-    common.progress(f"peers: brokers {_brokers_line(run['brokers'])}")
-    return run
-
-
-def brokers_once(env: common.Env, opts: common.Options) -> dict[str, Any]:
-    """Kafka alone on one broker: the raw producer, and producer to consumer at 200/s."""
-    return {
-        "raw_producer": limits.raw_producer(env, opts.events, SIZE),
-        "alone_latency": latency.kafka_alone_once(env, 200, opts.latency_seconds),
+def one_run(found: Servers, opts: common.Options, rates: tuple[int, ...], n: int) -> dict[str, Any]:
+    """Drains, then steady loads, then Kafka alone. Figures compared with each other are taken
+    next to each other (the relay on each broker back to back), and the relay and Debezium
+    take turns at going first, run by run, so a slow spell of the machine is shared out."""
+    peers = [Peer(name, found.apache, found.pg) for name in SYSTEMS]
+    peers = peers if n % 2 == 0 else peers[::-1]
+    on_embedded = Peer("relay", found.embedded, found.pg)
+    run: dict[str, Any] = {name: {} for name in SYSTEMS}
+    embedded: dict[str, Any] = {}
+    for peer in peers:
+        run[peer.name]["drain"] = drain_once(peer, opts.events)
+        if peer.name == "relay":
+            embedded["relay"] = drain_once(on_embedded, opts.events)["events_per_s"]
+        rate = run[peer.name]["drain"]["events_per_s"]
+        common.progress(f"peers: {peer.name} drained {rate:,.0f}/s")
+    for peer in peers:
+        run[peer.name]["latency"] = latency_once(peer, rates, opts.latency_seconds)
+        if peer.name == "relay":
+            steady = latency_once(on_embedded, (200,), opts.latency_seconds)
+            embedded["relay_latency"] = steady["200"]
+        p99 = ", ".join(f"{r}/s {run[peer.name]['latency'][str(r)]['p99_ms']:.1f}" for r in rates)
+        common.progress(f"peers: {peer.name} p99 ms: {p99}")
+    apache = {
+        "relay": run["relay"]["drain"]["events_per_s"],
+        "relay_latency": run["relay"]["latency"]["200"],
     }
+    brokers = ((found.apache, apache), (found.embedded, embedded))
+    for env, figures in brokers:
+        figures["raw_producer"] = limits.raw_producer(env, opts.events, SIZE)
+    for env, figures in brokers:
+        figures["alone_latency"] = latency.kafka_alone_once(env, 200, opts.latency_seconds)
+    run["brokers"] = {"apache": apache, "embedded": embedded}
+    common.progress(f"peers: brokers {_brokers_line(run['brokers'])}")
+    # Two cores: whatever else the machine ran meanwhile shows here, next to the figures.
+    run["load_average_1min"] = os.getloadavg()[0]
+    return run
 
 
 def _brokers_line(brokers: dict[str, Any]) -> str:
@@ -332,7 +340,7 @@ def measure(env: common.Env, opts: common.Options) -> dict[str, Any]:
     with servers(env) as found:
         runs = []
         for n in range(opts.runs):
-            runs.append(one_run(found, opts, rates))
+            runs.append(one_run(found, opts, rates, n))
             common.progress(f"peers run {n + 1}/{opts.runs} done")
     return summarise(runs, opts, rates)
 
@@ -392,6 +400,7 @@ def summarise(
         },
         "systems": systems,
         "brokers": brokers,
+        "load_average_1min": [r["load_average_1min"] for r in runs],
         "runs": runs,
     }
 
@@ -449,6 +458,10 @@ def rows(result: dict[str, Any]) -> list[common.Row]:
             out += _pair(f"{who} CPU per 1,000 events, {where}", "CPU-s", values, 3)
     out += _pair("peak RSS, all runs", "MB", each("peak_rss_mb"))
     out += _broker_rows(result["brokers"])
+    loads = ", ".join(f"{x:.1f}" for x in result.get("load_average_1min", []))
+    out.append(
+        common.Row("peers", "load average (1 min) after each run", loads or "-", "", "2 CPUs")
+    )
     return out
 
 
