@@ -73,7 +73,11 @@ from tests.acceptance.test_chaos import (
     seed_from_env,
 )
 from tests.acceptance.test_relay_crashes import wait_for_progress
-from tests.cluster.conftest import ProxiedCluster
+from tests.cluster.conftest import ProxiedCluster, skip_reason
+
+# One skip line for the whole module (the conftest marks each test too, for other modules).
+if (_reason := skip_reason()) is not None:
+    pytest.skip(_reason, allow_module_level=True)
 
 BATCH = 500
 PARTITIONS = 6
