@@ -723,6 +723,24 @@ def node_code(node: Node) -> int | None:
     return None if node.process is None else node.process.returncode
 
 
+def last_copy_inversion(key: str, received: Sequence[Received], written: Sequence[str]) -> str:
+    """Where a key's last copies leave commit order: every copy of the key near the first
+    inversion, as commit position @ partition:offset."""
+    position = {event_id: i for i, event_id in enumerate(written)}
+    msgs = sorted((r for r in received if r.key == key.encode()), key=lambda r: r.offset)
+    seq = [(position.get(m.event_id, -1), m.partition, m.offset) for m in msgs]
+    last_index = {p: i for i, (p, _, _) in enumerate(seq)}
+    lasts = sorted(last_index, key=last_index.__getitem__)
+    at = next((i for i in range(1, len(lasts)) if lasts[i] < lasts[i - 1]), 0)
+    a, b = last_index[lasts[at - 1]], last_index[lasts[at]]
+    lo, hi = max(0, min(a, b) - 8), max(a, b) + 8
+    window = " ".join(f"{p}@{part}:{off}" for p, part, off in seq[lo:hi])
+    return (
+        f"{key}: last copy of commit position {lasts[at - 1]} comes after the last copy of "
+        f"{lasts[at]}; the key's copies around them: {window}"
+    )
+
+
 def test_chaos_on_the_cluster(
     healthy_cluster: ProxiedCluster,
     database_url: str,
@@ -865,6 +883,8 @@ def test_chaos_on_the_cluster(
     print(f"\n{summary}")
     if order.details:  # first copies out of order (the documented b a b), or worse
         print("\n".join(["key order:", *order.details]))
+    for key in order.last_copies_out_of_order:
+        print(last_copy_inversion(key, received, ledger.committed[key]))
     print("\n".join(["timeline:", *chaos.timeline]))
     record_property("summary", summary)
 
