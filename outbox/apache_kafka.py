@@ -25,6 +25,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from outbox.errors import OutboxError
+
 #: The Apache Kafka release of the tests, the benchmarks and ``docker-compose.yml``: the one
 #: Debezium 3.6 is built against.
 KAFKA_VERSION = "4.3.0"
@@ -47,7 +49,7 @@ _POM = """<project xmlns="http://maven.apache.org/POM/4.0.0">
 """
 
 
-class JavaToolMissing(RuntimeError):
+class JavaToolMissing(OutboxError):
     """Java or Maven is not installed: Apache Kafka cannot run on this machine."""
 
 

@@ -141,7 +141,7 @@ def relay_once(
         relay.batches.source.release()
         relay.run()
     finally:
-        relay.close_connections()
+        relay.leave()
         relay.shutdown()
         stop.close()
     left = {row[0]: row for row in _unpublished(libpq_url, outbox_settings)}

@@ -80,6 +80,10 @@ class Chores:
                 acquired=len(acquired),
                 released=len(released),
             )
+        waiting = self.shards.handover.waiting()
+        if acquired and waiting > 0:
+            held = len(self.shards.owned - self.shards.ownership.shards)
+            log.info("shards.held_for_gone_relay", shards=held, seconds=round(waiting, 1))
         return now + self.settings.rebalance_interval
 
     def purge_pass(self, purge: Purge, now: float) -> float:

@@ -254,6 +254,16 @@ class KafkaPublisher:
             waiting = self._producer.flush(0.1)
         return self._outcomes(rows, refused, unanswered=waiting > 0)
 
+    def settle(self, timeout: float) -> bool:
+        """Drop the messages not sent yet (librdkafka never sends a purged one), then wait up to
+        ``timeout`` seconds for the requests in flight. Called before the relay lets go of its
+        shards when its batch was not recorded: another relay may then publish the same rows,
+        and a copy of ours landing after its copies would put the key out of order."""
+        self._producer.purge(in_queue=True, in_flight=False, blocking=True)
+        left = self._producer.flush(timeout)
+        self._reports = []  # the purge's reports belong to no batch
+        return left == 0
+
     def _produce_all(self, rows: Sequence[ClaimedRow], deadline: float) -> dict[int, Outcome]:
         """Hand every row to the producer, in order; the outcomes of those it refused, and of
         the later rows of their keys (not produced)."""

@@ -246,7 +246,7 @@ class Relay:
         sent again after the reconnection: duplicates, never loss.
         """
         log.error("database.unavailable", error=one_line(exc))
-        self.close_connections()
+        self.close_connections(leave=self._settle_producer())
         self.floor.reset()
         self.chores.make_due("floor")
         self.metrics.database_ok(False)
@@ -266,10 +266,24 @@ class Relay:
     def _sleep(self, seconds: float) -> None:
         select.select([self.stop.fd], [], [], seconds)
 
-    def close_connections(self) -> None:
+    def close_connections(self, *, leave: bool = False) -> None:
+        """Close every session. ``leave``: the producer is settled, so the relay leaves the
+        registry and nobody waits for it before claiming its shards (``.handover``)."""
         self.batches.close()
         with contextlib.suppress(psycopg.Error):  # already gone
-            self.shards.close()
+            self.shards.close(leave=leave)
+
+    def leave(self) -> None:
+        """Close every session once nothing this relay sent can reach Kafka later, leaving the
+        registry, so that no relay waits for this one before claiming its shards."""
+        self.close_connections(leave=self._settle_producer())
+
+    def _settle_producer(self) -> bool:
+        """Before the relay lets go of its shards: nothing it sent may reach Kafka later."""
+        settled = self.publisher.settle(self.settings.delivery_timeout)
+        if not settled:
+            log.warning("kafka.unsettled", timeout=self.settings.delivery_timeout)
+        return settled
 
 
 def serve(
@@ -310,7 +324,7 @@ def serve(
         check_broker()
         relay.run()
     finally:
-        relay.close_connections()
+        relay.leave()
         relay.shutdown()
         stop.restore()
         stop.close()

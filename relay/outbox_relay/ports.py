@@ -70,6 +70,11 @@ class Publisher(Protocol):
         """Send every row, wait for each one's delivery report (bounded), one outcome per row."""
         ...
 
+    def settle(self, timeout: float) -> bool:
+        """Make sure nothing sent so far can reach Kafka later: drop what was not sent yet,
+        wait up to ``timeout`` seconds for what is in flight. Whether nothing is left."""
+        ...
+
 
 class Metrics(Protocol):
     """What the loop reports: implemented by ``.metrics.RelayMetrics`` (Prometheus, and the

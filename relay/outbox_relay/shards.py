@@ -12,25 +12,65 @@ its shards. A claim names the shards this relay holds (:class:`.ports.Ownership`
 inside its own transaction that this session is still alive, through the membership lock: a
 session's advisory locks go only with the session or when the relay itself lets go of them, and
 shards let go of leave ``owned`` before they are unlocked.
+
+Each relay also registers in the ``relays`` table (migration 0006). A relay whose membership lock
+is gone while its row stays (it did not leave cleanly) may still be alive and delivering; shards
+taken over meanwhile wait until it cannot deliver any more (:mod:`.handover`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import secrets
+import time
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
 
 from outbox.settings import SHARD_COUNT, OutboxSettings
 from outbox_relay.config import RelaySettings
+from outbox_relay.handover import Handover
 from outbox_relay.pg import OWNER_ROLE, relay_connect
 from outbox_relay.ports import Ownership
+
+#: How long after a relay's sessions end its messages may still reach Kafka, beyond its
+#: delivery timeout: the publisher's own margin for librdkafka's reports (``kafka.py``).
+LINGER_MARGIN = 5.0
 
 _MEMBERS_SQL = """
 SELECT objid::bigint FROM pg_locks
 WHERE locktype = 'advisory' AND classid = %s AND objsubid = 2 AND granted
   AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+"""
+
+
+_REGISTER_SQL = """
+INSERT INTO {relays} (member, relay_id, process, linger)
+VALUES (%s, %s, %s, make_interval(secs => %s))
+ON CONFLICT (member) DO NOTHING
+"""
+
+# Marks the relays whose membership lock is gone, and forgets those gone long ago. The locks
+# are read in the same statement: a row this statement sees was inserted after its relay took
+# its lock, so a live relay is never marked.
+_MARK_GONE_SQL = f"""
+WITH swept AS (
+    DELETE FROM {{relays}} WHERE gone_at < now() - linger - interval '10 minutes'
+)
+UPDATE {{relays}} SET gone_at = now()
+WHERE gone_at IS NULL AND member NOT IN ({_MEMBERS_SQL})
+"""
+
+# Seconds until no relay that went without leaving cleanly can deliver any more. A process
+# still registered under another member reconnected, and emptied its producer first.
+_LINGERING_SQL = """
+SELECT coalesce(max(extract(epoch FROM gone.gone_at + gone.linger - now())), 0)::float8
+FROM {relays} AS gone
+WHERE gone.gone_at + gone.linger > now()
+  AND NOT EXISTS (
+      SELECT 1 FROM {relays} AS back WHERE back.process = gone.process AND back.gone_at IS NULL
+  )
 """
 
 
@@ -62,13 +102,31 @@ class ShardOwner:
     """Owns shards on an autocommit connection of its own (which also waits for new events,
     ``outbox_relay.wakeup``)."""
 
-    def __init__(self, settings: RelaySettings) -> None:
+    def __init__(
+        self, settings: RelaySettings, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._settings = settings
         self._shard_class = lock_class(settings.outbox, "shards")
         self._member_class = lock_class(settings.outbox, "members")
         self._conn: psycopg.Connection[Any] | None = None
         self.member_id = 0
         self.owned: frozenset[int] = frozenset()
+        #: Whether this membership is in the ``relays`` table yet (at the first rebalance, so
+        #: that a relay started on an old schema gets the schema check's message, not an error).
+        self._registered = False
+        #: Names this process in the registry; kept across reconnections.
+        self._process = secrets.token_hex(8)
+        self._linger = settings.delivery_timeout + LINGER_MARGIN
+        self._sql = {
+            name: settings.outbox.sql(text, relays="relays")
+            for name, text in (
+                ("register", _REGISTER_SQL),
+                ("mark_gone", _MARK_GONE_SQL),
+                ("lingering", _LINGERING_SQL),
+                ("leave", "DELETE FROM {relays} WHERE member = %s"),
+            )
+        }
+        self.handover = Handover(clock)
 
     @property
     def shard_class(self) -> int:
@@ -76,8 +134,9 @@ class ShardOwner:
 
     @property
     def ownership(self) -> Ownership:
-        """What a claim needs to take this relay's rows, and only while this session lives."""
-        return Ownership(self.owned, self._member_class, self.member_id)
+        """What a claim needs to take this relay's rows, and only while this session lives:
+        the shards it holds, less those still waiting for a gone relay's messages."""
+        return Ownership(self.handover.claimable(self.owned), self._member_class, self.member_id)
 
     @property
     def connection(self) -> psycopg.Connection[Any]:
@@ -96,6 +155,7 @@ class ShardOwner:
             if row and row[0]:
                 break
         self._conn, self.member_id, self.owned = conn, member, frozenset()
+        self._registered = False
 
     def members(self) -> list[int]:
         rows = self.connection.execute(_MEMBERS_SQL, (self._member_class,)).fetchall()
@@ -109,11 +169,13 @@ class ShardOwner:
         members = self.members()
         if self.member_id not in members:  # our membership lock is gone: the session was reset
             raise psycopg.OperationalError("the relay's ownership session lost its locks")
+        lingering = self._registry()
         desired = assignment(members, self.member_id)
         released = self.owned - desired
         if released:
             # Out of every claim from now on, before another relay can lock them.
             self.owned -= released
+            self.handover.released(released)
             self.connection.execute(
                 "SELECT pg_advisory_unlock(%s, s) FROM unnest(%s::int[]) AS s",
                 (self._shard_class, sorted(released)),
@@ -126,14 +188,35 @@ class ShardOwner:
                 (wanted, self._shard_class),
             ).fetchall()
             acquired = frozenset(int(r[0]) for r in rows)
+            # A shard's previous owner let go of it or is gone; if gone uncleanly, it may
+            # still deliver the rows it held until its linger ends.
+            self.handover.acquired(acquired, lingering)
         self.owned |= acquired
         return acquired, released
 
-    def close(self) -> None:
-        """Release every shard and the membership by closing the session."""
+    def _registry(self) -> float:
+        """Register this relay (once per connection), mark the relays whose lock is gone, and
+        return the seconds until none of those may still deliver."""
+        conn = self.connection
+        if not self._registered:
+            relay_id = self._settings.relay_id
+            conn.execute(
+                self._sql["register"], (self.member_id, relay_id, self._process, self._linger)
+            )
+            self._registered = True
+        conn.execute(self._sql["mark_gone"], (self._member_class,))
+        row = conn.execute(self._sql["lingering"]).fetchone()
+        return float(row[0]) if row else 0.0
+
+    def close(self, *, leave: bool = False) -> None:
+        """Release every shard and the membership by closing the session. ``leave``: the
+        relay's producer holds nothing, so it leaves the registry too (no successor waits)."""
         conn, self._conn, self.owned = self._conn, None, frozenset()
+        self.handover.released(range(SHARD_COUNT))
         if conn is not None:
             try:
+                if leave and self._registered:
+                    conn.execute(self._sql["leave"], (self.member_id,))
                 conn.execute("SELECT pg_advisory_unlock_all()")
             except psycopg.Error:
                 pass  # the session is gone, and its locks with it

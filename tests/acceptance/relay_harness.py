@@ -189,6 +189,27 @@ def per_key_order_violations(received: Sequence[Received], written_ids: Sequence
     return [repr(k) for k, order in first_seen.items() if order != sorted(order)]
 
 
+def last_copy_order_violations(
+    received: Sequence[Received], written_ids: Sequence[str]
+) -> list[str]:
+    """Keys whose events' last copies on Kafka are not in insertion order (empty when fine).
+
+    What a compacted topic keeps, and what a consumer that applies every copy ends with: an
+    earlier event's copy landing after a later event's last one sets the key back."""
+    position = {event_id: i for i, event_id in enumerate(written_ids)}
+    last: dict[str, tuple[bytes | None, int]] = {}
+    for n, msg in enumerate(sorted(received, key=lambda r: (r.partition, r.offset))):
+        last[msg.event_id] = (msg.key, n)
+    by_key: dict[bytes | None, list[tuple[int, int]]] = {}
+    for event_id, (key, n) in last.items():
+        by_key.setdefault(key, []).append((n, position[event_id]))
+    return [
+        repr(key)
+        for key, copies in by_key.items()
+        if [p for _, p in sorted(copies)] != sorted(p for _, p in copies)
+    ]
+
+
 class TcpProxy:
     """Forwards 127.0.0.1:<port> to a target; ``cut()`` drops every connection and refuses new
     ones until ``restore()``: a broker outage without losing the broker's in-memory data."""

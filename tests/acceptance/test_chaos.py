@@ -468,7 +468,12 @@ def key_order(received: Sequence[Received], committed: dict[str, list[str]]) -> 
         lasts = [p for i, p in enumerate(seq) if p not in seq[i + 1 :]]
         if lasts != sorted(lasts):
             result.last_copies_out_of_order.append(key)
-            result.details.append(f"{key}: last copies by commit position {lasts[:20]}")
+            at = next(i for i in range(1, len(lasts)) if lasts[i] < lasts[i - 1])
+            result.details.append(
+                f"{key}: last copies by commit position around the inversion "
+                f"{lasts[max(0, at - 5) : at + 5]}; all copies near it "
+                f"{_window(seq, lasts[at - 1], lasts[at])}"
+            )
         matched = 0
         for p in seq:
             if matched < len(written) and p == matched:

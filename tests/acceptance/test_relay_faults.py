@@ -4,6 +4,7 @@ a broker outage, killed database sessions, and an idle relay that must sleep yet
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import time
 from collections import Counter
@@ -20,12 +21,14 @@ from tests.acceptance.relay_harness import (
     Received,
     broker_behind_proxy,
     create_topic,
+    last_copy_order_violations,
     per_key_order_violations,
     read_topic,
     run_relay,
     start_relay,
     stop,
     unpublished,
+    wait_until,
     write_events,
 )
 
@@ -412,6 +415,83 @@ def test_relay_survives_its_database_sessions_being_terminated(
         f"{names.count('database.reconnected')} reconnected lines, "
         f"{len(duplicates)} events duplicated ({sum(duplicates.values())} extra copies)"
     )
+
+
+def _shards_owned(log_path: Path) -> int:
+    lines = testing.log_events(log_path.read_text(), "shards.rebalanced")
+    return int(lines[-1]["owned"]) if lines else 0
+
+
+def _sessions_of(database_url: str, relay_id: str, state: str | None = None) -> int:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE %s"
+            " AND datname = current_database() AND (%s::text IS NULL OR state = %s)",
+            (f"outbox-relay % {relay_id}", state, state),
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def _terminate_sessions_of(database_url: str, relay_id: str) -> None:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE application_name LIKE %s AND datname = current_database()",
+            (f"outbox-relay % {relay_id}",),
+        )
+
+
+def test_a_cut_off_relays_late_copies_never_land_after_its_successors(
+    database_url: str, tmp_path: Path
+) -> None:
+    """A zombie relay: its batch waits in its producer's queue (the broker is unreachable) when
+    its database sessions are terminated, so its rows and its shards are free while librdkafka
+    still holds their messages, for up to --delivery-timeout. It is paused (SIGSTOP) meanwhile,
+    a second relay takes over, and the first resumes 4 s later and delivers its queue.
+
+    Whatever lands twice, each event's last copy must still be in commit order (a compacted
+    topic keeps the last copy of a key): the successor must not publish the zombie's rows
+    while the zombie's copies can still arrive. Found by the chaos test on Apache Kafka."""
+    with broker_behind_proxy(tmp_path) as (bootstrap, proxy):
+        topic = create_topic(bootstrap)
+        zombie_log, successor_log = tmp_path / "zombie.log", tmp_path / "successor.log"
+        timeouts = ("--delivery-timeout", "8", "--batch-size", "100")
+        zombie = start_relay(
+            database_url, bootstrap, "--relay-id", "zombie", *timeouts, log=zombie_log
+        )
+        successor: subprocess.Popen[bytes] | None = None
+        try:
+            _wait(zombie, zombie_log, lambda: _shards_owned(zombie_log) > 0, 30, "its shards")
+            proxy.cut()
+            written = write_events(database_url, topic, 400, keys=4)
+            _wait(
+                zombie,
+                zombie_log,
+                lambda: _sessions_of(database_url, "zombie", "idle in transaction") > 0,
+                30,
+                "a batch in flight",
+                interval=0.02,
+            )
+            time.sleep(0.5)  # the batch is in librdkafka's queue
+            zombie.send_signal(signal.SIGSTOP)
+            _terminate_sessions_of(database_url, "zombie")
+            wait_until(lambda: _sessions_of(database_url, "zombie") == 0, timeout=10)
+            proxy.restore()
+            successor = start_relay(
+                database_url, bootstrap, "--relay-id", "successor", *timeouts, log=successor_log
+            )
+            time.sleep(4)
+            zombie.send_signal(signal.SIGCONT)
+            _wait(successor, successor_log, lambda: unpublished(database_url) == 0, 60, "drain")
+        finally:
+            zombie.send_signal(signal.SIGCONT)
+            codes = [stop(p) for p in (zombie, successor) if p is not None]
+        assert codes == [0, 0]
+        received = read_topic(bootstrap, topic, expect_ids=set(written))
+        duplicates = _check_delivery(received, written, "zombie relay")
+        assert duplicates, "the zombie's queued copies never landed: the test proved nothing"
+        assert last_copy_order_violations(received, written) == []
 
 
 # 4. Idle relay

@@ -280,6 +280,7 @@ def test_custom_schema_and_prefix_leave_public_untouched(
             settings.name("dedup"),
             settings.name("schema_migrations"),
             settings.name("dead_letter_log"),
+            settings.name("relays"),
         }
         assert _columns(conn, settings, "events") == EVENTS_COLUMNS
         assert _tables(conn, "public") == public_before

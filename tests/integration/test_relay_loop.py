@@ -42,6 +42,9 @@ class ScriptedPublisher:
                 outcomes.append(Outcome(row.id, Result.DELIVERED))
         return outcomes
 
+    def settle(self, timeout: float) -> bool:
+        return True  # every batch was answered before publish returned
+
     @property
     def sent(self) -> list[bytes]:
         return [payload for batch in self.batches for payload in batch]
@@ -94,7 +97,7 @@ def drain(relay: Relay, steps: int = 20) -> None:
                 break
             relay.step()
     finally:
-        relay.close_connections()
+        relay.leave()
         relay.shutdown()
 
 
@@ -161,7 +164,7 @@ def test_only_a_full_batch_starts_claiming_the_next(
         assert publisher.batches[0] == [f"e{i}".encode() for i in range(first_batch)]
         assert (relay.batches.prefetching) is prefetched
     finally:
-        relay.close_connections()
+        relay.leave()
         relay.shutdown()
     drain(relay_for(database_url, publisher, stop, batch_size=4))
     assert unpublished(database_url) == []
@@ -185,7 +188,7 @@ def test_a_batch_that_took_everything_is_followed_by_a_wait_not_a_claim(
     try:
         relay.step()
     finally:
-        relay.close_connections()
+        relay.leave()
         relay.shutdown()
     assert publisher.batches == [[f"e{i}".encode() for i in range(backlog)]]
     assert waited == ([relay.settings.poll_interval] if waits else [])

@@ -118,6 +118,9 @@ class DeliverAll:
     ) -> list[Outcome]:
         return [Outcome(row.id, Result.DELIVERED) for row in rows]
 
+    def settle(self, timeout: float) -> bool:
+        return True
+
 
 def test_of_two_relays_only_the_owner_of_shard_0_purges(database_url: str) -> None:
     """Relays sharing a table never compete for the same rows: one of them purges them all."""
@@ -149,6 +152,6 @@ def test_of_two_relays_only_the_owner_of_shard_0_purges(database_url: str) -> No
         assert remaining(database_url) == {}
     finally:
         for relay, stop in zip(relays, stops, strict=True):
-            relay.close_connections()
+            relay.leave()
             relay.shutdown()
             stop.close()
