@@ -213,6 +213,8 @@ class KafkaPublisher:
         self._replace_reason = ""
         #: The failure reports of the batch being published.
         self._reports: list[Report] = []
+        #: Whether messages were produced that Kafka has not answered for yet.
+        self._outstanding = False
         self._producer = self._new_producer()
 
     def _new_producer(self) -> Producer:
@@ -248,10 +250,12 @@ class KafkaPublisher:
             self._replace_producer()
         self._reports = []  # filled by the failure reports
         deadline = time.monotonic() + self._settings.delivery_timeout + 5.0
+        self._outstanding = True
         refused = self._produce_all(rows, deadline)
         waiting = self._producer.flush(0)
         while waiting and time.monotonic() < deadline and not should_abort():
             waiting = self._producer.flush(0.1)
+        self._outstanding = waiting > 0
         return self._outcomes(rows, refused, unanswered=waiting > 0)
 
     def settle(self, timeout: float) -> bool:
@@ -259,9 +263,12 @@ class KafkaPublisher:
         ``timeout`` seconds for the requests in flight. Called before the relay lets go of its
         shards when its batch was not recorded: another relay may then publish the same rows,
         and a copy of ours landing after its copies would put the key out of order."""
+        if not self._outstanding:  # every message was answered (len() counts callbacks too)
+            return True
         self._producer.purge(in_queue=True, in_flight=False, blocking=True)
         left = self._producer.flush(timeout)
         self._reports = []  # the purge's reports belong to no batch
+        self._outstanding = left > 0
         return left == 0
 
     def _produce_all(self, rows: Sequence[ClaimedRow], deadline: float) -> dict[int, Outcome]:

@@ -279,13 +279,19 @@ class TcpProxy:
 
     def _handle(self, sock: socket.socket, peer: socket.socket | None) -> None:
         if peer is None:  # the listener: a new client
-            with contextlib.suppress(OSError):
+            try:
                 client, _ = sock.accept()
+            except OSError:
+                return
+            try:
                 upstream = socket.create_connection(self.target, timeout=5)
-                client.setblocking(False)
-                upstream.setblocking(False)
-                with self._lock:
-                    self._pairs.append((client, upstream))
+            except OSError:  # nothing listens behind the proxy (a broker killed): refuse
+                client.close()
+                return
+            client.setblocking(False)
+            upstream.setblocking(False)
+            with self._lock:
+                self._pairs.append((client, upstream))
             return
         try:
             data = sock.recv(65536)

@@ -73,14 +73,14 @@ def orders_and_events(url: str, item: str) -> tuple[int, int]:
 
 def test_migrate_installs_the_outbox_and_schema_check_passes(django_database: str) -> None:
     """``manage.py migrate`` leaves the outbox current: ``outbox-relay schema check`` exits 0,
-    and Django recorded the app's migration under its label."""
+    and Django recorded the app's migrations under its label."""
     checked = run("schema", "check", "--database-url", django_database)
     assert checked.returncode == 0, checked.stderr
     assert f"schema is current (version {schema.latest_version()})" in checked.stdout
     with psycopg.connect(django_database) as conn:
         assert conn.execute(
-            "SELECT name FROM django_migrations WHERE app = 'outbox_relay'"
-        ).fetchall() == [("0001_outbox_schema",)]
+            "SELECT name FROM django_migrations WHERE app = 'outbox_relay' ORDER BY id"
+        ).fetchall() == [("0001_outbox_schema",), ("0002_relay_registry",)]
 
 
 def test_migrate_again_and_backwards_keep_the_outbox(django_database: str) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -52,30 +51,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if HERE in Path(item.path).resolve().parents:
             item.add_marker(skip)
-
-
-class BrokerProxy(TcpProxy):
-    """The harness's proxy, for a broker that can be killed: a client accepted while nothing
-    listens behind the proxy is closed at once (the harness's proxy leaves it open, and the
-    suite turns the ResourceWarning of the unclosed socket into an error)."""
-
-    def _handle(self, sock: socket.socket, peer: socket.socket | None) -> None:
-        if peer is not None:
-            super()._handle(sock, peer)
-            return
-        try:
-            client, _ = sock.accept()
-        except OSError:
-            return
-        try:
-            upstream = socket.create_connection(self.target, timeout=5)
-        except OSError:
-            client.close()
-            return
-        client.setblocking(False)
-        upstream.setblocking(False)
-        with self._lock:
-            self._pairs.append((client, upstream))
 
 
 @dataclass
@@ -130,7 +105,7 @@ def kafka_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxiedC
         pytest.skip(reason)
     directory = tmp_path_factory.mktemp("kafka-cluster")
     client_ports = [testing.free_port() for _ in range(SIZE)]
-    proxies: list[TcpProxy] = [BrokerProxy("127.0.0.1", port) for port in client_ports]
+    proxies: list[TcpProxy] = [TcpProxy("127.0.0.1", port) for port in client_ports]
     try:
         with apache_kafka.cluster(
             SIZE,

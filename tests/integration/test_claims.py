@@ -251,13 +251,26 @@ def test_a_relay_whose_ownership_session_is_gone_claims_nothing(
     sources[0].release()
     assert claim(sources[1], ownership) == []  # on either work connection
     sources[1].release()
-    taken_over = ShardOwner(owner._settings)  # a relay that takes the shards over claims them
+    # A relay that takes the shards over holds them, but claims nothing while the gone relay
+    # may still be delivering (.handover)...
+    taken_over = ShardOwner(owner._settings)
     taken_over.connect()
     try:
         taken_over.rebalance()
-        assert claim(sources[0], taken_over) == ids
+        assert len(taken_over.owned) == 256
+        assert claim(sources[0], taken_over) == []
+        sources[0].release()
     finally:
-        taken_over.close()
+        taken_over.close(leave=True)
+    # ...and claims its rows once the gone relay's linger is over (as if that time had passed).
+    sql(database_url, "UPDATE outbox_relays SET gone_at = gone_at - linger")
+    successor = ShardOwner(owner._settings)
+    successor.connect()
+    try:
+        successor.rebalance()
+        assert claim(sources[0], successor) == ids
+    finally:
+        successor.close()
 
 
 def test_another_relays_membership_does_not_stand_in_for_ours(

@@ -7,11 +7,14 @@ row is never taken for a delivered one, whatever else is in the batch.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from outbox_relay.config import RelaySettings
 from outbox_relay.kafka import KafkaPublisher
 from outbox_relay.ports import ClaimedRow, Result
+from tests.acceptance.relay_harness import broker_behind_proxy, create_topic, read_topic
 
 pytestmark = pytest.mark.kafka
 
@@ -58,3 +61,25 @@ def test_rows_abandoned_before_kafka_answered_are_not_delivered(
     outcomes = publisher(kafka_bootstrap).publish(rows, should_abort=lambda: True)
     assert all(o.result is not Result.DELIVERED for o in outcomes if o.row_id == 2)
     assert all(o.result in (Result.DELIVERED, Result.NOT_SENT) for o in outcomes)
+
+
+def test_a_settled_publisher_never_delivers_what_it_had_not_sent(tmp_path: Path) -> None:
+    """The broker cut off, a batch abandoned in the producer's queue: ``settle`` drops it, so
+    once the broker is back nothing of it arrives (without ``settle`` librdkafka would deliver
+    it until the delivery timeout, after whatever another relay sent meanwhile)."""
+    with broker_behind_proxy(tmp_path) as (bootstrap, proxy):
+        topic = create_topic(bootstrap)
+        cut_off = publisher(bootstrap)
+        [first] = cut_off.publish([row(1, topic)], should_abort=lambda: False)  # connected
+        assert first.result is Result.DELIVERED
+        proxy.cut()
+        rows = [row(i, topic) for i in range(3, 13)]
+        outcomes = cut_off.publish(rows, should_abort=lambda: True)
+        assert {o.result for o in outcomes} == {Result.NOT_SENT}
+        assert cut_off.settle(5.0)
+        proxy.restore()
+        late = publisher(bootstrap)
+        [last] = late.publish([row(99, topic)], should_abort=lambda: False)
+        assert last.result is Result.DELIVERED
+        received = read_topic(bootstrap, topic, expect_ids={row(99, topic).event_id})
+        assert sorted(int(r.event_id[-12:]) for r in received) == [1, 99]
