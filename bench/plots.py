@@ -344,7 +344,8 @@ PLOTS = (
         "peers",
         "The relay beside Debezium: drain, p99 latency, CPU and memory",
         "the relay beside Debezium (PostgreSQL connector and Outbox Event Router in Kafka Connect "
-        "standalone) on the same PostgreSQL, Apache Kafka broker and events: drain from the first "
+        "standalone) on the same PostgreSQL, events and Apache Kafka 4.3.0 node (its own, whatever "
+        "broker the other sections ran on): drain from the first "
         "arrival to the last, commit-to-delivery p99, CPU-seconds per 1,000 events of the process "
         "and of PostgreSQL at the higher rate, peak RSS",
         draw_peers,

@@ -58,6 +58,8 @@ import soak
 import writer
 import writers
 
+from outbox import apache_kafka, testing
+
 SECTIONS = (
     "limits",
     "drain",
@@ -130,6 +132,15 @@ def run_section(name: str, fn: Callable[[], Any], results: dict[str, Any]) -> No
     results.setdefault("section_seconds", {})[name] = round(time.monotonic() - started, 1)
 
 
+def kafka_label() -> str:
+    """The broker the sections run on, as the results name it."""
+    if os.environ.get("OUTBOX_TEST_KAFKA_BOOTSTRAP"):
+        return "external"
+    if testing.kafka_kind() == "apache":
+        return f"Apache Kafka {apache_kafka.KAFKA_VERSION}"
+    return "Tansu"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common.add_option_arguments(parser)
@@ -158,7 +169,7 @@ def main() -> int:
             "cpus": os.cpu_count(),
             "postgresql": common.server_version(env),
             "database": "external" if os.environ.get("OUTBOX_TEST_DATABASE_URL") else "embedded",
-            "kafka": "external" if os.environ.get("OUTBOX_TEST_KAFKA_BOOTSTRAP") else "Tansu",
+            "kafka": kafka_label(),
             "options": common.options_dict(opts),
             "sections": selected,
         }
