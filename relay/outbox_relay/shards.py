@@ -145,17 +145,26 @@ class ShardOwner:
         return self._conn
 
     def connect(self) -> None:
-        """Open the connection and join the members."""
+        """Open the connection. The relay joins the members at its first rebalance, so that a
+        relay failing its start-up checks (schema, broker) never counts as one: the others
+        would let shards go to it."""
         conn = relay_connect(self._settings, role=OWNER_ROLE, autocommit=True)
+        self._conn, self.member_id, self.owned = conn, 0, frozenset()
+        self._registered = False
+
+    def join(self) -> None:
+        """Become a member: a membership lock under a free random id (the first rebalance does
+        it; once per connection)."""
+        if self.member_id:
+            return
         while True:
             member = 1 + secrets.randbelow(2**31 - 1)
-            row = conn.execute(
+            row = self.connection.execute(
                 "SELECT pg_try_advisory_lock(%s, %s)", (self._member_class, member)
             ).fetchone()
             if row and row[0]:
-                break
-        self._conn, self.member_id, self.owned = conn, member, frozenset()
-        self._registered = False
+                self.member_id = member
+                return
 
     def members(self) -> list[int]:
         rows = self.connection.execute(_MEMBERS_SQL, (self._member_class,)).fetchall()
@@ -166,6 +175,7 @@ class ShardOwner:
 
         Returns (acquired, released).
         """
+        self.join()
         members = self.members()
         if self.member_id not in members:  # our membership lock is gone: the session was reset
             raise psycopg.OperationalError("the relay's ownership session lost its locks")

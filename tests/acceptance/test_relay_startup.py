@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import subprocess
+import time
+from pathlib import Path
 
 import pytest
 
@@ -19,7 +21,11 @@ from tests.acceptance.relay_harness import (
     RELAY,
     create_topic,
     read_topic,
+    run_relay,
+    start_relay,
+    stop,
     unpublished,
+    wait_until,
     write_events,
 )
 
@@ -217,6 +223,31 @@ def test_unreachable_broker_exits_5_naming_the_address(database_url: str) -> Non
     assert len(errors) == 1, result.stderr
     assert address in errors[0]
     assert "Kafka" in errors[0]
+
+
+def test_a_relay_that_fails_its_start_up_checks_takes_no_shard_from_a_running_one(
+    database_url: str, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """A second relay with a wrong Kafka address exits 5; while it checked the broker it must
+    not have counted as a member, or the running relay would have let shards go to it and
+    their events would have waited for the next rebalance after it died."""
+    log_path = tmp_path / "running.log"
+    running = start_relay(database_url, kafka_bootstrap, log=log_path)
+    try:
+
+        def owns_every_shard() -> bool:
+            rebalanced = testing.log_events(log_path.read_text(), "shards.rebalanced")
+            return bool(rebalanced) and rebalanced[-1]["owned"] == 256
+
+        wait_until(owns_every_shard, timeout=30)
+        address = f"127.0.0.1:{testing.free_port()}"
+        failed = run_relay(database_url, address, "--connect-timeout", "3", timeout=60)
+        assert failed.returncode == ExitCode.BROKER_UNAVAILABLE, failed.stderr
+        time.sleep(1.5)  # three rebalance intervals of the running relay after the exit
+    finally:
+        assert stop(running) == 0
+    rebalanced = testing.log_events(log_path.read_text(), "shards.rebalanced")
+    assert [line["released"] for line in rebalanced] == [0] * len(rebalanced), rebalanced
 
 
 def test_settings_from_environment_variables(database_url: str, kafka_bootstrap: str) -> None:

@@ -290,6 +290,53 @@ def finish(
     return received
 
 
+@dataclass
+class Drill:
+    """One fault test: a replicated topic, a 30,000-event backlog over 60 keys, relays draining
+    it, and what the test records on the way (faults, when it started)."""
+
+    cluster: ProxiedCluster
+    database_url: str
+    relays: list[Relay]
+    record_property: Callable[[str, object], None]
+    topic: str = ""
+    written: Written = field(default_factory=Written)
+    faults: Counter[str] = field(default_factory=Counter)
+    started: float = field(default_factory=time.monotonic)
+
+    def start(self, tmp_path: Path, relay_count: int, *relay_args: str) -> None:
+        """Write the backlog, start the relays, return once they published a batch."""
+        self.topic = create_replicated_topic(self.cluster)
+        self.written.add(self.database_url, self.topic, 30_000, keys=60)
+        self.relays.extend(
+            start_relays(
+                relay_count, self.database_url, self.cluster.bootstrap, tmp_path, *relay_args
+            )
+        )
+        procs = [r.proc for r in self.relays]
+        wait_for_progress(
+            self.database_url, len(self.written.ids), procs, below=30_000 - BATCH, timeout=120
+        )
+
+    def more(self, count: int = 3_000) -> None:
+        """Events of the same keys after the fault: they must follow the earlier ones."""
+        self.written.add(self.database_url, self.topic, count, keys=60)
+
+    def finish(self, name: str, notes: str = "") -> list[Received]:
+        return finish(
+            name,
+            self.cluster,
+            self.database_url,
+            self.topic,
+            self.written,
+            self.relays,
+            self.faults,
+            self.started,
+            self.record_property,
+            notes=notes,
+        )
+
+
 # 1. A partition leader SIGKILLed mid-batch
 
 
@@ -312,45 +359,20 @@ def test_partition_leader_killed_mid_batch(
 
     Checks: nothing lost, per-key order, duplicates <= rows counted not delivered, outbox
     empty, relay exit 0."""
-    started = time.monotonic()
+    drill = Drill(healthy_cluster, database_url, relays, record_property)
+    drill.start(tmp_path, 1, "--delivery-timeout", delivery_timeout)
     cluster = healthy_cluster.cluster
-    topic = create_replicated_topic(healthy_cluster)
-    written = Written()
-    written.add(database_url, topic, 30_000, keys=60)
-    faults: Counter[str] = Counter()
-    relays.extend(
-        start_relays(
-            1,
-            database_url,
-            healthy_cluster.bootstrap,
-            tmp_path,
-            "--delivery-timeout",
-            delivery_timeout,
-        )
-    )
-
-    wait_for_progress(
-        database_url, len(written.ids), [r.proc for r in relays], below=30_000 - BATCH, timeout=120
-    )
-    leader = cluster.leader_of(topic, 0)
+    leader = cluster.leader_of(drill.topic, 0)
     cluster.kill(leader)
-    faults["broker SIGKILL"] += 1
+    drill.faults["broker SIGKILL"] += 1
     left_at_kill = unpublished(database_url)
     drain(database_url, relays)  # with the leader down
 
     cluster.start_node(leader, wait=True)
-    faults["broker restart"] += 1
-    written.add(database_url, topic, 3_000, keys=60)
-    finish(
+    drill.faults["broker restart"] += 1
+    drill.more()
+    drill.finish(
         f"partition leader SIGKILLed mid-batch (delivery timeout {delivery_timeout} s)",
-        healthy_cluster,
-        database_url,
-        topic,
-        written,
-        relays,
-        faults,
-        started,
-        record_property,
         notes=f"node {leader.node_id} killed with {left_at_kill} rows left",
     )
 
@@ -372,21 +394,13 @@ def test_controlled_shutdown_mid_drain_then_restart(
 
     Checks: nothing lost, per-key order, duplicates <= rows counted not delivered (a
     controlled shutdown should cost none), outbox empty, relays exit 0."""
-    started = time.monotonic()
+    drill = Drill(healthy_cluster, database_url, relays, record_property)
+    drill.start(tmp_path, 2)
     cluster = healthy_cluster.cluster
-    topic = create_replicated_topic(healthy_cluster)
-    written = Written()
-    written.add(database_url, topic, 30_000, keys=60)
-    faults: Counter[str] = Counter()
-    relays.extend(start_relays(2, database_url, healthy_cluster.bootstrap, tmp_path))
-
-    wait_for_progress(
-        database_url, len(written.ids), [r.proc for r in relays], below=30_000 - BATCH, timeout=120
-    )
-    node = cluster.leader_of(topic, 1)
+    node = cluster.leader_of(drill.topic, 1)
     cluster.shut_down(node)
     assert node.process is not None
-    faults["broker SIGTERM"] += 1
+    drill.faults["broker SIGTERM"] += 1
     shutdown_code = node.process.returncode
     left_at_stop = unpublished(database_url)
     wait_until(
@@ -395,18 +409,10 @@ def test_controlled_shutdown_mid_drain_then_restart(
         interval=0.2,
     )
     cluster.start_node(node, wait=True)
-    faults["broker restart"] += 1
-    written.add(database_url, topic, 3_000, keys=60)
-    finish(
+    drill.faults["broker restart"] += 1
+    drill.more()
+    drill.finish(
         "controlled shutdown mid-drain",
-        healthy_cluster,
-        database_url,
-        topic,
-        written,
-        relays,
-        faults,
-        started,
-        record_property,
         notes=f"node {node.node_id} exited {shutdown_code} with {left_at_stop} rows left",
     )
 
@@ -429,37 +435,21 @@ def test_one_broker_cut_off_then_restored(
 
     Checks: nothing lost, per-key order, duplicates <= rows counted not delivered, outbox
     empty, relays exit 0."""
-    started = time.monotonic()
+    drill = Drill(healthy_cluster, database_url, relays, record_property)
+    drill.start(tmp_path, 2)
     cluster = healthy_cluster.cluster
-    topic = create_replicated_topic(healthy_cluster)
-    written = Written()
-    written.add(database_url, topic, 30_000, keys=60)
-    faults: Counter[str] = Counter()
-    relays.extend(start_relays(2, database_url, healthy_cluster.bootstrap, tmp_path))
-
-    wait_for_progress(
-        database_url, len(written.ids), [r.proc for r in relays], below=30_000 - BATCH, timeout=120
-    )
-    node = cluster.leader_of(topic, 0)
+    node = cluster.leader_of(drill.topic, 0)
     proxy = healthy_cluster.proxy_of(node)
     proxy.cut()
-    faults["broker cut"] += 1
+    drill.faults["broker cut"] += 1
     left_at_cut = unpublished(database_url)
     time.sleep(8)
     left_at_restore = unpublished(database_url)
     proxy.restore()
-    still_leader = cluster.leader_of(topic, 0) is node
-    written.add(database_url, topic, 3_000, keys=60)
-    finish(
+    still_leader = cluster.leader_of(drill.topic, 0) is node
+    drill.more()
+    drill.finish(
         "one broker cut off for 8 s",
-        healthy_cluster,
-        database_url,
-        topic,
-        written,
-        relays,
-        faults,
-        started,
-        record_property,
         notes=f"node {node.node_id} cut with {left_at_cut} rows left, restored with "
         f"{left_at_restore} left, still leader of partition 0: {still_leader}",
     )
@@ -514,24 +504,16 @@ def test_two_of_three_brokers_down_nothing_marked_without_ack(
     the outage is on Kafka in the end. After: nothing lost, per-key order, duplicates <= rows
     counted not delivered, outbox empty, relays exit 0, relays never exited during the outage.
     """
-    started = time.monotonic()
+    drill = Drill(healthy_cluster, database_url, relays, record_property)
+    drill.start(tmp_path, 2)
     cluster = healthy_cluster.cluster
-    topic = create_replicated_topic(healthy_cluster)
-    written = Written()
-    written.add(database_url, topic, 30_000, keys=60)
-    faults: Counter[str] = Counter()
-    relays.extend(start_relays(2, database_url, healthy_cluster.bootstrap, tmp_path))
-
-    wait_for_progress(
-        database_url, len(written.ids), [r.proc for r in relays], below=30_000 - BATCH, timeout=120
-    )
-    first = cluster.leader_of(topic, 0)
+    first = cluster.leader_of(drill.topic, 0)
     second = next(n for n in cluster.nodes if n is not first)
     cluster.kill(first)
     cluster.kill(second)
-    faults["broker SIGKILL"] += 2
+    drill.faults["broker SIGKILL"] += 2
     published_at_kill = len(published_ids(database_url))
-    outage_ids = set(written.add(database_url, topic, 3_000, keys=20, prefix="outage"))
+    outage_ids = set(drill.written.add(database_url, drill.topic, 3_000, keys=20, prefix="outage"))
     watch = OutageWatch(database_url, outage_ids, published_at_kill)
     watcher = threading.Thread(target=watch.run, name="outage-watch", daemon=True)
     watcher.start()
@@ -547,7 +529,7 @@ def test_two_of_three_brokers_down_nothing_marked_without_ack(
 
     for node in (first, second):
         cluster.start_node(node, wait=False)
-    faults["broker restart"] += 2
+    drill.faults["broker restart"] += 2
     healthy_cluster.heal()
 
     growth = watch.most_published - published_at_kill
@@ -564,16 +546,8 @@ def test_two_of_three_brokers_down_nothing_marked_without_ack(
         f"published while Kafka could not acknowledge them: {notes}"
     )
     assert growth <= len(relays) * BATCH, f"marked published during the outage: {notes}"
-    received = finish(
+    received = drill.finish(
         "two of three brokers down for 20 s",
-        healthy_cluster,
-        database_url,
-        topic,
-        written,
-        relays,
-        faults,
-        started,
-        record_property,
         notes=notes,
     )
     on_kafka = {r.event_id for r in received}

@@ -196,7 +196,8 @@ def test_only_owned_shards_are_claimed(
     """A relay that owns no shard claims nothing; rows of a shard it owns are claimed."""
     ids = write(database_url, ["a", "b"])
     shards = ShardOwner(settings)
-    shards.connect()  # a member, holding no shard yet
+    shards.connect()
+    shards.join()  # a member, holding no shard yet
     try:
         assert claim(sources[0], shards) == []
         sources[0].release()
@@ -219,6 +220,7 @@ def test_exactly_the_owned_shards_are_claimed_the_first_and_last_included(
     owned = (0, 17, 255)
     shards = ShardOwner(settings)
     shards.connect()
+    shards.join()
     try:
         with psycopg.connect(database_url) as conn:
             expected = [
