@@ -4,6 +4,10 @@ Rebalancing the shards, purging published rows past their retention, refreshing 
 gauges, sampling the scan floor and logging progress. Each returns when it is next due. They
 use the pipeline's current ``source`` connection, so the loop runs them only while that
 connection holds no claim.
+
+The purge and the gauges are housekeeping: when one fails and the connection is still good (a
+statement or lock timeout, a missing privilege), the chore logs ``relay.chore_failed``, rolls
+back and tries again later, and the claims go on. Only a broken connection is an outage.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ PROGRESS_EVERY = 10.0
 PURGING_SHARD = 0
 #: How often the backlog gauges are refreshed when metrics are enabled (seconds).
 BACKLOG_EVERY = 5.0
+#: Seconds before a housekeeping chore that failed is tried again.
+CHORE_RETRY = 30.0
 
 
 @dataclass
@@ -62,13 +68,35 @@ class Chores:
         """The tasks; a rebalance and a purge pass end a wait when due."""
         tasks = [Task("rebalance", self.rebalance, ends_wait=True)]
         if self.purge is not None:
-            tasks.append(
-                Task("purge", functools.partial(self.purge_pass, self.purge), ends_wait=True)
-            )
+            purge = functools.partial(self.purge_pass, self.purge)
+            tasks.append(Task("purge", self.housekeeping("purge", purge), ends_wait=True))
         if self.metrics.wants_backlog:
-            tasks.append(Task("backlog", self.refresh_backlog))
+            tasks.append(Task("backlog", self.housekeeping("backlog", self.refresh_backlog)))
         tasks += [Task("floor", self.sample_floor), Task("progress", self.log_progress)]
         return Schedule(tasks)
+
+    def housekeeping(self, name: str, chore: Callable[[float], float]) -> Callable[[float], float]:
+        """``chore``, failing alone: an error that leaves the connection good is logged and the
+        chore is due again in ``CHORE_RETRY`` seconds; a broken connection is the loop's."""
+
+        def run(now: float) -> float:
+            try:
+                return chore(now)
+            except psycopg.Error as exc:
+                connection = self.batches.source.connection
+                if connection.broken or connection.closed:
+                    raise
+                connection.rollback()
+                log.warning(
+                    "relay.chore_failed",
+                    chore=name,
+                    error=one_line(exc),
+                    retry_in=CHORE_RETRY,
+                    hint="publishing goes on; the chore is tried again later",
+                )
+                return now + CHORE_RETRY
+
+        return run
 
     def rebalance(self, now: float) -> float:
         acquired, released = self.shards.rebalance()

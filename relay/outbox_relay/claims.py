@@ -146,18 +146,26 @@ FROM unnest(%s::bigint[], %s::text[], %s::float8[], %s::bool[]) AS f(id, error, 
 WHERE e.id = f.id
 """
 # One step of the purge (.retention): the next rows from the cursor, in id order; of those,
-# delete the ones published before the cutoff; report the lowest one published after it. The
-# DELETE's own condition tests published_at, so READ COMMITTED re-checks it on a row updated
-# after the statement's snapshot (a replay) before deleting it; a condition only in a subquery
-# would not be re-checked.
+# delete the ones published before the cutoff; report the lowest one published after it.
+# It never waits for a row lock: a row someone else has locked (an operator's open transaction,
+# an audit job reading FOR SHARE, an insert into a table whose foreign key references it) is
+# skipped, and a later pass takes it. The conditions on published_at sit on the locking SELECT and
+# on the DELETE themselves: READ COMMITTED re-checks those on the newest version of a row updated
+# after the statement's snapshot (a replay), so a row put back meanwhile is neither locked nor
+# deleted. A condition only in a subquery would not be re-checked.
 _PURGE_CHUNK = """
 WITH chunk AS (
     SELECT id, published_at FROM {events} WHERE id >= %(from_id)s ORDER BY id LIMIT %(rows)s
 ), edge AS (
     SELECT count(*) AS rows, max(id) AS last_id FROM chunk
+), expired AS (
+    SELECT id FROM {events}
+    WHERE id >= %(from_id)s AND id <= (SELECT last_id FROM edge)
+      AND published_at < now() - make_interval(secs => %(retention)s)
+    FOR UPDATE SKIP LOCKED
 ), gone AS (
     DELETE FROM {events}
-    WHERE id >= %(from_id)s AND id <= (SELECT last_id FROM edge)
+    WHERE id IN (SELECT id FROM expired)
       AND published_at < now() - make_interval(secs => %(retention)s)
     RETURNING 1
 )
