@@ -289,3 +289,25 @@ def test_concurrent_apply_processes_both_succeed(empty_database_url: str) -> Non
     assert sorted("nothing applied" in out for out in stdout) == [False, True], stdout
     assert any("applied 0001_initial" in out for out in stdout), stdout
     assert _recorded_versions(empty_database_url) == [(v, 1) for v in range(1, LATEST + 1)]
+
+
+@pytest.mark.parametrize("via", ENTRY_POINTS)
+def test_misspelt_kafka_setting_exits_2_in_one_line(via: str) -> None:
+    """Issue 29: `run --kafka-config security.protocl=SASL_SSL` printed a 34-line traceback and
+    exited 1. It is one line naming the property, exit 2, before anything is reached (neither
+    address here answers)."""
+    result = run(
+        "run",
+        "--database-url",
+        _unreachable_url(),
+        "--kafka-bootstrap-servers",
+        f"127.0.0.1:{testing.free_port()}",
+        "--kafka-config",
+        "security.protocl=SASL_SSL",
+        via=via,
+    )
+    assert result.returncode == ExitCode.USAGE, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("Error: --kafka-config security.protocl "), lines
+    assert "Traceback" not in result.stderr

@@ -276,3 +276,63 @@ def test_the_command_line_and_the_settings_enforce_the_same_bounds(
     name = flag.removeprefix("--").replace("-", "_")
     with pytest.raises(ConfigurationError, match=f"{name} must be at"):
         RelaySettings(database_url=URL, kafka_bootstrap_servers="k:9092", **{name: float(value)})
+
+
+# --- --kafka-config: what librdkafka refuses is a usage error ---------------------------------
+
+
+def refused(*args: str) -> click.testing.Result:
+    """``outbox-relay ARGS`` in this process, expected to exit 2 (bad usage or settings)."""
+    unset: dict[str, str | None] = {k: None for k in os.environ if k.startswith("OUTBOX_")}
+    with restored_logging():
+        result = CliRunner().invoke(cli, list(args), env=unset)
+    assert result.exit_code == 2, (result.output, result.exception)
+    return result
+
+
+@pytest.mark.parametrize(
+    ("pair", "named"),
+    [
+        pytest.param("security.protocl=SASL_SSL", "security.protocl", id="misspelt"),
+        # librdkafka names the property by its canonical name, queue.buffering.max.ms.
+        pytest.param("linger.ms=soon", "linger.ms", id="bad-value-of-an-alias"),
+        pytest.param("compression.type=zip", "compression.type", id="bad-choice"),
+        pytest.param("stats_cb=print", "stats_cb", id="python-callback"),
+        pytest.param("default.topic.config=x", "default.topic.config", id="python-dict"),
+    ],
+)
+def test_a_kafka_setting_librdkafka_refuses_is_one_line_naming_it(
+    served: list[RelaySettings], pair: str, named: str
+) -> None:
+    """A --kafka-config property librdkafka does not know, or a value it does not take, exits 2
+    with one line naming the property as given, before a producer is made."""
+    result = refused(*run_args("--kafka-config", "linger.ms=5", "--kafka-config", pair))
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith(f"Error: --kafka-config {named} "), lines
+    assert served == []
+
+
+def test_a_refused_combination_of_kafka_settings_is_one_line(served: list[RelaySettings]) -> None:
+    """Settings librdkafka takes one by one but not together (here with the idempotence the
+    relay always turns on) are refused in one line with librdkafka's reason."""
+    result = refused(*run_args("--kafka-config", "max.in.flight=10"))
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, result.output
+    assert "max.in.flight" in lines[0]
+    assert "enable.idempotence" in lines[0]
+
+
+def test_a_kafka_secret_is_not_repeated_in_the_refusal(served: list[RelaySettings]) -> None:
+    """The line names the property, not its value: a misspelt password setting stays secret."""
+    result = refused(*run_args("--kafka-config", "sasl.pasword=hunter2"))
+    assert "sasl.pasword" in result.output
+    assert "hunter2" not in result.output
+
+
+def test_kafka_settings_librdkafka_takes_pass(served: list[RelaySettings]) -> None:
+    """Known properties with good values, aliases included, reach the relay unchanged."""
+    pairs = ["linger.ms=5", "compression.type=zstd", "security.protocol=PLAINTEXT"]
+    invoke(*run_args(*(arg for pair in pairs for arg in ("--kafka-config", pair))))
+    [settings] = served
+    assert dict(settings.kafka_config) == dict(p.split("=") for p in pairs)
