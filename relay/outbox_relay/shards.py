@@ -46,8 +46,8 @@ WHERE locktype = 'advisory' AND classid = %s AND objsubid = 2 AND granted
 
 
 _REGISTER_SQL = """
-INSERT INTO {relays} (member, relay_id, process, linger)
-VALUES (%s, %s, %s, make_interval(secs => %s))
+INSERT INTO {relays} (member, relay_id, process, linger, retention)
+VALUES (%s, %s, %s, make_interval(secs => %s), make_interval(secs => %s))
 ON CONFLICT (member) DO NOTHING
 """
 
@@ -211,7 +211,8 @@ class ShardOwner:
         if not self._registered:
             relay_id = self._settings.relay_id
             conn.execute(
-                self._sql["register"], (self.member_id, relay_id, self._process, self._linger)
+                self._sql["register"],
+                (self.member_id, relay_id, self._process, self._linger, self._settings.retention),
             )
             self._registered = True
         conn.execute(self._sql["mark_gone"], (self._member_class,))

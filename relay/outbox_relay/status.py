@@ -47,13 +47,16 @@ WHERE e.published_at IS NULL AND e.dead_lettered_at IS NULL AND e.key IS NOT NUL
       AND ((b.attempts > 0 AND b.dead_lettered_at IS NULL)
            OR (%(dead_letters_block)s AND b.dead_lettered_at IS NOT NULL)))
 """
+# The live relays (membership locks), with what each does with published rows (the registry).
 _RELAYS = """
 SELECT a.application_name, a.pid, a.client_addr::text,
        extract(epoch FROM now() - a.backend_start), extract(epoch FROM now() - a.state_change),
        (SELECT count(*) FROM pg_locks AS s
         WHERE s.locktype = 'advisory' AND s.classid = %(shards)s AND s.objsubid = 2
-          AND s.granted AND s.pid = m.pid)
+          AND s.granted AND s.pid = m.pid),
+       extract(epoch FROM r.retention)
 FROM pg_locks AS m JOIN pg_stat_activity AS a ON a.pid = m.pid
+LEFT JOIN {relays} AS r ON r.member = m.objid::bigint
 WHERE m.locktype = 'advisory' AND m.classid = %(members)s AND m.objsubid = 2 AND m.granted
   AND m.database = (SELECT oid FROM pg_database WHERE datname = current_database())
 ORDER BY a.application_name
@@ -68,6 +71,8 @@ class Relay:
     up_seconds: float
     last_seen_seconds: float
     shards: int
+    #: How long it keeps published rows (0: deletes them; None: a relay that does not say).
+    retention_seconds: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +107,10 @@ def read(
     dead_letters_block: bool,
     retention_kept: bool,
 ) -> Status:
-    """Every figure of the status, read in one snapshot (one REPEATABLE READ transaction)."""
+    """Every figure of the status, read in one snapshot (one REPEATABLE READ transaction).
+
+    Whether published rows are kept is what the running relays say they do; ``retention_kept``
+    (the command's own ``--retention``) only when no running relay says."""
     with conn.transaction():
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
         backlog, oldest, retrying, dead, last_minute = conn.execute(
@@ -113,10 +121,27 @@ def read(
         ).fetchone() or (0, None)
         by_topic = conn.execute(settings.sql(_BACKLOG_BY_TOPIC, events="events")).fetchall()
         by_shard = conn.execute(settings.sql(_BACKLOG_BY_SHARD, events="events")).fetchall()
-        relays = conn.execute(
-            _RELAYS,
-            {"shards": lock_class(settings, "shards"), "members": lock_class(settings, "members")},
-        ).fetchall()
+        relays = [
+            Relay(
+                relay_name(name),
+                int(pid),
+                client,
+                _seconds(up) or 0.0,
+                _seconds(seen) or 0.0,
+                int(shards),
+                _seconds(retention),
+            )
+            for name, pid, client, up, seen, shards, retention in conn.execute(
+                settings.sql(_RELAYS, relays="relays"),
+                {
+                    "shards": lock_class(settings, "shards"),
+                    "members": lock_class(settings, "members"),
+                },
+            )
+        ]
+    said = [r.retention_seconds for r in relays if r.retention_seconds is not None]
+    if said:
+        retention_kept = any(seconds > 0 for seconds in said)
     return Status(
         backlog=int(backlog),
         oldest_unpublished_seconds=_seconds(oldest),
@@ -127,17 +152,7 @@ def read(
         published_last_minute=int(last_minute) if retention_kept else None,
         backlog_by_topic=[(t, int(n), _seconds(age) or 0.0) for t, n, age in by_topic],
         backlog_by_shard={int(s): int(n) for s, n in by_shard},
-        relays=[
-            Relay(
-                relay_name(name),
-                int(pid),
-                client,
-                _seconds(up) or 0.0,
-                _seconds(seen) or 0.0,
-                int(shards),
-            )
-            for name, pid, client, up, seen, shards in relays
-        ],
+        relays=relays,
     )
 
 
@@ -152,10 +167,17 @@ def _age(seconds: float | None) -> str:
     return str(dt.timedelta(seconds=round(seconds)))
 
 
+def _keeps(retention_seconds: float | None) -> str:
+    """What a relay does with published rows: keeps them this long, or deletes them."""
+    if retention_seconds is None:
+        return "?"
+    return _age(retention_seconds) if retention_seconds > 0 else "no"
+
+
 def render(status: Status) -> str:
     """The human-readable table."""
     published = (
-        "n/a (rows are deleted on publish; run the relay with --retention to keep them)"
+        "n/a (the relays delete rows on publish; run them with --retention to keep them)"
         if status.published_last_minute is None
         else str(status.published_last_minute)
     )
@@ -180,10 +202,13 @@ def render(status: Status) -> str:
             f"backlog in {len(status.backlog_by_shard)} of 256 shards; busiest (shard:rows) "
             + ", ".join(f"{s}:{n}" for s, n in busiest),
         ]
-    lines += ["", f"{'relay':36} {'pid':>7} {'shards':>6} {'up':>10} {'last seen':>10}"]
+    lines += [
+        "",
+        f"{'relay':36} {'pid':>7} {'shards':>6} {'up':>10} {'last seen':>10} {'keeps rows':>10}",
+    ]
     lines += [
         f"{r.name:36} {r.pid:>7} {r.shards:>6} {_age(r.up_seconds):>10} "
-        f"{_age(r.last_seen_seconds) + ' ago':>10}"
+        f"{_age(r.last_seen_seconds) + ' ago':>10} {_keeps(r.retention_seconds):>10}"
         for r in status.relays
     ] or ["(no relay running)"]
     return "\n".join(lines)

@@ -80,7 +80,11 @@ def test_migrate_installs_the_outbox_and_schema_check_passes(django_database: st
     with psycopg.connect(django_database) as conn:
         assert conn.execute(
             "SELECT name FROM django_migrations WHERE app = 'outbox_relay' ORDER BY id"
-        ).fetchall() == [("0001_outbox_schema",), ("0002_relay_registry",)]
+        ).fetchall() == [
+            ("0001_outbox_schema",),
+            ("0002_relay_registry",),
+            ("0003_relay_retention",),
+        ]
 
 
 def test_migrate_again_and_backwards_keep_the_outbox(django_database: str) -> None:
