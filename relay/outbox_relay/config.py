@@ -1,7 +1,8 @@
 """The relay's settings: one frozen object, validated once, shared by every part of the daemon.
 
 Each setting carries its :class:`Option` (help and bounds) beside it; ``outbox-relay run``
-generates its options from them, so a setting is described in this file only.
+generates its options from them, so a setting is described in this file only. A float setting
+is a length of time in seconds; the command line takes it as a duration (``90``, ``15m``, ``7d``).
 """
 
 from __future__ import annotations
@@ -156,18 +157,16 @@ class RelaySettings:
     )
     poll_interval: float = setting(
         1.0,
-        help="Seconds an idle relay waits at most before it claims anyway (new events wake it "
-        "sooner; a retry falling due does not).",
+        help="Longest wait of an idle relay before it claims anyway (new events wake it sooner; "
+        "a retry falling due does not).",
         minimum=0.01,
     )
     backoff_base: float = setting(
         1.0,
-        help="Retry delay of a failed row: random(0, min(cap, base * 2**attempt)) seconds.",
+        help="Retry delay of a failed row: random(0, min(cap, base * 2**attempt)).",
         minimum=0.001,
     )
-    backoff_cap: float = setting(
-        300.0, help="Longest retry delay of a failed row, seconds.", minimum=0.001
-    )
+    backoff_cap: float = setting(300.0, help="Longest retry delay of a failed row.", minimum=0.001)
     max_attempts: int = setting(
         10, help="Failed deliveries before a row is dead-lettered.", minimum=1
     )
@@ -180,40 +179,40 @@ class RelaySettings:
     )
     rebalance_interval: float = setting(
         2.0,
-        help="Seconds between shard rebalances; bounds the takeover of a dead relay's shards.",
+        help="Time between shard rebalances; bounds the takeover of a dead relay's shards.",
         minimum=0.01,
     )
     retention: float = setting(
         0.0,
-        help="Seconds to keep published rows (purged in small batches); 0 deletes on publish. "
+        help="How long to keep published rows (purged in small batches); 0 deletes on publish. "
         "Give `status` the relays' value: above 0, it counts the events published in the last "
         "minute.",
         minimum=0,
     )
     connect_timeout: float = setting(
         10.0,
-        help="Seconds to wait for PostgreSQL to accept the connection.",
+        help="How long to wait for PostgreSQL to accept the connection.",
         minimum=1,
     )
     statement_timeout: float = setting(
         30.0,
-        help="PostgreSQL statement_timeout of the relay's sessions, seconds.",
+        help="PostgreSQL statement_timeout of the relay's sessions.",
         minimum=0.1,
     )
     lock_timeout: float = setting(
         5.0,
-        help="PostgreSQL lock_timeout of the relay's sessions, seconds. Not `schema apply`'s "
-        "lock wait (OUTBOX_MIGRATION_LOCK_TIMEOUT).",
+        help="PostgreSQL lock_timeout of the relay's sessions. Not `schema apply`'s lock wait "
+        "(OUTBOX_MIGRATION_LOCK_TIMEOUT).",
         minimum=0.1,
     )
     delivery_timeout: float = setting(
         30.0,
-        help="Bound on one message's delivery (librdkafka message.timeout.ms), seconds.",
+        help="Bound on one message's delivery (librdkafka message.timeout.ms).",
         minimum=0.1,
     )
     grace_period: float = setting(
         30.0,
-        help="Seconds to finish the in-flight batch after SIGTERM/SIGINT.",
+        help="Time to finish the in-flight batch after SIGTERM/SIGINT.",
         minimum=0.1,
     )
     breaker_threshold: int = setting(
@@ -223,12 +222,12 @@ class RelaySettings:
     )
     breaker_cooldown: float = setting(
         5.0,
-        help="Seconds before a small probe batch once the breaker opened (grows with jitter).",
+        help="Wait before a small probe batch once the breaker opened (grows with jitter).",
         minimum=0.01,
     )
     breaker_max_cooldown: float = setting(
         60.0,
-        help="Longest wait between probe batches while the breaker stays open, seconds.",
+        help="Longest wait between probe batches while the breaker stays open.",
         minimum=0.01,
     )
     probe_size: int = setting(10, help="Rows in a probe batch.", minimum=1)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime as dt
 import logging
 import os
 import re
@@ -21,10 +22,10 @@ import structlog
 from click.testing import CliRunner
 
 import outbox_relay
-from outbox import migrator
+from outbox import dedup, migrator
 from outbox.errors import ConfigurationError
 from outbox_relay import pg
-from outbox_relay.cli import cli
+from outbox_relay.cli import cli, duration
 from outbox_relay.cli import relay as run_module
 from outbox_relay.config import RelaySettings
 
@@ -259,9 +260,9 @@ def test_each_variable_reaches_its_setting(served: list[RelaySettings], name: st
     ("flag", "value", "refused"),
     [
         ("--batch-size", "0", "0 is not in the range x>=1"),
-        ("--poll-interval", "0.001", "0.001 is not in the range x>=0.01"),
+        ("--poll-interval", "0.001", "'0.001' is shorter than 0.01s"),
         ("--metrics-port", "70000", "70000 is not in the range 1<=x<=65535"),
-        ("--retention", "-1", "-1.0 is not in the range x>=0"),
+        ("--retention", "-1", "'-1' is shorter than 0s"),
     ],
 )
 def test_the_command_line_and_the_settings_enforce_the_same_bounds(
@@ -336,3 +337,138 @@ def test_kafka_settings_librdkafka_takes_pass(served: list[RelaySettings]) -> No
     invoke(*run_args(*(arg for pair in pairs for arg in ("--kafka-config", pair))))
     [settings] = served
     assert dict(settings.kafka_config) == dict(p.split("=") for p in pairs)
+
+
+# --- durations: one syntax for every length of time -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("90", 90.0),
+        ("1.5", 1.5),
+        ("1e3", 1000.0),
+        ("90s", 90.0),
+        ("250ms", 0.25),
+        ("15m", 900.0),
+        ("12h", 43_200.0),
+        ("7d", 604_800.0),
+        ("0.5d", 43_200.0),
+        (" 7d ", 604_800.0),
+    ],
+)
+def test_a_duration_is_a_number_of_seconds_or_a_number_and_a_unit(
+    text: str, seconds: float
+) -> None:
+    """A bare number is seconds, as every option took it before; ms, s, m, h and d scale it."""
+    assert duration.Duration().convert(text, None, None) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "s", "ms", "7w", "7dd", "soon", "nan", "inf", "1h30m"])
+def test_what_is_not_a_duration_is_refused_naming_the_syntax(text: str) -> None:
+    with pytest.raises(click.BadParameter, match="is not a duration like 90s, 250ms, 15m"):
+        duration.Duration().convert(text, None, None)
+
+
+def test_a_duration_keeps_its_bounds() -> None:
+    """The bounds are in seconds, whatever unit the value was given in."""
+    bounded = duration.Duration(0.01, 3600)
+    assert bounded.convert("10ms", None, None) == 0.01
+    with pytest.raises(click.BadParameter, match=r"'9ms' is shorter than 0\.01s"):
+        bounded.convert("9ms", None, None)
+    with pytest.raises(click.BadParameter, match="'2h' is longer than 3600s"):
+        bounded.convert("2h", None, None)
+    with pytest.raises(click.BadParameter, match="'0s' is not longer than 0s"):
+        duration.Duration(0, min_open=True).convert("0s", None, None)
+
+
+def every_option() -> Iterator[tuple[str, click.Option]]:
+    """Each option of each command of the tree, with the command's path."""
+
+    def walk(cmd: click.Command, path: str) -> Iterator[tuple[str, click.Option]]:
+        for param in cmd.params:
+            if isinstance(param, click.Option):
+                yield path, param
+        for name, sub in getattr(cmd, "commands", {}).items():
+            yield from walk(sub, f"{path} {name}".strip())
+
+    return walk(cli, "")
+
+
+def test_no_option_takes_a_bare_number_of_seconds() -> None:
+    """Every option that is a length of time takes a duration: none is a float any more (a
+    float option is how --retention came to refuse 7d while --older-than took it)."""
+    floats = [
+        f"{path} {p.opts[0]}"
+        for path, p in every_option()
+        if isinstance(p.type, click.types.FloatParamType)
+    ]
+    assert floats == []
+
+
+@pytest.mark.parametrize(
+    ("variable", "setting"),
+    [
+        ("OUTBOX_RETENTION", "retention"),
+        ("OUTBOX_POLL_INTERVAL", "poll_interval"),
+        ("OUTBOX_LOCK_TIMEOUT", "lock_timeout"),
+        ("OUTBOX_BACKOFF_CAP", "backoff_cap"),
+        ("OUTBOX_DELIVERY_TIMEOUT", "delivery_timeout"),
+        ("OUTBOX_GRACE_PERIOD", "grace_period"),
+    ],
+)
+def test_run_takes_durations_in_flags_and_variables(
+    served: list[RelaySettings], variable: str, setting: str
+) -> None:
+    """`run --retention 7d` (issue 29) and the same in the variable reach the settings as
+    seconds; a bare number still means seconds."""
+    flag = "--" + setting.replace("_", "-")
+    invoke(*run_args(flag, "2m"))
+    invoke(*run_args(), env={variable: "2m"})
+    invoke(*run_args(flag, "120"))
+    assert [getattr(s, setting) for s in served] == [120.0, 120.0, 120.0]
+
+
+def test_schema_apply_lock_wait_takes_a_duration(applied: list[int]) -> None:
+    invoke("schema", "apply", "--database-url", URL, "--lock-timeout", "2m")
+    invoke("schema", "apply", "--database-url", URL, env={"OUTBOX_MIGRATION_LOCK_TIMEOUT": "500ms"})
+    assert applied == [120_000, 500]
+
+
+def test_durations_in_help_show_their_unit() -> None:
+    """--help shows a duration's default with its unit and says what a DURATION is."""
+    text = " ".join(invoke("run", "--help").output.split())
+    assert "--retention DURATION" in text
+    assert "[env var: OUTBOX_RETENTION; default: 0s]" in text
+    assert "--poll-interval DURATION" in text
+    assert duration.SYNTAX in text
+
+
+def test_dedup_purge_takes_the_same_durations(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`dedup purge --older-than` (OUTBOX_DEDUP_RETENTION) reads durations as the relays' options
+    do, and still refuses a period that is not positive."""
+    periods: list[dt.timedelta] = []
+
+    def purge(conn: Any, older_than: dt.timedelta, **kwargs: Any) -> int:
+        periods.append(older_than)
+        return 0
+
+    monkeypatch.setattr(pg, "connect", lambda *args, **kwargs: contextlib.nullcontext())
+    monkeypatch.setattr(migrator, "require_current", lambda *args: None)
+    monkeypatch.setattr(dedup, "purge", purge)
+    invoke("dedup", "purge", "--database-url", URL, "--older-than", "7d")
+    invoke("dedup", "purge", "--database-url", URL, env={"OUTBOX_DEDUP_RETENTION": "12h"})
+    invoke("dedup", "purge", "--database-url", URL, "--older-than", "90")
+    assert periods == [dt.timedelta(days=7), dt.timedelta(hours=12), dt.timedelta(seconds=90)]
+    unset: dict[str, str | None] = {k: None for k in os.environ if k.startswith("OUTBOX_")}
+    with restored_logging():
+        zero = CliRunner().invoke(cli, ["dedup", "purge", "--older-than", "0s"], env=unset)
+    assert zero.exit_code == 2
+    assert "'0s' is not longer than 0s" in zero.output
+
+
+def test_status_max_lag_takes_a_duration() -> None:
+    """`status --max-lag 5m` is 300 seconds."""
+    cmd = command("status")
+    with cmd.make_context("status", ["--max-lag", "5m"]) as ctx:
+        assert ctx.params["max_lag"] == 300.0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import functools
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn, TypeVar
@@ -94,18 +93,3 @@ def checked_connection(
         migrator.require_current(conn, settings)
         conn.rollback()
         yield conn
-
-
-_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def duration(text: str) -> dt.timedelta:
-    """``90``, ``90s``, ``15m``, ``12h`` or ``7d``."""
-    value, unit = (text[:-1], text[-1]) if text and text[-1] in _DURATION_UNITS else (text, "s")
-    try:
-        seconds = float(value) * _DURATION_UNITS[unit]
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is not a duration like 90s, 15m, 12h or 7d") from None
-    if seconds <= 0:
-        raise click.BadParameter("must be positive")
-    return dt.timedelta(seconds=seconds)

@@ -9,13 +9,8 @@ import structlog
 
 from outbox import dedup, migrator
 from outbox_relay import pg
-from outbox_relay.cli.common import (
-    database_options,
-    duration,
-    handle_errors,
-    location,
-    location_options,
-)
+from outbox_relay.cli.common import database_options, handle_errors, location, location_options
+from outbox_relay.cli.duration import SYNTAX, Duration
 
 log = structlog.get_logger("relay.cli")
 
@@ -25,7 +20,7 @@ def group() -> None:
     """Maintain the consumers' dedup table."""
 
 
-@group.command("purge")
+@group.command("purge", epilog=SYNTAX)
 @database_options
 @location_options
 @click.option(
@@ -33,9 +28,9 @@ def group() -> None:
     envvar="OUTBOX_DEDUP_RETENTION",
     show_envvar=True,
     required=True,
-    callback=lambda _ctx, _param, value: duration(value),
-    help="Delete records older than this (90s, 15m, 12h, 7d). Choose it longer than the "
-    "longest time a message can be delivered again.",
+    type=Duration(0, min_open=True),
+    help="Delete records older than this (7d). Choose it longer than the longest time a "
+    "message can be delivered again.",
 )
 @click.option(
     "--batch-size",
@@ -50,13 +45,14 @@ def purge(
     connect_timeout: float,
     schema_name: str,
     table_prefix: str,
-    older_than: dt.timedelta,
+    older_than: float,
     batch_size: int,
 ) -> None:
     """Delete dedup records older than --older-than, in small transactions."""
+    age = dt.timedelta(seconds=older_than)
     settings = location(schema_name, table_prefix)
     with pg.connect(database_url or "", connect_timeout=connect_timeout, autocommit=True) as conn:
         migrator.require_current(conn, settings)
-        deleted = dedup.purge(conn, older_than, settings=settings, batch_size=batch_size)
-    log.info("dedup.purged", rows=deleted, older_than_s=older_than.total_seconds())
-    click.echo(f"deleted {deleted} dedup records older than {older_than}")
+        deleted = dedup.purge(conn, age, settings=settings, batch_size=batch_size)
+    log.info("dedup.purged", rows=deleted, older_than_s=older_than)
+    click.echo(f"deleted {deleted} dedup records older than {age}")

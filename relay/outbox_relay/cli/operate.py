@@ -14,12 +14,12 @@ from outbox_relay import dead_letters, status
 from outbox_relay.cli.common import (
     checked_connection,
     database_options,
-    duration,
     fail,
     handle_errors,
     location,
     location_options,
 )
+from outbox_relay.cli.duration import SYNTAX, Duration, seconds
 from outbox_relay.cli.options import options
 from outbox_relay.exit_codes import ExitCode
 
@@ -31,14 +31,14 @@ def _when(text: str | None) -> dt.datetime | None:
     if text is None:
         return None
     try:
-        return dt.datetime.now(dt.UTC) - duration(text)
-    except click.BadParameter:
+        return dt.datetime.now(dt.UTC) - dt.timedelta(seconds=seconds(text))
+    except ValueError:
         pass
     try:
         parsed = dt.datetime.fromisoformat(text)
     except ValueError:
         raise click.BadParameter(
-            f"{text!r} is neither an ISO time nor a duration like 12h"
+            f"{text!r} is neither an ISO time nor a duration like 15m, 12h or 7d"
         ) from None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
 
@@ -47,7 +47,7 @@ def _ids(ids: list[int]) -> str:
     return ", ".join(map(str, ids[:20])) + (f" and {len(ids) - 20} more" if len(ids) > 20 else "")
 
 
-@click.command("status")
+@click.command("status", epilog=SYNTAX)
 @database_options
 @location_options
 # The relays' own options: status must read them as the relays do.
@@ -55,9 +55,9 @@ def _ids(ids: list[int]) -> str:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object, for scripts.")
 @click.option(
     "--max-lag",
-    type=click.FloatRange(min=0),
+    type=Duration(0),
     default=None,
-    help="Exit 6 when the oldest unpublished event is older than this many seconds.",
+    help="Exit 6 when the oldest unpublished event is older than this.",
 )
 @handle_errors
 def status_command(
@@ -133,7 +133,7 @@ def _dead_letter_lines(row: dead_letters.DeadLetter) -> str:
     )
 
 
-@dead_letters_group.command("list")
+@dead_letters_group.command("list", epilog=SYNTAX)
 @database_options
 @location_options
 @_selection_options
@@ -166,7 +166,7 @@ def dead_letters_list(
         click.echo("no dead letters")
 
 
-@dead_letters_group.command("retry")
+@dead_letters_group.command("retry", epilog=SYNTAX)
 @database_options
 @location_options
 @_selection_options
@@ -199,7 +199,7 @@ def dead_letters_retry(
     click.echo(f"retrying {len(retried)} event(s): rows {_ids(retried)}")
 
 
-@dead_letters_group.command("discard")
+@dead_letters_group.command("discard", epilog=SYNTAX)
 @database_options
 @location_options
 @click.option("--id", "ids", type=int, multiple=True, required=True, help="Row id (repeatable).")
@@ -226,7 +226,7 @@ def dead_letters_discard(
     click.echo(f"discarded {len(discarded)} event(s): rows {_ids(discarded)}")
 
 
-@click.command("replay")
+@click.command("replay", epilog=SYNTAX)
 @database_options
 @location_options
 @click.option("--from-id", type=int, help="First row id of the range.")

@@ -2,8 +2,9 @@
 
 A :class:`~outbox_relay.config.RelaySettings` field with an :class:`~outbox_relay.config.Option`
 becomes one option: the flag and the variable from the field's name, the type and bounds from
-its annotation and the Option, the default from the field. ``run`` takes them all; other commands
-take the ones they share with the relays (``status`` reads ``--retention`` as the relays do).
+its annotation and the Option, the default from the field. A float is a length of time in
+seconds, given as a duration (``7d``). ``run`` takes them all; other commands take the ones they
+share with the relays (``status`` reads ``--retention`` as the relays do).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any, TypeVar
 import click
 
 from outbox.settings import OutboxSettings
+from outbox_relay.cli import duration
 from outbox_relay.config import Option, RelaySettings, option_of
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -58,10 +60,12 @@ def _parameter(name: str, option: Option, default: object) -> dict[str, Any]:
     if option.multiple:
         return {"multiple": True}
     if kind is int:
-        bounds = click.IntRange(_int(option.minimum), _int(option.maximum))
-        return {"type": bounds, "default": default}
+        numbers = click.IntRange(_int(option.minimum), _int(option.maximum))
+        return {"type": numbers, "default": default}
     if kind is float:
-        return {"type": click.FloatRange(option.minimum, option.maximum), "default": default}
+        # Every float setting is a length of time in seconds; --help shows the default as 30s.
+        shown = duration.shown(default) if isinstance(default, float) else default
+        return {"type": duration.Duration(option.minimum, option.maximum), "default": shown}
     return {"default": default}
 
 

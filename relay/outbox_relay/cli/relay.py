@@ -13,6 +13,7 @@ from confluent_kafka import KafkaException, Producer
 from outbox import urls
 from outbox.errors import ConfigurationError
 from outbox_relay.cli.common import handle_errors, location, location_options
+from outbox_relay.cli.duration import SYNTAX
 from outbox_relay.cli.options import SETTINGS, options, relay_settings
 from outbox_relay.config import RelaySettings
 from outbox_relay.kafka import KafkaPublisher, producer_config
@@ -22,7 +23,7 @@ from outbox_relay.loop import serve
 _UNHEARD = logging.getLogger("outbox_relay.cli.kafka_config_check")
 
 
-@click.command("run")
+@click.command("run", epilog=SYNTAX)
 @options(*SETTINGS[:2])
 @location_options
 @options(*SETTINGS[2:])

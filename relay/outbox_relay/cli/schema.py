@@ -9,6 +9,7 @@ from outbox import migrator
 from outbox.schema import latest_version, script
 from outbox_relay import pg
 from outbox_relay.cli.common import database_options, handle_errors, location, location_options
+from outbox_relay.cli.duration import SYNTAX, Duration
 
 log = structlog.get_logger("relay.cli")
 
@@ -32,7 +33,7 @@ def show(schema_name: str, table_prefix: str) -> None:
     click.echo(script(location(schema_name, table_prefix)), nl=False)
 
 
-@group.command("apply")
+@group.command("apply", epilog=SYNTAX)
 @database_options
 @location_options
 @click.option(
@@ -40,10 +41,10 @@ def show(schema_name: str, table_prefix: str) -> None:
     # Not the relays' OUTBOX_LOCK_TIMEOUT: a migration job's environment must not change them.
     envvar="OUTBOX_MIGRATION_LOCK_TIMEOUT",
     show_envvar=True,
-    type=click.FloatRange(min=0.1),
-    default=60.0,
+    type=Duration(0.1),
+    default="60s",
     show_default=True,
-    help="Seconds to wait for locks (another apply, or a busy table) before giving up. The "
+    help="How long to wait for locks (another apply, or a busy table) before giving up. The "
     "relays' own lock timeout is OUTBOX_LOCK_TIMEOUT.",
 )
 @handle_errors
@@ -67,7 +68,7 @@ def apply(
     click.echo(f"applied {labels}; schema is at version {latest_version()}")
 
 
-@group.command("check")
+@group.command("check", epilog=SYNTAX)
 @database_options
 @location_options
 @handle_errors
