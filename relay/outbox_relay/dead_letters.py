@@ -243,3 +243,83 @@ def replay(
             params,
         ).fetchall()
     return sorted(int(r[0]) for r in rows)
+
+
+_DELETED = "the relays delete rows once they are published"
+_PENDING = " (to be sent, retrying or dead-lettered; see status and dead-letters list)"
+
+
+@dataclass(frozen=True, slots=True)
+class NothingReplayed:
+    """What the outbox can tell about a range in which ``replay`` found no published row."""
+
+    #: Rows of the range not published yet (to be sent, retrying, dead-lettered).
+    unpublished: int
+    #: Each registered relay's --retention in seconds (0: deletes on publish; None: a relay of
+    #: an earlier version, which does not say).
+    retentions: tuple[float | None, ...]
+    #: The last row id handed out (None: not known, when the id sequence caches ids).
+    last_id: int | None
+    now: dt.datetime
+
+    def explain(self, selection: Selection) -> str:
+        """One line: retention is named only where it may be why the range is empty."""
+        where = (
+            f"of topic {selection.topic!r} in that range" if selection.topic else "in that range"
+        )
+        if self.unpublished:
+            events = "1 event is" if self.unpublished == 1 else f"{self.unpublished} events are"
+            return f"nothing to replay: {events} not published yet {where}{_PENDING}"
+        return f"no events {where}{self._why_none_left(selection)}"
+
+    def _why_none_left(self, selection: Selection) -> str:
+        if self._after_every_row(selection):
+            return ""
+        if not self.retentions or None in self.retentions:
+            return f" are left: {_DELETED} unless they run with --retention (OUTBOX_RETENTION)"
+        kept = min(r for r in self.retentions if r is not None)
+        if kept == 0:
+            return f" are left: {_DELETED} (run them with --retention to keep rows for replay)"
+        # A row created within the retention was published within it too: it would be kept.
+        if selection.since is not None and selection.since >= self.now - dt.timedelta(seconds=kept):
+            return ""
+        return f" are left: the relays keep published rows {_span(kept)} (--retention), then purge"
+
+    def _after_every_row(self, selection: Selection) -> bool:
+        """Whether the range starts after every row ever written: in the future, or past the
+        last id handed out."""
+        if selection.since is not None and selection.since > self.now:
+            return True
+        starts = [*selection.ids, *([] if selection.from_id is None else [selection.from_id])]
+        return bool(starts) and self.last_id is not None and min(starts) > self.last_id
+
+
+def _span(seconds: float) -> str:
+    """7d, 12h, 15m or 90s."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
+
+
+def nothing_replayed(
+    conn: psycopg.Connection[Any], settings: OutboxSettings, selection: Selection
+) -> NothingReplayed:
+    """What the outbox says about a range ``replay`` found no published row in."""
+    where, params = selection.where("created_at")
+    facts = settings.sql(
+        "SELECT (SELECT count(*) FROM {events} AS e WHERE e.published_at IS NULL AND {where}),"
+        " nullif({last_id}(), 0), now()",
+        events="events",
+        last_id="last_id",
+        where=pg_sql.SQL(where),
+    )
+    retentions = settings.sql("SELECT extract(epoch FROM retention) FROM {relays}", relays="relays")
+    with conn.transaction():
+        row = conn.execute(facts, params).fetchone()
+        said = conn.execute(retentions).fetchall()
+    assert row is not None
+    unpublished, last_id, now = row
+    return NothingReplayed(
+        int(unpublished), tuple(None if r is None else float(r) for (r,) in said), last_id, now
+    )

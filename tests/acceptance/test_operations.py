@@ -287,3 +287,40 @@ def test_commands_without_a_selection_are_refused(database_url: str, args: list[
     """Replaying or retrying needs an explicit selection: no accidental 'everything'."""
     result = cli(*args, "--database-url", database_url)
     assert result.returncode == 2
+
+
+def test_an_empty_replay_says_what_is_true(
+    database_url: str, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """Issue 29: a replay that matched nothing blamed retention, even with relays keeping every
+    published row. With a relay that keeps them an hour: a range past the newest row, or of a
+    topic nothing went to, has no events and the message says that; a range whose rows are not
+    published yet says that. Neither points at --retention."""
+    topic = create_topic(kafka_bootstrap)
+    write_events(database_url, topic, 5, keys=1)
+    relay = start_relay(
+        database_url, kafka_bootstrap, "--retention", "1h", log=tmp_path / "relay.log"
+    )
+    try:
+        wait_until(lambda: unpublished(database_url) == 0, timeout=30)
+        [(newest,)] = sql(database_url, "SELECT max(id) FROM outbox_events")
+        with psycopg.connect(database_url) as conn:  # dead-lettered before the relay can see it
+            [event_id] = outbox.add_many(conn, [outbox.Event(topic, {"n": 5}, key="key-0")])
+            conn.execute(
+                "UPDATE outbox_events SET attempts = 3, dead_lettered_at = now()"
+                " WHERE event_id = %s",
+                (event_id,),
+            )
+        [(dead,)] = sql(
+            database_url, "SELECT id FROM outbox_events WHERE event_id = %s", (event_id,)
+        )
+        beyond = cli("replay", "--database-url", database_url, "--from-id", f"{newest}00")
+        no_topic = cli("replay", "--database-url", database_url, "--since", "30m", "--topic", "nope")
+        pending = cli("replay", "--database-url", database_url, "--from-id", str(dead))
+    finally:
+        assert stop(relay) == 0
+    assert beyond.returncode == no_topic.returncode == pending.returncode == 7
+    assert beyond.stderr.strip() == "Error: no events in that range"
+    assert no_topic.stderr.strip() == "Error: no events of topic 'nope' in that range"
+    assert "nothing to replay: 1 event is not published yet in that range" in pending.stderr
+    assert "--retention" not in beyond.stderr + no_topic.stderr + pending.stderr

@@ -259,10 +259,7 @@ def replay_command(
     settings = location(schema_name, table_prefix)
     with checked_connection(database_url, connect_timeout, settings) as conn:
         replayed = dead_letters.replay(conn, settings, selection)
-    if not replayed:
-        fail(
-            "no published event in that range is retained: the relay deletes rows once they "
-            "are published unless it runs with --retention (OUTBOX_RETENTION) long enough",
-            ExitCode.NOTHING_MATCHED,
-        )
+        if not replayed:
+            found = dead_letters.nothing_replayed(conn, settings, selection)
+            fail(found.explain(selection), ExitCode.NOTHING_MATCHED)
     click.echo(f"replaying {len(replayed)} event(s): rows {_ids(replayed)}")
