@@ -3,9 +3,11 @@
 No trigger runs in the application's transactions. The idle relay calls ``wait_for_events``
 (migration 0005), which sleeps inside PostgreSQL in short ticks and returns once the id
 sequence moved past the relay's last :class:`Look` and a row above it is visible, or a late row
-(committed below that bound) appears among the highest waiting ones. A look is always read
-before the claim that follows it, so whatever the claim missed makes the next wait return.
-Details and costs: the design page, "How an idle relay wakes up".
+(committed below that bound) appears among the 64 highest waiting ones. Below more waiting rows
+than that, a late row is found through its writer: the look also names the transactions that
+were writing to the outbox table, and the wait returns once one of them has ended. A look is
+always read before the claim that follows it, so whatever the claim missed makes the next wait
+return. Details and costs: the design page, "How an idle relay wakes up".
 """
 
 from __future__ import annotations
@@ -30,6 +32,31 @@ MAX_TICK_MS = 6
 FAST_MS = 20
 #: Longest single call; the relay checks for a stop request between calls.
 CALL_SECONDS = 0.25
+#: How many of the highest waiting rows ``wait_for_events`` compares with the look.
+LOOK_DEPTH = 64
+#: Longest call while the look has writers to watch: the most a late row below the look's
+#: rows waits to be noticed once its transaction commits (the writers are read between calls).
+WRITERS_SECONDS = 0.02
+
+# The wait, then (after it, as the subquery reads ``w``) the transactions of other sessions
+# that hold the lock every INSERT, COPY, UPDATE and DELETE of the outbox table takes and keeps
+# until they end: a transaction holding a row id it has not committed holds it. Read only when
+# the fresh look is deeper than the wait reads, or the look had writers (to see which ended).
+# pg_locks is readable by every role.
+_WAIT = """
+SELECT w.woken, w.new_bound, w.new_seen,
+       CASE WHEN cardinality(w.new_seen) >= %(depth)s OR cardinality(%(writers)s::text[]) > 0
+       THEN ARRAY(SELECT DISTINCT l.virtualtransaction FROM pg_locks AS l
+                  WHERE l.locktype = 'relation' AND l.mode = 'RowExclusiveLock'
+                    AND l.relation = %(events)s::regclass
+                    AND l.pid IS DISTINCT FROM pg_backend_pid()  -- NULL: a prepared one
+                    AND l.database = (SELECT oid FROM pg_database
+                                      WHERE datname = current_database())
+                    AND w.new_seen IS NOT NULL)
+       END
+FROM {wait}(%(bound)s, %(seen)s::bigint[], %(floor)s, %(timeout_ms)s, %(fast_ms)s,
+            %(max_tick_ms)s) AS w
+"""
 
 
 class Look(NamedTuple):
@@ -39,15 +66,18 @@ class Look(NamedTuple):
     bound: int | None
     #: The ids of the 64 highest unpublished rows up to ``bound``, read after it.
     seen: list[int] | None
+    #: With 64 rows in ``seen`` (the wait reads no deeper), the virtual transaction ids of the
+    #: sessions writing to the outbox table, read after ``seen``: any row id up to ``bound``
+    #: not committed yet is one of theirs. Empty otherwise.
+    writers: tuple[str, ...] = ()
 
 
 class Wakeup:
     """Waits for claimable events on a connection of its own (autocommit)."""
 
     def __init__(self, settings: OutboxSettings) -> None:
-        self._sql = settings.sql(
-            "SELECT * FROM {wait}(%s, %s::bigint[], %s, %s, %s, %s)", wait="wait_for_events"
-        )
+        self._sql = settings.sql(_WAIT, wait="wait_for_events")
+        self._events = settings.events_table
         self._look: Look | None = None
         self._polling_reported = False
 
@@ -76,9 +106,10 @@ class Wakeup:
         fast_ms = FAST_MS  # the first call only: later ones follow a quiet stretch
         while not stop.requested:
             remaining = deadline - clock()
-            timeout_ms = max(0, round(min(remaining, CALL_SECONDS) * 1000))
+            longest = WRITERS_SECONDS if self._look.writers else CALL_SECONDS
+            timeout_ms = max(0, round(min(remaining, longest) * 1000))
             woken, fresh = self._call(conn, self._look, floor, timeout_ms, fast_ms)
-            if woken or remaining <= CALL_SECONDS:
+            if woken or remaining <= longest:
                 self._look = fresh
                 return woken
             fast_ms = 0
@@ -92,14 +123,28 @@ class Wakeup:
         timeout_ms: int,
         fast_ms: int,
     ) -> tuple[bool, Look]:
-        params = (look.bound, look.seen, floor, timeout_ms, fast_ms, MAX_TICK_MS)
+        params = {
+            "bound": look.bound,
+            "seen": look.seen,
+            "floor": floor,
+            "timeout_ms": timeout_ms,
+            "fast_ms": fast_ms,
+            "max_tick_ms": MAX_TICK_MS,
+            "depth": LOOK_DEPTH,
+            "writers": list(look.writers),
+            "events": self._events,
+        }
         row = conn.execute(self._sql, params).fetchone()
         if row is None:  # pragma: no cover - the function always returns one row
             raise RuntimeError("wait_for_events returned no row")
-        woken, new_bound, new_seen = row
+        woken, new_bound, new_seen, writers = row
         if new_bound is None:
             self._report_polling()
-        return bool(woken), Look(new_bound, list(new_seen or ()))
+        seen = list(new_seen or ())
+        # A writer of the look that is gone has committed (or rolled back) its rows.
+        ended = writers is not None and not set(look.writers) <= set(writers)
+        deep = len(seen) >= LOOK_DEPTH and writers is not None
+        return bool(woken) or ended, Look(new_bound, seen, tuple(writers) if deep else ())
 
     def _report_polling(self) -> None:
         if not self._polling_reported:
