@@ -315,7 +315,8 @@ def test_an_empty_replay_says_what_is_true(
             database_url, "SELECT id FROM outbox_events WHERE event_id = %s", (event_id,)
         )
         beyond = cli("replay", "--database-url", database_url, "--from-id", f"{newest}00")
-        no_topic = cli("replay", "--database-url", database_url, "--since", "30m", "--topic", "nope")
+        url = ["--database-url", database_url]
+        no_topic = cli("replay", *url, "--since", "30m", "--topic", "nope")
         pending = cli("replay", "--database-url", database_url, "--from-id", str(dead))
     finally:
         assert stop(relay) == 0
@@ -324,3 +325,16 @@ def test_an_empty_replay_says_what_is_true(
     assert no_topic.stderr.strip() == "Error: no events of topic 'nope' in that range"
     assert "nothing to replay: 1 event is not published yet in that range" in pending.stderr
     assert "--retention" not in beyond.stderr + no_topic.stderr + pending.stderr
+
+
+def test_an_empty_history_says_so(database_url: str) -> None:
+    """`dead-letters list --history` with nothing logged prints a line, as `dead-letters list`
+    does with no dead letter (it printed nothing); with --json it prints no line at all."""
+    empty = cli("dead-letters", "list", "--database-url", database_url, "--history")
+    assert empty.returncode == 0, empty.stderr
+    assert empty.stdout == "no retries or discards logged\n"
+    listed = cli("dead-letters", "list", "--database-url", database_url)
+    assert listed.stdout == "no dead letters\n"
+    as_json = cli("dead-letters", "list", "--database-url", database_url, "--history", "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    assert as_json.stdout == ""

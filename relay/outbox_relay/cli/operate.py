@@ -125,6 +125,13 @@ def _history_line(entry: dict[str, Any]) -> str:
     )
 
 
+def _echo_history(entries: list[dict[str, Any]], as_json: bool) -> None:
+    for entry in entries:
+        click.echo(json.dumps(entry, default=str) if as_json else _history_line(entry))
+    if not entries and not as_json:
+        click.echo("no retries or discards logged")
+
+
 def _dead_letter_lines(row: dead_letters.DeadLetter) -> str:
     return (
         f"{row.id:>10} {row.dead_lettered_at:%Y-%m-%d %H:%M:%S} {row.topic} "
@@ -155,8 +162,7 @@ def dead_letters_list(
     settings = location(schema_name, table_prefix)
     with checked_connection(database_url, connect_timeout, settings) as conn:
         if history:
-            for entry in dead_letters.history(conn, settings, limit):
-                click.echo(json.dumps(entry, default=str) if as_json else _history_line(entry))
+            _echo_history(dead_letters.history(conn, settings, limit), as_json)
             return
         rows = dead_letters.list_dead_letters(conn, settings, _selection(**selected), limit)
     for row in rows:
