@@ -31,25 +31,39 @@ so one bad message does not hold back the others.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Mapping, Sequence
+import functools
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, assert_never
 
 import structlog
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 from prometheus_client import CollectorRegistry
 from sqlalchemy.orm import Session
 
 from outbox import dedup, tracing
-from outbox.backoff import full_jitter
-from outbox.consumer_metrics import (
-    ConsumeStats,
-    Progress,
-    metrics_registry,
-    partitions_of,
-    serve,
+from outbox.consumer_core import (
+    C,
+    ClaimMany,
+    ClaimOne,
+    Command,
+    Commit,
+    Committed,
+    Consume,
+    ConsumeCore,
+    DeadLetter,
+    Handle,
+    InTransaction,
+    Run,
+    Split,
+    Store,
+    Transact,
+    Wait,
+    Watermarks,
+    origin_of,
 )
+from outbox.consumer_core import first_copies as first_copies  # its older home
+from outbox.consumer_metrics import ConsumeStats, serve
 from outbox.envelope import EVENT_ID_HEADER
 from outbox.errors import OutboxError
 from outbox.settings import OutboxSettings
@@ -67,24 +81,11 @@ ATTEMPTS_HEADER = "x-outbox-attempts"
 ORIGIN_HEADER = "x-outbox-origin"  # topic/partition/offset of the original message
 CONSUMER_HEADER = "x-outbox-consumer"
 
+T = TypeVar("T")
+
 
 class ConsumerStopped(OutboxError):
     """The loop stopped because a message could not be processed and has nowhere else to go."""
-
-
-def origin_of(message: Message) -> str:
-    """Where a message was: topic/partition/offset."""
-    return f"{message.topic()}/{message.partition()}/{message.offset()}"
-
-
-def usable(message: Message) -> bool:
-    """A message, not an error report; errors other than a partition's end are logged."""
-    error = message.error()
-    if error is None:
-        return True
-    if error.code() != KafkaError._PARTITION_EOF:
-        log.warning("consumer.kafka_error", error=str(error))
-    return False
 
 
 def header_pairs(message: Message) -> list[tuple[str, str | bytes | None]]:
@@ -132,38 +133,11 @@ class ConsumerSettings:
 H = TypeVar("H", Handler, BatchHandler)
 
 
-Identified = list[tuple[Message, str]]
-#: The messages of a transaction: (handled, skipped as duplicates).
-Split = tuple[list[Message], list[Message]]
-
-
-def one_split(message: Message, applied: bool) -> Split:
-    """One message's transaction as a split: handled, or skipped as a duplicate."""
-    return ([message], []) if applied else ([], [message])
-
-
 def serving(settings: ConsumerSettings, registry: CollectorRegistry | None) -> Callable[[], None]:
     """Start serving ``/metrics`` when ``settings.metrics_port`` is set; returns the closer."""
     if settings.metrics_port is None or registry is None:
         return lambda: None
     return serve(registry, settings.metrics_host, settings.metrics_port)
-
-
-def first_copies(
-    messages: Sequence[Message], ids: Sequence[str], new: set[str]
-) -> tuple[Identified, Identified]:
-    """Split a batch into the first copy of each newly claimed id, in order, and the rest:
-    ids claimed before, and second copies within the batch."""
-    fresh: Identified = []
-    skipped: Identified = []
-    unseen = set(new)
-    for message, message_id in zip(messages, ids, strict=True):
-        if message_id in unseen:
-            unseen.discard(message_id)
-            fresh.append((message, message_id))
-        else:
-            skipped.append((message, message_id))
-    return fresh, skipped
 
 
 class DeadLetterTopic:
@@ -271,8 +245,9 @@ def batch_span_attributes(
 
 
 class _Loop(Generic[H]):
-    """The loop around its handler: consuming, dedup, transactions, offsets, retries and dead
-    letters. Subclasses say how the new messages of one transaction reach the handler."""
+    """The loop around its handler, blocking: it carries out the commands of its
+    :class:`~outbox.consumer_core.ConsumeCore`, which decides. Subclasses say how the new
+    messages of one transaction reach the handler."""
 
     def __init__(
         self,
@@ -286,16 +261,14 @@ class _Loop(Generic[H]):
         self.settings = settings
         self.handler: H = handler
         self.session_factory = session_factory
-        self.message_id = message_id
-        self.registry = metrics_registry(settings.metrics_port, registry)
-        self.progress = Progress(settings.name, settings.topics, self.registry)
+        self.core = ConsumeCore(settings, message_id, registry)
         self._stop = StopRequest()
         self.dead_letters = DeadLetterTopic(settings)
         self._consumer = Consumer(consumer_config(settings))
 
     @property
     def stats(self) -> ConsumeStats:
-        return self.progress.stats
+        return self.core.progress.stats
 
     def stop(self) -> None:
         """Ask the loop to stop after the message in hand (thread-safe)."""
@@ -304,168 +277,85 @@ class _Loop(Generic[H]):
     def run(self, *, handle_signals: bool = True) -> None:
         """Consume until :meth:`stop`, SIGTERM/SIGINT (when ``handle_signals``), or a message
         that can be neither processed nor dead-lettered (:class:`ConsumerStopped`)."""
-        close_metrics = serving(self.settings, self.registry)  # first: it may refuse its port
+        close_metrics = serving(self.settings, self.core.registry)  # first: it may refuse its port
         if handle_signals:
             self._stop.install()
         try:
             self._consumer.subscribe(
                 list(self.settings.topics), on_assign=self._on_assign, on_revoke=self._on_revoke
             )
-            log.info(
-                "consumer.started", consumer=self.settings.name, topics=list(self.settings.topics)
-            )
-            while not self._stop.requested:
-                batch = self._consumer.consume(self.settings.batch_size, self.settings.poll_timeout)
-                messages = [m for m in batch if usable(m)]
-                if messages and self.progress.enabled:
-                    self._see_watermarks(messages)
-                if messages and not self._process(messages):
-                    break
+            self.core.started()
+            running = True
+            while running and not self._stop.requested:
+                running = self._drive(self.core.step(), self._perform)
         finally:
             self._consumer.close()  # commits the stored offsets
             self.dead_letters.flush()
             self._stop.restore()
             close_metrics()
-            log.info("consumer.stopped", consumer=self.settings.name, **vars(self.stats))
+            self.core.stopped()
 
-    def _process(self, messages: list[Message]) -> bool:
-        """Process in order; store each offset once its transaction committed. False: stop."""
-        if len(messages) > 1 and self._in_one_transaction(messages):
-            self._store(next_offsets(messages))
-            return True
-        for message in messages:
-            if not self._one_by_one(message):
-                return False
-            self._store(next_offsets([message]))
-        return True
+    def _drive(self, steps: Generator[C, Any, T], perform: Callable[[C], object]) -> T:
+        """Carry out the core's steps with ``perform``, blocking; what they returned."""
+        run = Run(steps)
+        while run.command is not None:
+            try:
+                reply = perform(run.command)
+            except Exception as exc:  # raised in the step that asked
+                run.fail(exc)
+            else:
+                run.answer(reply)
+        return run.result
 
-    def _see_watermarks(self, messages: list[Message]) -> None:
-        """Note the high watermarks of the batch's partitions (local reads, for the lag)."""
-        for topic, partition in partitions_of(messages):
-            _, high = self._consumer.get_watermark_offsets(
-                TopicPartition(topic, partition), cached=True
-            ) or (-1, -1)
-            self.progress.lag.seen(topic, partition, high)
+    def _perform(self, command: Command) -> object:
+        consumer = self._consumer
+        match command:
+            case Consume(size, timeout):
+                return consumer.consume(size, timeout)
+            case Transact():
+                return self._transact(command)
+            case Store(offsets):
+                consumer.store_offsets(offsets=offsets)
+                return None
+            case Wait(seconds):
+                return self._stop.wait(seconds)
+            case DeadLetter(message, error):
+                self.dead_letters.send(message, error)
+                return None
+            case Watermarks(partition):
+                return consumer.get_watermark_offsets(partition, cached=True)
+            case Committed(partitions):
+                return consumer.committed(partitions, timeout=10)
+            case Commit():
+                return consumer.commit(asynchronous=False)
+        assert_never(command)
 
-    def _store(self, offsets: list[TopicPartition]) -> None:
-        self._consumer.store_offsets(offsets=offsets)
-        self.progress.lag.stored(offsets)
+    def _transact(self, command: Transact) -> Split:
+        with self.session_factory() as session, session.begin():
+            steps = self.core.transaction(command)
+            return self._drive(steps, functools.partial(self._in_transaction, session))
+
+    def _in_transaction(self, session: Session, command: InTransaction) -> object:
+        name, outbox = self.settings.name, self.settings.outbox
+        match command:
+            case ClaimOne(message_id):
+                return dedup.claim(session, name, message_id, settings=outbox)
+            case ClaimMany(ids):
+                return dedup.claim_many(session, name, ids, settings=outbox)
+            case Handle(messages, ids):
+                self._handle_new(session, messages, ids)
+                return None
+        assert_never(command)
 
     def _handle_new(self, session: Session, messages: list[Message], ids: list[str]) -> None:
         """Hand the transaction's new messages (in order, never empty) to the handler."""
         raise NotImplementedError
 
-    def _apply(self, session: Session, message: Message) -> bool:
-        """Claim and handle inside the caller's transaction; False for a duplicate."""
-        message_id = self.message_id(message)
-        if self.settings.deduplicate and not dedup.claim(
-            session, self.settings.name, message_id, settings=self.settings.outbox
-        ):
-            log.info("consumer.duplicate_skipped", message_id=message_id, origin=origin_of(message))
-            return False
-        self._handle_new(session, [message], [message_id])
-        return True
+    def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._drive(self.core.assigned(partitions), self._perform)
 
-    def _in_one_transaction(self, messages: list[Message]) -> bool:
-        started = time.perf_counter()
-        try:
-            with self.session_factory() as session, session.begin():
-                fresh, skipped = self._apply_batch(session, messages)
-        except Exception as exc:  # the handler's own errors: replay one by one
-            log.info("consumer.batch_failed", size=len(messages), error=repr(exc))
-            self.progress.batch_replayed()
-            return False
-        self.progress.committed(fresh, skipped, time.perf_counter() - started)
-        return True
-
-    def _apply_batch(self, session: Session, messages: list[Message]) -> Split:
-        """Claim the whole batch in one statement, then handle the new messages in order;
-        (the messages handled, the duplicates skipped)."""
-        ids = [self.message_id(message) for message in messages]
-        new = (
-            dedup.claim_many(session, self.settings.name, ids, settings=self.settings.outbox)
-            if self.settings.deduplicate
-            else None
-        )
-        if new is None:
-            self._handle_new(session, messages, ids)
-            return messages, []
-        fresh, skipped = first_copies(messages, ids, new)
-        for message, message_id in skipped:
-            log.info("consumer.duplicate_skipped", message_id=message_id, origin=origin_of(message))
-        handled = [m for m, _ in fresh]
-        if handled:
-            self._handle_new(session, handled, [i for _, i in fresh])
-        return handled, [m for m, _ in skipped]
-
-    def _one_by_one(self, message: Message) -> bool:
-        error: Exception | None = None
-        for attempt in range(self.settings.max_attempts):
-            started = time.perf_counter()
-            try:
-                with self.session_factory() as session, session.begin():
-                    applied = self._apply(session, message)
-            except Exception as exc:  # any handler error: roll back, retry, then dead-letter
-                error = exc
-                last = attempt + 1 == self.settings.max_attempts
-                self.progress.failed(message, retrying=not last)
-                log.warning(
-                    "consumer.handler_failed",
-                    attempt=attempt + 1,
-                    error=repr(exc),
-                    topic=message.topic(),
-                    offset=message.offset(),
-                )
-                if not last and self._stop.wait(self._delay(attempt)):
-                    return False  # stopping: the message stays unacknowledged
-                continue
-            self.progress.committed(*one_split(message, applied), time.perf_counter() - started)
-            return True
-        assert error is not None
-        return self._dead_letter(message, error)
-
-    def _delay(self, attempt: int) -> float:
-        return full_jitter(attempt, base=self.settings.backoff_base, cap=self.settings.backoff_cap)
-
-    def _dead_letter(self, message: Message, error: Exception) -> bool:
-        self.dead_letters.send(message, error)
-        self.progress.dead_lettered(message)
-        return True
-
-    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        """With metrics, where the lag of the new partitions starts: the committed offsets."""
-        if self.progress.enabled:
-            self.progress.lag.assigned(committed(consumer.committed, partitions))
-
-    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        """Commit what is done before the partitions go to another consumer."""
-        self.progress.lag.revoked(partitions)
-        try:
-            consumer.commit(asynchronous=False)
-        except KafkaException as exc:
-            if exc.args[0].code() != KafkaError._NO_OFFSET:
-                log.warning("consumer.commit_failed", error=str(exc))
-
-
-def committed(
-    ask: Callable[..., list[TopicPartition]], partitions: list[TopicPartition]
-) -> list[TopicPartition]:
-    """The group's committed offsets of ``partitions``, or the partitions as they are (offset
-    unknown) when the broker does not answer within 10 s."""
-    try:
-        return ask(partitions, timeout=10)
-    except KafkaException as exc:
-        log.warning("consumer.committed_unknown", error=str(exc))
-        return partitions
-
-
-def next_offsets(messages: Sequence[Message]) -> list[TopicPartition]:
-    """The offsets to store once ``messages`` are done: one past the last message of each
-    partition (what storing each message's own offset in turn would leave)."""
-    last: dict[tuple[str, int], int] = {}
-    for message in messages:
-        last[(message.topic() or "", message.partition() or 0)] = (message.offset() or 0) + 1
-    return [TopicPartition(topic, partition, offset) for (topic, partition), offset in last.items()]
+    def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._drive(self.core.revoked(partitions), self._perform)
 
 
 class ConsumeLoop(_Loop[Handler]):

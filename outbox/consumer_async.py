@@ -27,44 +27,57 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import signal
 import threading
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, Generic, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
+from typing import Any, Generic, TypeVar, assert_never
 
 import psycopg
 import structlog
-from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import Message, TopicPartition
 from confluent_kafka.aio import AIOConsumer
 from prometheus_client import CollectorRegistry
 
 from outbox import dedup, tracing
-from outbox.backoff import full_jitter
 from outbox.consumer import (
     ConsumerSettings,
     DeadLetterTopic,
-    Split,
+    MessageId,
     batch_span_attributes,
     consumer_config,
     event_id_or_position,
-    first_copies,
     header_pairs,
     message_span_attributes,
-    next_offsets,
-    one_split,
-    origin_of,
     serving,
-    usable,
 )
-from outbox.consumer_metrics import ConsumeStats, Progress, metrics_registry, partitions_of
+from outbox.consumer_core import (
+    C,
+    ClaimMany,
+    ClaimOne,
+    Command,
+    Commit,
+    Committed,
+    Consume,
+    ConsumeCore,
+    DeadLetter,
+    Handle,
+    InTransaction,
+    Run,
+    Split,
+    Store,
+    Transact,
+    Wait,
+    Watermarks,
+)
+from outbox.consumer_metrics import ConsumeStats
 
 log = structlog.get_logger("outbox.consumer")
 
 AsyncHandler = Callable[[Any, Message], Awaitable[None]]
 AsyncBatchHandler = Callable[[Any, Sequence[Message]], Awaitable[None]]
-MessageId = Callable[[Message], str]
 H = TypeVar("H", AsyncHandler, AsyncBatchHandler)
+T = TypeVar("T")
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -90,7 +103,8 @@ async def transaction(transactions: Callable[[], Any]) -> AsyncIterator[Any]:
 
 
 class _AsyncLoop(Generic[H]):
-    """The loop around its handler, as :class:`outbox.consumer._Loop` but awaiting."""
+    """The loop around its handler, awaiting: it carries out the commands of its
+    :class:`~outbox.consumer_core.ConsumeCore`, as :class:`outbox.consumer._Loop` does blocking."""
 
     def __init__(
         self,
@@ -104,17 +118,16 @@ class _AsyncLoop(Generic[H]):
         self.settings = settings
         self.handler: H = handler
         self.transactions = transactions
-        self.message_id = message_id
-        self.registry = metrics_registry(settings.metrics_port, registry)
-        self.progress = Progress(settings.name, settings.topics, self.registry)
+        self.core = ConsumeCore(settings, message_id, registry)
         self.dead_letters = DeadLetterTopic(settings)
         self._stopping = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._consumer: AIOConsumer | None = None
         self.stop_reason = ""
 
     @property
     def stats(self) -> ConsumeStats:
-        return self.progress.stats
+        return self.core.progress.stats
 
     def stop(self, reason: str = "stop()") -> None:
         """Ask the loop to stop after the message in hand (from any thread)."""
@@ -128,32 +141,26 @@ class _AsyncLoop(Generic[H]):
         """Consume until :meth:`stop`, SIGTERM/SIGINT (when ``handle_signals``), cancellation,
         or a message that can be neither processed nor dead-lettered (``ConsumerStopped``)."""
         self._loop = asyncio.get_running_loop()
-        close_metrics = serving(self.settings, self.registry)  # first: it may refuse its port
+        close_metrics = serving(self.settings, self.core.registry)  # first: it may refuse its port
         installed = self._install_signals() if handle_signals else []
-        consumer: AIOConsumer | None = None
         try:
-            consumer = AIOConsumer(consumer_config(self.settings), max_workers=2)
-            await consumer.subscribe(
+            self._consumer = AIOConsumer(consumer_config(self.settings), max_workers=2)
+            await self._consumer.subscribe(
                 list(self.settings.topics), on_assign=self._on_assign, on_revoke=self._on_revoke
             )
-            log.info(
-                "consumer.started", consumer=self.settings.name, topics=list(self.settings.topics)
-            )
-            while not self._stopping.is_set():
-                batch = await consumer.consume(self.settings.batch_size, self.settings.poll_timeout)
-                messages = [m for m in batch if usable(m)]
-                if messages and self.progress.enabled:
-                    await self._see_watermarks(consumer, messages)
-                if messages and not await self._process(consumer, messages):
-                    break
+            self.core.started()
+            running = True
+            while running and not self._stopping.is_set():
+                running = await self._drive(self.core.step(), self._perform)
         finally:
             for sig in installed:
                 self._loop.remove_signal_handler(sig)
-            if consumer is not None:
-                await consumer.close()  # commits the stored offsets
+            if self._consumer is not None:
+                await self._consumer.close()  # commits the stored offsets
+                self._consumer = None
             await asyncio.to_thread(self.dead_letters.flush)
             close_metrics()
-            log.info("consumer.stopped", consumer=self.settings.name, **vars(self.stats))
+            self.core.stopped()
 
     def _install_signals(self) -> list[signal.Signals]:
         if threading.current_thread() is not threading.main_thread():
@@ -171,123 +178,72 @@ class _AsyncLoop(Generic[H]):
         log.info("consumer.stop_requested", signal=sig.name, again=self._stopping.is_set())
         self.stop(sig.name)
 
-    async def _process(self, consumer: AIOConsumer, messages: list[Message]) -> bool:
-        """Process in order; store each offset once its transaction committed. False: stop."""
-        if len(messages) > 1 and await self._in_one_transaction(messages):
-            await self._store(consumer, next_offsets(messages))
-            return True
-        for message in messages:
-            if not await self._one_by_one(message):
-                return False
-            await self._store(consumer, next_offsets([message]))
-        return True
+    async def _drive(
+        self, steps: Generator[C, Any, T], perform: Callable[[C], Awaitable[object]]
+    ) -> T:
+        """Carry out the core's steps with ``perform``, awaiting; what they returned."""
+        run = Run(steps)
+        while run.command is not None:
+            try:
+                reply = await perform(run.command)
+            except Exception as exc:  # raised in the step that asked
+                run.fail(exc)
+            else:
+                run.answer(reply)
+        return run.result
 
-    async def _see_watermarks(self, consumer: AIOConsumer, messages: list[Message]) -> None:
-        """Note the high watermarks of the batch's partitions (local reads, for the lag)."""
-        for topic, partition in partitions_of(messages):
-            _, high = await consumer.get_watermark_offsets(
-                TopicPartition(topic, partition), cached=True
-            ) or (-1, -1)
-            self.progress.lag.seen(topic, partition, high)
+    async def _perform(self, command: Command) -> object:
+        consumer = self._consumer
+        assert consumer is not None
+        match command:
+            case Consume(size, timeout):
+                return await consumer.consume(size, timeout)
+            case Transact():
+                return await self._transact(command)
+            case Store(offsets):
+                return await consumer.store_offsets(offsets=offsets)
+            case Wait(seconds):
+                return await self._stopped_within(seconds)
+            case DeadLetter(message, error):
+                return await asyncio.to_thread(self.dead_letters.send, message, error)
+            case Watermarks(partition):
+                return await consumer.get_watermark_offsets(partition, cached=True)
+            case Committed(partitions):
+                return await consumer.committed(partitions, timeout=10)
+            case Commit():
+                return await consumer.commit(asynchronous=False)
+        assert_never(command)
 
-    async def _store(self, consumer: AIOConsumer, offsets: list[TopicPartition]) -> None:
-        await consumer.store_offsets(offsets=offsets)
-        self.progress.lag.stored(offsets)
+    async def _transact(self, command: Transact) -> Split:
+        async with transaction(self.transactions) as db:
+            steps = self.core.transaction(command)
+            return await self._drive(steps, functools.partial(self._in_transaction, db))
+
+    async def _in_transaction(self, db: Any, command: InTransaction) -> object:
+        name, outbox = self.settings.name, self.settings.outbox
+        match command:
+            case ClaimOne(message_id):
+                return await dedup.claim_async(db, name, message_id, settings=outbox)
+            case ClaimMany(ids):
+                return await dedup.claim_many_async(db, name, ids, settings=outbox)
+            case Handle(messages, ids):
+                await self._handle_new(db, messages, ids)
+                return None
+        assert_never(command)
 
     async def _handle_new(self, db: Any, messages: list[Message], ids: list[str]) -> None:
         raise NotImplementedError
-
-    async def _in_one_transaction(self, messages: list[Message]) -> bool:
-        started = time.perf_counter()
-        try:
-            async with transaction(self.transactions) as db:
-                fresh, skipped = await self._apply_batch(db, messages)
-        except Exception as exc:  # the handler's own errors: replay one by one
-            log.info("consumer.batch_failed", size=len(messages), error=repr(exc))
-            self.progress.batch_replayed()
-            return False
-        self.progress.committed(fresh, skipped, time.perf_counter() - started)
-        return True
-
-    async def _apply_batch(self, db: Any, messages: list[Message]) -> Split:
-        ids = [self.message_id(message) for message in messages]
-        if not self.settings.deduplicate:
-            await self._handle_new(db, messages, ids)
-            return messages, []
-        new = await dedup.claim_many_async(
-            db, self.settings.name, ids, settings=self.settings.outbox
-        )
-        fresh, skipped = first_copies(messages, ids, new)
-        for message, message_id in skipped:
-            log.info("consumer.duplicate_skipped", message_id=message_id, origin=origin_of(message))
-        handled = [m for m, _ in fresh]
-        if handled:
-            await self._handle_new(db, handled, [i for _, i in fresh])
-        return handled, [m for m, _ in skipped]
-
-    async def _apply(self, db: Any, message: Message) -> bool:
-        message_id = self.message_id(message)
-        if self.settings.deduplicate and not await dedup.claim_async(
-            db, self.settings.name, message_id, settings=self.settings.outbox
-        ):
-            log.info("consumer.duplicate_skipped", message_id=message_id, origin=origin_of(message))
-            return False
-        await self._handle_new(db, [message], [message_id])
-        return True
-
-    async def _one_by_one(self, message: Message) -> bool:
-        error: Exception | None = None
-        for attempt in range(self.settings.max_attempts):
-            started = time.perf_counter()
-            try:
-                async with transaction(self.transactions) as db:
-                    applied = await self._apply(db, message)
-            except Exception as exc:  # any handler error: roll back, retry, then dead-letter
-                error = exc
-                last = attempt + 1 == self.settings.max_attempts
-                self.progress.failed(message, retrying=not last)
-                log.warning(
-                    "consumer.handler_failed",
-                    attempt=attempt + 1,
-                    error=repr(exc),
-                    topic=message.topic(),
-                    offset=message.offset(),
-                )
-                if not last and await self._stopped_within(self._delay(attempt)):
-                    return False  # stopping: the message stays unacknowledged
-                continue
-            self.progress.committed(*one_split(message, applied), time.perf_counter() - started)
-            return True
-        assert error is not None
-        await asyncio.to_thread(self.dead_letters.send, message, error)
-        self.progress.dead_lettered(message)
-        return True
-
-    def _delay(self, attempt: int) -> float:
-        return full_jitter(attempt, base=self.settings.backoff_base, cap=self.settings.backoff_cap)
 
     async def _stopped_within(self, seconds: float) -> bool:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), seconds)
         return self._stopping.is_set()
 
-    async def _on_assign(self, consumer: AIOConsumer, partitions: list[TopicPartition]) -> None:
-        """With metrics, where the lag of the new partitions starts: the committed offsets."""
-        if self.progress.enabled:
-            try:
-                partitions = await consumer.committed(partitions, timeout=10)
-            except KafkaException as exc:
-                log.warning("consumer.committed_unknown", error=str(exc))
-            self.progress.lag.assigned(partitions)
+    async def _on_assign(self, _consumer: AIOConsumer, partitions: list[TopicPartition]) -> None:
+        await self._drive(self.core.assigned(partitions), self._perform)
 
-    async def _on_revoke(self, consumer: AIOConsumer, partitions: list[TopicPartition]) -> None:
-        """Commit what is done before the partitions go to another consumer."""
-        self.progress.lag.revoked(partitions)
-        try:
-            await consumer.commit(asynchronous=False)
-        except KafkaException as exc:
-            if exc.args[0].code() != KafkaError._NO_OFFSET:
-                log.warning("consumer.commit_failed", error=str(exc))
+    async def _on_revoke(self, _consumer: AIOConsumer, partitions: list[TopicPartition]) -> None:
+        await self._drive(self.core.revoked(partitions), self._perform)
 
 
 class AsyncConsumeLoop(_AsyncLoop[AsyncHandler]):
