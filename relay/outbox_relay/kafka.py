@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, cast
 
 import structlog
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from outbox.envelope import EVENT_ID_HEADER
-from outbox.errors import OutboxError
+from outbox.errors import ConfigurationError, OutboxError
 from outbox_relay.config import GUARANTEED_KAFKA_SETTINGS, RelaySettings
 from outbox_relay.logs import LIBRDKAFKA_LOGGER
 from outbox_relay.ports import ClaimedRow, Outcome, Result
@@ -201,6 +201,38 @@ def producer_config(settings: RelaySettings) -> dict[str, Any]:
         "message.timeout.ms": timeout_ms,
         **GUARANTEED_KAFKA_SETTINGS,
     }
+
+
+#: The throwaway producer's logger: its lines wait for a poll() that never comes.
+_UNHEARD = logging.getLogger("outbox_relay.kafka.config_check")
+
+
+def check_kafka_config(settings: RelaySettings) -> None:
+    """ConfigurationError, before anything connects, if librdkafka refuses the producer's
+    settings: one line naming the --kafka-config property (a misspelt name, a bad value)."""
+    config = producer_config(settings)
+    del config["bootstrap.servers"]  # a producer without brokers connects to nothing
+    why = _refusal(config)
+    if why is None:
+        return
+    # librdkafka may name an alias by its canonical name (linger.ms: queue.buffering.max.ms);
+    # the property given that is refused alone, for the same reason, is the one to name.
+    named = next((k for k, v in settings.kafka_config.items() if _refusal({k: v}) == why), None)
+    # The value is left out: it may be a password.
+    what = f"--kafka-config {named} is" if named else "the --kafka-config settings are"
+    raise ConfigurationError(f"{what} refused by the Kafka client: {' '.join(why.split())}")
+
+
+def _refusal(config: Mapping[str, Any]) -> str | None:
+    """Why librdkafka refuses to make a producer of ``config`` (None: it does not)."""
+    try:
+        Producer({**config, "logger": _UNHEARD})
+    except KafkaException as exc:
+        return str(exc.args[0].str())
+    except (TypeError, ValueError, AttributeError) as exc:
+        # confluent-kafka's own properties (callbacks, default.topic.config).
+        return f"it takes a Python object there, not text ({exc})"
+    return None
 
 
 class KafkaPublisher:
