@@ -1,10 +1,10 @@
 """The whole outbox, end to end, on servers of its own: ``make demo``.
 
 An order service writes orders and their ``orders.placed`` events in one transaction each with
-``outbox.add``; the relay publishes them to Kafka and is killed with SIGKILL half-way and
-restarted; a billing service (examples/billing.py) turns each event into one invoice with the
-consume loop and its dedup table, and is killed once too. At the end: one invoice per order,
-whatever Kafka delivered twice.
+``outbox.add``; the relay publishes them to Kafka and is killed with SIGKILL mid-batch (caught
+with events of a batch on Kafka and not yet marked published) and restarted; a billing service
+(examples/billing.py) turns each event into one invoice with the consume loop and its dedup
+table, and is killed once too. At the end: one invoice per order, whatever Kafka delivered twice.
 
 Runs on an embedded PostgreSQL and an embedded Kafka-protocol broker (Tansu), or on the servers
 named by OUTBOX_TEST_DATABASE_URL and OUTBOX_TEST_KAFKA_BOOTSTRAP. Stops everything it started.
@@ -52,6 +52,10 @@ class Service:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -102,6 +106,72 @@ def read_topic(bootstrap: str, expected_ids: int) -> tuple[int, int]:
     return total, len(ids)
 
 
+# What the relay has marked published: rows leave the outbox when published, and each order was
+# committed with its event, so the orders without a row left. One snapshot for both counts.
+MARKED = "SELECT (SELECT count(*) FROM orders) - (SELECT count(*) FROM outbox_events)"
+# Whether a statement of the relay's claim and marking sessions is still running.
+RELAY_BUSY = (
+    "SELECT count(*) FROM pg_stat_activity"
+    " WHERE application_name LIKE 'outbox-relay work %' AND state = 'active'"
+    " AND datname = current_database()"
+)
+
+
+def on_kafka(consumer: Consumer, partitions: list[int]) -> int:
+    """Messages on the topic: its partitions' end offsets (before the kill, no duplicates)."""
+    ends = (
+        consumer.get_watermark_offsets(TopicPartition(TOPIC, p), timeout=10, cached=False)
+        for p in partitions
+    )
+    return sum(end for _, end in ends)
+
+
+def kill_mid_batch(relay: Service, database_url: str, bootstrap: str) -> tuple[int, int]:
+    """SIGKILL the relay while Kafka holds events of its batch that it has not marked published.
+
+    The relay is frozen (SIGSTOP) 1 to 19 ms after it last ran. Once its sessions run no
+    statement, nothing of it can commit, so a batch caught now is sure to be sent again after the
+    kill. If Kafka then holds more events than the outbox counts as marked, it is killed;
+    otherwise it goes on (SIGCONT) and is caught again a little later. Returns (tries, events on
+    Kafka not marked); (tries, 0) if no batch was caught so within 60 s (killed anyway).
+    """
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "demo-audit"})
+    partitions = sorted(consumer.list_topics(TOPIC, timeout=10).topics[TOPIC].partitions)
+    tries, deadline = 0, time.monotonic() + 60
+    try:
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            while time.monotonic() < deadline:
+                tries += 1
+                time.sleep(0.001 * (1 + tries * 7 % 19))  # 1 to 19 ms, varied
+                relay.signal(signal.SIGSTOP)
+                if settled(conn):
+                    marked = one(conn, MARKED)
+                    unmarked = on_kafka(consumer, partitions) - marked
+                    if unmarked > 0:
+                        relay.kill()
+                        return tries, unmarked
+                relay.signal(signal.SIGCONT)
+    finally:
+        consumer.close()
+    relay.kill()
+    return tries, 0
+
+
+def settled(conn: psycopg.Connection[tuple[int]], timeout: float = 1.0) -> bool:
+    """Whether the (frozen) relay's sessions have finished their statements in time."""
+    deadline = time.monotonic() + timeout
+    while one(conn, RELAY_BUSY):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.002)
+    return True
+
+
+def one(conn: psycopg.Connection[tuple[int]], sql: str) -> int:
+    row = conn.execute(sql).fetchone()
+    return int(row[0]) if row else 0
+
+
 def write_orders(database_url: str, orders: int, written: list[int]) -> None:
     """The order service: one order and its event per transaction, about 500 a second."""
     engine = sa.create_engine(urls.to_sqlalchemy(database_url))
@@ -135,6 +205,10 @@ def run(database_url: str, bootstrap: str, orders: int, logs: Path) -> dict[str,
             "run",
             "--batch-size",
             "100",
+            # A relay killed without leaving may still have messages in its producer, so the
+            # one restarted claims its shards only once those cannot arrive: this timeout + 5 s.
+            "--delivery-timeout",
+            "5",
             *servers,
         ],
         logs,
@@ -148,9 +222,20 @@ def run(database_url: str, bootstrap: str, orders: int, logs: Path) -> dict[str,
     writer.start()
     try:
         wait_until(lambda: written[0] >= orders // 3, 120, "a third of the orders")
-        relay.kill()
-        step(f"relay killed with SIGKILL after {written[0]} orders; restarting it")
+        tries, unmarked = kill_mid_batch(relay, database_url, bootstrap)
+        if unmarked:
+            events = f"{unmarked} event{'s' if unmarked > 1 else ''}"
+            step(
+                f"relay killed with SIGKILL after {written[0]} orders, mid-batch (caught at try "
+                f"{tries}): Kafka holds {events} of its batch not marked published; restarting it"
+            )
+        else:
+            step(
+                f"relay killed with SIGKILL after {written[0]} orders, but not mid-batch: no "
+                f"batch caught between Kafka's ack and its marking in {tries} tries; restarting it"
+            )
         relay.start()
+        step("the new relay takes the killed relay's shards once its messages cannot arrive (10 s)")
         invoices = "SELECT count(*) FROM invoices"
         wait_until(lambda: count(database_url, invoices) >= orders // 2, 120, "half the invoices")
         billing.kill()
@@ -167,11 +252,12 @@ def run(database_url: str, bootstrap: str, orders: int, logs: Path) -> dict[str,
         writer.join()
         relay.stop()
         billing.stop()
-    on_kafka, distinct = read_topic(bootstrap, orders)
+    total_on_kafka, distinct = read_topic(bootstrap, orders)
     return {
         "orders": count(database_url, "SELECT count(*) FROM orders"),
         "published": distinct,
-        "kafka_duplicates": on_kafka - distinct,
+        "unmarked_at_kill": unmarked,
+        "kafka_duplicates": total_on_kafka - distinct,
         "skipped": billing.log_lines("consumer.duplicate_skipped"),
         "invoices": count(database_url, invoices),
         "outbox_left": count(database_url, "SELECT count(*) FROM outbox_events"),
@@ -196,7 +282,8 @@ def main() -> None:
     print(f"""
   orders written (each with its event, one transaction)  {result["orders"]:>7,}
   events published to Kafka (distinct event ids)         {result["published"]:>7,}
-  duplicates Kafka holds (relay killed mid-batch)        {result["kafka_duplicates"]:>7,}
+  events on Kafka, not marked, when the relay was killed  {result["unmarked_at_kill"]:>7,}
+  duplicates Kafka holds (that batch, sent again)        {result["kafka_duplicates"]:>7,}
   duplicates skipped by the dedup table                  {result["skipped"]:>7,}
      (Kafka duplicates + redeliveries after the billing crash)
   invoices written (side effects)                        {result["invoices"]:>7,}
