@@ -136,11 +136,14 @@ SELECT pg_current_xact_id()::text::bigint,
 # The ids arrive as one array literal (see ``id_array``).
 _DELETE_PUBLISHED = "DELETE FROM {events} WHERE id = ANY(%s::bigint[])"
 _MARK_PUBLISHED = "UPDATE {events} SET published_at = now() WHERE id = ANY(%s::bigint[])"
+# A dead letter keeps no backoff: one cleared by hand (not through `dead-letters retry`) is due
+# at once, with the later rows of its key.
 _RECORD_FAILURES = """
 UPDATE {events} AS e
 SET attempts = e.attempts + 1,
     last_error = f.error,
-    next_attempt_at = clock_timestamp() + make_interval(secs => f.delay),
+    next_attempt_at = clock_timestamp()
+                      + CASE WHEN f.dead THEN interval '0' ELSE make_interval(secs => f.delay) END,
     dead_lettered_at = CASE WHEN f.dead THEN clock_timestamp() END
 FROM unnest(%s::bigint[], %s::text[], %s::float8[], %s::bool[]) AS f(id, error, delay, dead)
 WHERE e.id = f.id

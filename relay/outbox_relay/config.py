@@ -157,8 +157,9 @@ class RelaySettings:
     )
     poll_interval: float = setting(
         1.0,
-        help="Longest wait of an idle relay before it claims anyway (new events wake it sooner; "
-        "a retry falling due does not).",
+        help="Longest wait of an idle relay before it claims anyway. New events wake it sooner, "
+        "late commits included; a retry falling due, or a row put back by `dead-letters retry` "
+        "or `replay`, may wait for it.",
         minimum=0.01,
     )
     backoff_base: float = setting(

@@ -192,3 +192,29 @@ def test_a_batch_that_took_everything_is_followed_by_a_wait_not_a_claim(
         relay.shutdown()
     assert publisher.batches == [[f"e{i}".encode() for i in range(backlog)]]
     assert waited == ([relay.settings.poll_interval] if waits else [])
+
+
+def test_a_dead_letter_cleared_by_hand_is_due_at_once(database_url: str, stop: StopSignal) -> None:
+    """A dead letter keeps no backoff: an operator who clears ``dead_lettered_at`` by hand (not
+    through ``dead-letters retry``) sees the row, and the later rows of its key, go out at once,
+    not after the backoff of its last attempt (up to --backoff-cap)."""
+    write(database_url, [("a", "a1"), ("a", "a2")])
+    publisher = ScriptedPublisher(fail={b"a1"}, result=Result.PERMANENT)
+    relay = relay_for(database_url, publisher, stop, exit_when_idle=False, batch_size=10)
+    try:
+        relay.step()
+        assert publisher.sent == [b"a1", b"a2"]  # a2 follows: dead letters do not block a key
+        with psycopg.connect(database_url) as conn:
+            due = conn.execute(
+                "SELECT next_attempt_at <= now() FROM outbox_events WHERE payload = 'a1'"
+            ).fetchone()
+            assert due == (True,), "the dead letter kept the backoff of its last attempt"
+            conn.execute("UPDATE outbox_events SET dead_lettered_at = NULL")
+        for _ in range(100):  # up to the scan floor's next sample (a second), then a claim
+            relay.step()
+            if unpublished(database_url) == []:
+                break
+        assert publisher.sent == [b"a1", b"a2", b"a1"]
+    finally:
+        relay.leave()
+        relay.shutdown()

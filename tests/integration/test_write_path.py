@@ -98,7 +98,9 @@ def test_an_installation_at_0004_is_carried_over_with_its_rows(
             conn, [outbox.Event("orders", f"old{i}".encode(), key="k") for i in range(3)]
         )
     with psycopg.connect(url) as conn:
-        assert [m.version for m in migrator.apply(conn, DEFAULT)] == [5, 6]
+        assert [m.version for m in migrator.apply(conn, DEFAULT)] == list(
+            range(5, schema.latest_version() + 1)
+        )
         migrator.require_current(conn, DEFAULT)
         # A relay of 0004's version still running reads its floor's bound here: 0, no floor.
         assert conn.execute("SELECT outbox_id_bound()").fetchone() == (0,)
