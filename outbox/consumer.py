@@ -42,6 +42,7 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy.orm import Session
 
 from outbox import dedup, tracing
+from outbox.client_logs import ClientLog
 from outbox.consumer_core import (
     C,
     ClaimMany,
@@ -54,6 +55,7 @@ from outbox.consumer_core import (
     DeadLetter,
     Handle,
     InTransaction,
+    Probe,
     Run,
     Split,
     Store,
@@ -118,6 +120,9 @@ class ConsumerSettings:
     #: Messages per transaction; a failing batch is replayed one message at a time.
     batch_size: int = 1
     poll_timeout: float = 0.5
+    #: Seconds the loop waits at start for a broker to answer before it fails with
+    #: :class:`~outbox.errors.BrokerUnreachableError`.
+    connect_timeout: float = 30.0
     kafka_config: Mapping[str, str] = field(default_factory=dict)
     #: Where the dedup table is; by default where outbox.configure() put the events.
     outbox: OutboxSettings = field(default_factory=lambda: default().settings)
@@ -145,8 +150,9 @@ class DeadLetterTopic:
     error, the attempts, the origin and the consumer in its headers. Without a topic, or when
     Kafka does not take it, :class:`ConsumerStopped`: a message is never skipped silently."""
 
-    def __init__(self, settings: ConsumerSettings) -> None:
+    def __init__(self, settings: ConsumerSettings, client_log: ClientLog | None = None) -> None:
         self.settings = settings
+        self.client_log = client_log or ClientLog()
         self._producer: Producer | None = None
 
     def send(self, message: Message, error: Exception) -> None:
@@ -191,6 +197,8 @@ class DeadLetterTopic:
                 "bootstrap.servers": self.settings.bootstrap_servers,
                 "enable.idempotence": True,
                 "acks": "all",
+                "logger": self.client_log,
+                "error_cb": self.client_log.error,
             }
             self._producer = Producer(config)
         return self._producer
@@ -263,8 +271,14 @@ class _Loop(Generic[H]):
         self.session_factory = session_factory
         self.core = ConsumeCore(settings, message_id, registry)
         self._stop = StopRequest()
-        self.dead_letters = DeadLetterTopic(settings)
-        self._consumer = Consumer(consumer_config(settings))
+        self.dead_letters = DeadLetterTopic(settings, self.core.client_log)
+        self._consumer = Consumer(
+            {
+                **consumer_config(settings),
+                "logger": self.core.client_log,
+                "error_cb": self.core.kafka_error,
+            }
+        )
 
     @property
     def stats(self) -> ConsumeStats:
@@ -312,6 +326,9 @@ class _Loop(Generic[H]):
         match command:
             case Consume(size, timeout):
                 return consumer.consume(size, timeout)
+            case Probe(timeout):
+                consumer.list_topics(timeout=timeout)
+                return None
             case Transact():
                 return self._transact(command)
             case Store(offsets):

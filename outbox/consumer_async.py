@@ -35,7 +35,7 @@ from typing import Any, Generic, TypeVar, assert_never
 
 import psycopg
 import structlog
-from confluent_kafka import Message, TopicPartition
+from confluent_kafka import KafkaError, Message, TopicPartition
 from confluent_kafka.aio import AIOConsumer
 from prometheus_client import CollectorRegistry
 
@@ -63,6 +63,7 @@ from outbox.consumer_core import (
     DeadLetter,
     Handle,
     InTransaction,
+    Probe,
     Run,
     Split,
     Store,
@@ -119,7 +120,7 @@ class _AsyncLoop(Generic[H]):
         self.handler: H = handler
         self.transactions = transactions
         self.core = ConsumeCore(settings, message_id, registry)
-        self.dead_letters = DeadLetterTopic(settings)
+        self.dead_letters = DeadLetterTopic(settings, self.core.client_log)
         self._stopping = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._consumer: AIOConsumer | None = None
@@ -144,7 +145,12 @@ class _AsyncLoop(Generic[H]):
         close_metrics = serving(self.settings, self.core.registry)  # first: it may refuse its port
         installed = self._install_signals() if handle_signals else []
         try:
-            self._consumer = AIOConsumer(consumer_config(self.settings), max_workers=2)
+            config = {
+                **consumer_config(self.settings),
+                "logger": self.core.client_log,
+                "error_cb": self._on_kafka_error,  # AIOConsumer awaits it on this event loop
+            }
+            self._consumer = AIOConsumer(config, max_workers=2)
             await self._consumer.subscribe(
                 list(self.settings.topics), on_assign=self._on_assign, on_revoke=self._on_revoke
             )
@@ -198,6 +204,9 @@ class _AsyncLoop(Generic[H]):
         match command:
             case Consume(size, timeout):
                 return await consumer.consume(size, timeout)
+            case Probe(timeout):
+                await consumer.list_topics(timeout=timeout)
+                return None
             case Transact():
                 return await self._transact(command)
             case Store(offsets):
@@ -238,6 +247,9 @@ class _AsyncLoop(Generic[H]):
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), seconds)
         return self._stopping.is_set()
+
+    async def _on_kafka_error(self, error: KafkaError) -> None:
+        self.core.kafka_error(error)
 
     async def _on_assign(self, _consumer: AIOConsumer, partitions: list[TopicPartition]) -> None:
         await self._drive(self.core.assigned(partitions), self._perform)

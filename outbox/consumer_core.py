@@ -6,8 +6,10 @@ around one :class:`ConsumeCore`. The core's steps are generators: each yields a 
 its answer back, or the command's error raised at the ``yield``. A shell carries the commands
 out, with blocking calls or with awaits, and decides nothing: whether a batch goes in one
 transaction or one message at a time, when to retry, when to dead-letter or stop, which offsets
-to store and what to count are decided here once (as h11 keeps HTTP's rules apart from the
-sockets), and are tested without a broker or a database (``tests/unit/test_consumer_core.py``).
+to store, what to count and when to give up on an unreachable broker
+(:mod:`outbox.consumer_broker`) are decided here once (as h11 keeps HTTP's rules apart from the
+sockets), and are tested without a broker or a database (``tests/unit/test_consumer_core.py``,
+``tests/unit/test_consumer_broker.py``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 from prometheus_client import CollectorRegistry
 
 from outbox.backoff import full_jitter
-from outbox.consumer_metrics import Progress, metrics_registry, partitions_of
+from outbox.client_logs import ClientLog
+from outbox.consumer_broker import BrokerWatch
+from outbox.consumer_metrics import BrokerGauge, Progress, metrics_registry, partitions_of
 
 if TYPE_CHECKING:
     from outbox.consumer import ConsumerSettings, MessageId
@@ -41,6 +45,14 @@ class Consume:
     """Up to ``size`` messages or error reports, waiting up to ``timeout`` s. Answer: the list."""
 
     size: int
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """Ask a broker for metadata, waiting up to ``timeout`` s: whether one answers. Answer:
+    None; KafkaException raised when none did."""
+
     timeout: float
 
 
@@ -121,7 +133,7 @@ class Commit:
 
 
 #: What the loop asks of its shell.
-Command = Consume | Transact | Store | Wait | DeadLetter | Watermarks | Committed | Commit
+Command = Consume | Probe | Transact | Store | Wait | DeadLetter | Watermarks | Committed | Commit
 #: What a transaction asks of its shell, inside the transaction.
 InTransaction = ClaimOne | ClaimMany | Handle
 C = TypeVar("C", Command, InTransaction)
@@ -179,13 +191,13 @@ def origin_of(message: Message) -> str:
     return f"{message.topic()}/{message.partition()}/{message.offset()}"
 
 
-def usable(message: Message) -> bool:
+def usable(message: Message, client_log: ClientLog) -> bool:
     """A message, not an error report; errors other than a partition's end are logged."""
     error = message.error()
     if error is None:
         return True
     if error.code() != KafkaError._PARTITION_EOF:
-        log.warning("consumer.kafka_error", error=str(error))
+        client_log.error(error)
     return False
 
 
@@ -217,8 +229,9 @@ def next_offsets(messages: Sequence[Message]) -> list[TopicPartition]:
 
 class ConsumeCore:
     """One consume loop's decisions: consuming, dedup, transactions, offsets, retries and dead
-    letters, and what it counts in ``progress`` (and in ``registry``, with metrics on).
-    ``clock`` times the transactions; ``rand`` jitters the retries."""
+    letters, what it counts in ``progress`` (and in ``registry``, with metrics on), whether the
+    broker answers (``broker``) and the client's log lines (``client_log``). ``clock`` times
+    the transactions and the wait for a broker; ``rand`` jitters the retries."""
 
     def __init__(
         self,
@@ -233,23 +246,37 @@ class ConsumeCore:
         self.message_id = message_id
         self.registry = metrics_registry(settings.metrics_port, registry)
         self.progress = Progress(settings.name, settings.topics, self.registry)
+        self.broker = BrokerWatch(settings, BrokerGauge(settings.name, self.registry), clock)
+        #: The ``logger`` of the loop's Kafka clients; :meth:`kafka_error` is their ``error_cb``.
+        self.client_log = ClientLog()
         self._clock = clock
         self._rand = rand
 
     def started(self) -> None:
         """The loop subscribed."""
         log.info("consumer.started", consumer=self.settings.name, topics=list(self.settings.topics))
+        self.broker.start()
 
     def stopped(self) -> None:
-        """The loop closed its client."""
+        """The loop closed its clients."""
+        self.broker.stop()
+        self.client_log.summary()
         log.info("consumer.stopped", consumer=self.settings.name, **vars(self.progress.stats))
 
+    def kafka_error(self, error: KafkaError) -> None:
+        """The consumer's ``error_cb``: logged (thinned), and whether a broker is up."""
+        self.client_log.error(error)
+        self.broker.reported(error)
+
     def step(self) -> Steps[bool]:
-        """One turn of the loop: consume a batch and process it. False: the loop must stop."""
+        """One turn of the loop: see whether a broker answers (when that is in doubt), consume
+        a batch and process it. False: the loop must stop."""
+        yield from self._probe()
         batch: list[Message] = yield Consume(self.settings.batch_size, self.settings.poll_timeout)
-        messages = [m for m in batch if usable(m)]
+        messages = [m for m in batch if usable(m, self.client_log)]
         if not messages:
             return True
+        self.broker.answered()
         if self.progress.enabled:
             yield from self._see_watermarks(messages)
         return (yield from self._process(messages))
@@ -296,6 +323,17 @@ class ConsumeCore:
         except KafkaException as exc:
             if exc.args[0].code() != KafkaError._NO_OFFSET:
                 log.warning("consumer.commit_failed", error=str(exc))
+
+    def _probe(self) -> Steps[None]:
+        timeout = self.broker.probe_due()
+        if timeout is None:
+            return
+        try:
+            yield Probe(timeout)
+        except KafkaException as exc:
+            self.broker.unanswered(exc.args[0])  # raises at start, past connect_timeout
+        else:
+            self.broker.answered()
 
     def _process(self, messages: list[Message]) -> Steps[bool]:
         """In order; each offset stored once its transaction committed. False: stop."""

@@ -25,7 +25,9 @@ The metrics, each labelled with the consumer's name (its Kafka consumer group):
   messages of that partition (a local read, no request), minus the next offset the loop has to
   finish (the offset it stored last, or the group's committed offset when it got the partition).
   While a handler is stuck, it keeps its last value (at least 1): alert on it together with
-  ``messages_processed`` not moving.
+  ``messages_processed`` not moving;
+- ``outbox_consumer_broker_up``: 1 while a broker answers the loop, 0 while it connects at start
+  or after the client reported every broker down; no sample while the loop does not run.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ log = structlog.get_logger("outbox.consumer")
 
 PREFIX = "outbox_consumer_"
 LAG = PREFIX + "lag_messages"
+BROKER_UP = PREFIX + "broker_up"
 BATCH_DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
@@ -94,6 +97,16 @@ class _Families:
         )
         self.lag = LagCollector()
         registry.register(self.lag)
+        self._registry = registry
+        self._broker: BrokerCollector | None = None
+
+    def broker(self) -> BrokerCollector:
+        """``outbox_consumer_broker_up``, declared by the first loop that watches its broker."""
+        with _families_lock:
+            if self._broker is None:
+                self._broker = BrokerCollector()
+                self._registry.register(self._broker)
+            return self._broker
 
 
 _families: weakref.WeakKeyDictionary[CollectorRegistry, _Families] = weakref.WeakKeyDictionary()
@@ -181,6 +194,42 @@ class LagCollector(Collector):
             "Messages of an assigned partition not processed yet: the high watermark the client "
             "last saw minus the next offset the loop has to finish.",
             labels=("consumer", "topic", "partition"),
+        )
+
+
+class BrokerGauge:
+    """One loop's ``outbox_consumer_broker_up``: ``up`` is True while a broker answers, False
+    while the loop connects or every broker is down, None (no sample) while it does not run."""
+
+    def __init__(self, consumer: str, registry: CollectorRegistry | None) -> None:
+        self.consumer = consumer
+        self.up: bool | None = None
+        if registry is not None:
+            families_on(registry).broker().sources.add(self)
+
+
+class BrokerCollector(Collector):
+    """``outbox_consumer_broker_up`` of every loop recording into one registry."""
+
+    def __init__(self) -> None:
+        self.sources: weakref.WeakSet[BrokerGauge] = weakref.WeakSet()
+
+    def describe(self) -> Iterable[Metric]:
+        return [self._family()]
+
+    def collect(self) -> Iterable[Metric]:
+        family = self._family()
+        for source in sorted(self.sources, key=lambda source: source.consumer):
+            if source.up is not None:
+                family.add_metric([source.consumer], 1 if source.up else 0)
+        return [family]
+
+    @staticmethod
+    def _family() -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            BROKER_UP,
+            "1 while a Kafka broker answers the loop; 0 while it connects or every broker is down.",
+            labels=("consumer",),
         )
 
 

@@ -84,3 +84,18 @@ class SchemaOutdatedError(SchemaError):
 
 class SchemaMismatchError(SchemaError):
     """The database holds migrations this version does not know, or that were edited."""
+
+
+class BrokerUnreachableError(OutboxError):
+    """No Kafka broker answered a consume loop within ``ConsumerSettings.connect_timeout`` of
+    its start."""
+
+    def __init__(self, bootstrap_servers: str, timeout: float, reason: str) -> None:
+        super().__init__(
+            f"no Kafka broker answered at {bootstrap_servers} within {timeout:g} s "
+            f"(ConsumerSettings.connect_timeout): {reason}. Check bootstrap_servers, and that a "
+            "broker runs there and can be reached from this host"
+        )
+        self.bootstrap_servers = bootstrap_servers
+        self.timeout = timeout
+        self.reason = reason

@@ -7,7 +7,7 @@ import re
 
 from prometheus_client import CollectorRegistry
 
-from outbox.consumer_metrics import Progress
+from outbox.consumer_metrics import BrokerGauge, Progress
 from outbox_relay.metrics import RelayMetrics
 
 #: The sample names of each metric type beside the family's own name.
@@ -24,6 +24,7 @@ METRIC_NAME = re.compile(r"\b(?:outbox_(?:relay|consumer)|process)_[a-z_]+\b")
 def exported() -> set[str]:
     consumer = CollectorRegistry()
     Progress("consumer", ["topic"], consumer)
+    BrokerGauge("consumer", consumer)
     names = set()
     for registry in (RelayMetrics().registry, consumer):
         for family in registry.collect():
