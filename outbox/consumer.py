@@ -107,32 +107,52 @@ def event_id_or_position(message: Message) -> str:
 
 @dataclass(frozen=True, slots=True)
 class ConsumerSettings:
-    #: The consumer's name: its dedup namespace and its Kafka consumer group.
+    """Where a consume loop reads, and how it retries, dead-letters and deduplicates.
+
+    ``ConsumerSettings("billing", ["orders.placed"], "kafka:9092")`` is enough to start; every
+    other field has a default and is a keyword of the constructor.
+    """
+
     name: str
+    """The consumer's name: its dedup namespace and its Kafka consumer group (``group.id``)."""
     topics: Sequence[str]
+    """The topics to subscribe to."""
     bootstrap_servers: str
-    #: Handler attempts per message before it is dead-lettered (or the loop stops).
+    """Kafka brokers, ``host:port[,...]``."""
     max_attempts: int = 5
+    """Handler attempts per message before it is dead-lettered (or the loop stops)."""
     backoff_base: float = 0.5
+    """Seconds: retry ``n`` (from 0) waits a random time up to
+    ``min(backoff_cap, backoff_base * 2**n)``."""
     backoff_cap: float = 30.0
-    #: Where exhausted messages go; None stops the loop instead.
+    """Seconds: the longest wait between two attempts at a message."""
     dead_letter_topic: str | None = None
-    #: Messages per transaction; a failing batch is replayed one message at a time.
+    """Where a message goes after its last failed attempt, with the error, the attempts, its
+    origin and the consumer in its headers; ``None`` stops the loop with ``ConsumerStopped``."""
     batch_size: int = 1
+    """Messages per transaction (one ``claim_many``); a failing batch is replayed one message
+    at a time."""
     poll_timeout: float = 0.5
-    #: Seconds the loop waits at start for a broker to answer before it fails with
-    #: :class:`~outbox.errors.BrokerUnreachableError`.
+    """Seconds each poll of Kafka waits for messages (up to ``batch_size``)."""
     connect_timeout: float = 30.0
+    """Seconds the loop waits at start for a broker to answer before it fails with
+    :class:`~outbox.errors.BrokerUnreachableError`."""
     kafka_config: Mapping[str, str] = field(default_factory=dict)
-    #: Where the dedup table is; by default where outbox.configure() put the events.
+    """librdkafka settings for the loop's consumer and its dead-letter producer: security
+    (``security.protocol``, ``sasl.mechanism``, ``sasl.username``, ``sasl.password``,
+    ``ssl.ca.location``), the group's timeouts (``session.timeout.ms``), ``auto.offset.reset``
+    (``earliest`` by default). The loop's ``bootstrap.servers``, ``group.id``,
+    ``enable.auto.commit`` and ``enable.auto.offset.store`` take precedence."""
     outbox: OutboxSettings = field(default_factory=lambda: default().settings)
-    #: Claim each message id in the dedup table. Turn off only for handlers that are idempotent
-    #: by themselves: duplicates then reach the handler.
+    """Where the dedup table is; by default where ``outbox.configure()`` put the events."""
     deduplicate: bool = True
-    #: Serve Prometheus ``/metrics`` on this port while the loop runs (off when None); see
-    #: :mod:`outbox.consumer_metrics`.
+    """Claim each message id in the dedup table. Turn off only for handlers that are idempotent
+    by themselves: duplicates then reach the handler."""
     metrics_port: int | None = None
+    """Serve Prometheus ``/metrics`` on this port while the loop runs (off when None); see
+    :mod:`outbox.consumer_metrics`."""
     metrics_host: str = "0.0.0.0"  # noqa: S104 - a metrics endpoint is meant to be scraped
+    """Interface the metrics server listens on (all of them by default)."""
 
 
 H = TypeVar("H", Handler, BatchHandler)
@@ -266,6 +286,16 @@ class _Loop(Generic[H]):
         message_id: MessageId = event_id_or_position,
         registry: CollectorRegistry | None = None,
     ) -> None:
+        """:param settings: where to read, and how to retry, dead-letter and deduplicate.
+        :param handler: ``handler(session, message)`` (the batch loop: ``handler(session,
+            messages)``), called inside the transaction that holds the dedup claim; it must
+            not commit.
+        :param session_factory: makes each transaction's session (a ``sessionmaker``).
+        :param message_id: the id the dedup table records; by default the relay's ``event_id``
+            header, else topic/partition/offset (:func:`event_id_or_position`).
+        :param registry: a Prometheus registry to record the loop's metrics into; see
+            :mod:`outbox.consumer_metrics`.
+        """
         self.settings = settings
         self.handler: H = handler
         self.session_factory = session_factory

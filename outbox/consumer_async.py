@@ -116,6 +116,17 @@ class _AsyncLoop(Generic[H]):
         message_id: MessageId = event_id_or_position,
         registry: CollectorRegistry | None = None,
     ) -> None:
+        """:param settings: where to read, and how to retry, dead-letter and deduplicate.
+        :param handler: ``await handler(db, message)`` (the batch loop: ``await handler(db,
+            messages)``), called inside the transaction that holds the dedup claim; it must
+            not commit.
+        :param transactions: where each transaction comes from: an ``async_sessionmaker`` (or
+            any callable returning an ``AsyncSession``), or a callable returning what yields a
+            psycopg ``AsyncConnection`` (``pool.connection`` of an ``AsyncConnectionPool``).
+        :param message_id: the id the dedup table records; by default the relay's ``event_id``
+            header, else topic/partition/offset.
+        :param registry: a Prometheus registry to record the loop's metrics into.
+        """
         self.settings = settings
         self.handler: H = handler
         self.transactions = transactions
