@@ -106,12 +106,8 @@ class DeliverAll:
 
 def test_of_two_relays_only_the_owner_of_shard_0_purges(database_url: str) -> None:
     """Relays sharing a table never compete for the same rows: one of them purges them all."""
-    settings = RelaySettings(
-        database_url=database_url,
-        kafka_bootstrap_servers="unused:9092",
-        retention=3600,
-        rebalance_interval=0.01,
-        poll_interval=0.01,
+    settings = relay_settings(
+        database_url, retention=3600, rebalance_interval=0.01, poll_interval=0.01
     )
     stops = [StopSignal(), StopSignal()]
     relays = [Relay(settings, DeliverAll(), stop) for stop in stops]
@@ -139,29 +135,38 @@ def test_of_two_relays_only_the_owner_of_shard_0_purges(database_url: str) -> No
             stop.close()
 
 
-def published_within(database_url: str, ids: list[int], seconds: float) -> bool:
-    """Whether every row of ``ids`` is marked published within ``seconds``."""
+def within(seconds: float, done: Callable[[], bool]) -> bool:
+    """Whether ``done()`` comes true within ``seconds``."""
     deadline = time.monotonic() + seconds
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        while time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        if done():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def all_published(database_url: str, ids: list[int]) -> Callable[[], bool]:
+    """Whether no row of ``ids`` is unpublished (a purged row counts as published)."""
+
+    def check() -> bool:
+        with psycopg.connect(database_url) as conn:
             row = conn.execute(
                 "SELECT count(*) FROM outbox_events WHERE id = ANY(%s) AND published_at IS NULL",
                 (ids,),
             ).fetchone()
-            if row == (0,):
-                return True
-            time.sleep(0.05)
-    return False
+        return row == (0,)
+
+    return check
 
 
-def purged_within(database_url: str, ids: list[int], seconds: float) -> bool:
-    """Whether every row of ``ids`` is gone within ``seconds``."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if not set(ids) & set(remaining(database_url)):
-            return True
-        time.sleep(0.05)
-    return False
+def relay_settings(database_url: str, **overrides: float) -> RelaySettings:
+    """A relay's settings for the tests here: fast loops, no broker."""
+    options = {"poll_interval": 0.05, "rebalance_interval": 0.05, **overrides}
+    return RelaySettings(
+        database_url=database_url,
+        kafka_bootstrap_servers="unused:9092",
+        **options,  # type: ignore[arg-type]
+    )
 
 
 @contextlib.contextmanager
@@ -201,22 +206,18 @@ def test_a_lock_on_an_old_published_row_never_stalls_the_relay(
     for it until --lock-timeout, the relay dropped its connections and shards, reconnected, ran
     the purge first and waited again, and published nothing until the lock went)."""
     old = published(database_url, 20, age_s=7200)
-    settings = RelaySettings(
-        database_url=database_url,
-        kafka_bootstrap_servers="unused:9092",
-        retention=1,
-        lock_timeout=0.5,
-        poll_interval=0.05,
-        rebalance_interval=0.05,
-    )
+    settings = relay_settings(database_url, retention=1, lock_timeout=0.5)
     with capture_logs() as logs, psycopg.connect(database_url) as holder:
         holder.execute(f"SELECT id FROM outbox_events WHERE id = %s {lock}", (old[0],))
         with running(settings):
             fresh = add_events(database_url, 10)
-            assert published_within(database_url, fresh, seconds=8), (
+            assert within(8, all_published(database_url, fresh)), (
                 f"events waited for a lock on an old published row ({lock})"
             )
-            assert purged_within(database_url, old[1:], seconds=8), "the purge stopped"
+            purged = old[1:]
+            assert within(8, lambda: not set(purged) & set(remaining(database_url))), (
+                "the purge stopped"
+            )
             left = remaining(database_url)
         holder.rollback()
     assert old[0] in left, "the locked row was deleted under its lock"
@@ -238,17 +239,11 @@ def test_a_purge_the_relay_may_not_run_leaves_publishing_going(database_url: str
     with psycopg.connect(database_url, autocommit=True) as admin:
         admin.execute(sql)
     limited = make_url(database_url).set(username=role).render_as_string(hide_password=False)
-    settings = RelaySettings(
-        database_url=limited,
-        kafka_bootstrap_servers="unused:9092",
-        retention=1,
-        poll_interval=0.05,
-        rebalance_interval=0.05,
-    )
+    settings = relay_settings(limited, retention=1)
     try:
         with capture_logs() as logs, running(settings):
             fresh = add_events(database_url, 5)
-            assert published_within(database_url, fresh, seconds=8)
+            assert within(8, all_published(database_url, fresh))
     finally:
         with psycopg.connect(database_url, autocommit=True) as admin:
             admin.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")

@@ -3,7 +3,7 @@ not what its own flags say."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 
 import psycopg
 import pytest
@@ -12,18 +12,8 @@ import outbox
 from outbox_relay import status
 from outbox_relay.config import RelaySettings
 from outbox_relay.loop import Relay
-from outbox_relay.ports import ClaimedRow, Outcome, Result
 from outbox_relay.signals import StopSignal
-
-
-class DeliverAll:
-    def publish(
-        self, rows: Sequence[ClaimedRow], *, should_abort: Callable[[], bool]
-    ) -> list[Outcome]:
-        return [Outcome(row.id, Result.DELIVERED) for row in rows]
-
-    def settle(self, timeout: float) -> bool:
-        return True
+from tests.integration.test_retention import DeliverAll, relay_settings
 
 
 @pytest.fixture
@@ -32,9 +22,7 @@ def relays(database_url: str) -> Iterator[Callable[[float], Relay]]:
     started: list[tuple[Relay, StopSignal]] = []
 
     def start(retention: float) -> Relay:
-        settings = RelaySettings(
-            database_url=database_url, kafka_bootstrap_servers="unused:9092", retention=retention
-        )
+        settings = relay_settings(database_url, retention=retention)
         stop = StopSignal()
         relay = Relay(settings, DeliverAll(), stop)
         relay.connect()
