@@ -7,13 +7,14 @@ processors, so every line of a relay's output has one format.
 from __future__ import annotations
 
 import logging
-import re
 import sys
 import time
 from collections.abc import Callable
 from typing import Literal
 
 import structlog
+
+from outbox import client_logs
 
 LogFormat = Literal["auto", "console", "json"]
 LOG_FORMATS: tuple[LogFormat, ...] = ("auto", "console", "json")
@@ -24,23 +25,15 @@ LIBRDKAFKA_LOGGER = "librdkafka"
 
 class Repeats(logging.Filter):
     """Lets one line of a kind through per ``interval`` seconds (numbers ignored when
-    comparing), so an outage costs a few log lines, not a few per second."""
+    comparing: :class:`outbox.client_logs.Repeats`), so an outage costs a few log lines, not a
+    few per second."""
 
     def __init__(self, interval: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__()
-        self.interval = interval
-        self._clock = clock
-        self._last: dict[str, float] = {}
+        self._repeats = client_logs.Repeats(interval, clock)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        kind = re.sub(r"\d+", "#", record.getMessage())[:120]
-        now = self._clock()
-        if now - self._last.get(kind, -self.interval - 1) < self.interval:
-            return False
-        self._last[kind] = now
-        if len(self._last) > 1000:  # kinds are few; never let the table grow unbounded
-            self._last.clear()
-        return True
+        return self._repeats.admit(record.getMessage()) is not None
 
 
 def configure(log_format: LogFormat = "auto", level: str = "INFO") -> None:
