@@ -45,12 +45,13 @@ class Selection:
     from_id: int | None = None
     to_id: int | None = None
 
-    def where(self, time_column: str) -> tuple[str, dict[str, Any]]:
-        """SQL conditions (joined with AND) and their parameters; never interpolates values."""
+    def where(self, time_column: str, id_column: str = "id") -> tuple[str, dict[str, Any]]:
+        """SQL conditions (joined with AND) on the rows aliased ``e``, and their parameters;
+        never interpolates values."""
         parts: list[str] = []
         params: dict[str, Any] = {}
         if self.ids:
-            parts.append("e.id = ANY(%(ids)s)")
+            parts.append(f"e.{id_column} = ANY(%(ids)s)")
             params["ids"] = list(self.ids)
         if self.topic is not None:
             parts.append("e.topic = %(topic)s")
@@ -65,10 +66,10 @@ class Selection:
             parts.append(f"e.{time_column} < %(until)s")
             params["until"] = self.until
         if self.from_id is not None:
-            parts.append("e.id >= %(from_id)s")
+            parts.append(f"e.{id_column} >= %(from_id)s")
             params["from_id"] = self.from_id
         if self.to_id is not None:
-            parts.append("e.id <= %(to_id)s")
+            parts.append(f"e.{id_column} <= %(to_id)s")
             params["to_id"] = self.to_id
         return " AND ".join(parts) or "TRUE", params
 
@@ -109,15 +110,22 @@ def list_dead_letters(
 
 
 def history(
-    conn: psycopg.Connection[Any], settings: OutboxSettings, limit: int
+    conn: psycopg.Connection[Any],
+    settings: OutboxSettings,
+    limit: int,
+    selection: Selection = Selection(),
 ) -> list[dict[str, Any]]:
+    """The log of retries and discards, newest first: of the rows ``selection`` names (its
+    times are when the action was logged)."""
+    where, params = selection.where("at", id_column="row_id")
     rows = conn.execute(
         settings.sql(
             "SELECT at, action, actor, reason, row_id, event_id::text, topic, key, attempts,"
-            " last_error FROM {log} ORDER BY id DESC LIMIT %s",
+            " last_error FROM {log} AS e WHERE {where} ORDER BY id DESC LIMIT %(limit)s",
             log="dead_letter_log",
+            where=pg_sql.SQL(where),
         ),
-        (limit,),
+        {**params, "limit": limit},
     ).fetchall()
     conn.rollback()
     names = (

@@ -338,3 +338,32 @@ def test_an_empty_history_says_so(database_url: str) -> None:
     as_json = cli("dead-letters", "list", "--database-url", database_url, "--history", "--json")
     assert as_json.returncode == 0, as_json.stderr
     assert as_json.stdout == ""
+
+
+def test_the_history_shows_the_rows_selected(database_url: str) -> None:
+    """`dead-letters list --history` honours the selection: --id names rows, --topic and --key
+    their event, --since when the action was logged (it listed the whole log whatever was
+    asked)."""
+    rows = dead_letter(database_url, "orders", 2)
+    for row, _ in rows:
+        discarded = cli(
+            "dead-letters", "discard", "--database-url", database_url, "--id", str(row),
+            "--reason", "test",
+        )  # fmt: skip
+        assert discarded.returncode == 0, discarded.stderr
+
+    def logged(*selection: str) -> list[int]:
+        listed = cli(
+            "dead-letters", "list", "--database-url", database_url, "--history", "--json",
+            *selection,
+        )  # fmt: skip
+        assert listed.returncode == 0, listed.stderr
+        return [json.loads(line)["row_id"] for line in listed.stdout.splitlines()]
+
+    first, second = (row for row, _ in rows)
+    assert logged() == [second, first]
+    assert logged("--id", str(first)) == [first]
+    assert logged("--key", "k1") == [second]
+    assert logged("--topic", "payments") == []
+    assert logged("--since", "1h") == [second, first]
+    assert logged("--until", "1h") == []

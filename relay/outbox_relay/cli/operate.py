@@ -145,7 +145,12 @@ def _dead_letter_lines(row: dead_letters.DeadLetter) -> str:
 @location_options
 @_selection_options
 @click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
-@click.option("--history", is_flag=True, help="Show the log of retries and discards instead.")
+@click.option(
+    "--history",
+    is_flag=True,
+    help="Show the log of retries and discards instead (of the rows selected; --since and "
+    "--until then say when the action was logged).",
+)
 @click.option("--json", "as_json", is_flag=True, help="JSON lines, for scripts.")
 @handle_errors
 def dead_letters_list(
@@ -162,7 +167,8 @@ def dead_letters_list(
     settings = location(schema_name, table_prefix)
     with checked_connection(database_url, connect_timeout, settings) as conn:
         if history:
-            _echo_history(dead_letters.history(conn, settings, limit), as_json)
+            selection = _selection(**selected)
+            _echo_history(dead_letters.history(conn, settings, limit, selection), as_json)
             return
         rows = dead_letters.list_dead_letters(conn, settings, _selection(**selected), limit)
     for row in rows:
