@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import psycopg
+from psycopg import sql as pg_sql
 from psycopg.rows import RowMaker
 
 from outbox.settings import SHARD_COUNT, OutboxSettings
@@ -215,6 +216,12 @@ def _sql(template: str, settings: OutboxSettings) -> str:
     return settings.sql(template, events="events")
 
 
+def _purge_sql(expired: str, settings: OutboxSettings) -> str:
+    """The purge's step deleting the rows ``expired`` names (a condition on ``{events}``)."""
+    condition = pg_sql.SQL(settings.sql(expired, events="events"))
+    return settings.sql(_PURGE_CHUNK, events="events", expired=condition)
+
+
 @dataclass(frozen=True, slots=True)
 class Failure:
     """A failed row as it will be recorded: error text, retry delay, dead-lettered or not."""
@@ -268,10 +275,8 @@ class OutboxSource:
             _DELETE_PUBLISHED if settings.retention == 0 else _MARK_PUBLISHED, events
         )
         self._failures_sql = _sql(_RECORD_FAILURES, events)
-        self._purge_sql = _sql(_PURGE_CHUNK.replace("{expired}", _EXPIRED), events)
-        self._purge_skipping_sql = _sql(
-            _PURGE_CHUNK.replace("{expired}", _EXPIRED_UNLOCKED), events
-        )
+        self._purge_sql = _purge_sql(_EXPIRED, events)
+        self._purge_skipping_sql = _purge_sql(_EXPIRED_UNLOCKED, events)
         self._deliverable_sql = _sql(_DELIVERABLE, events)
         self._backlog_sql = _sql(_BACKLOG, events)
         self._floor_view_sql = _sql(_FLOOR_VIEW, events)
