@@ -21,6 +21,7 @@ from outbox_relay.loop import Relay
 from outbox_relay.ports import ClaimedRow, Outcome, Result
 from outbox_relay.retention import Purge
 from outbox_relay.signals import StopSignal
+from tests.acceptance.relay_harness import wait_until
 
 
 @pytest.fixture
@@ -135,16 +136,6 @@ def test_of_two_relays_only_the_owner_of_shard_0_purges(database_url: str) -> No
             stop.close()
 
 
-def within(seconds: float, done: Callable[[], bool]) -> bool:
-    """Whether ``done()`` comes true within ``seconds``."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if done():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def all_published(database_url: str, ids: list[int]) -> Callable[[], bool]:
     """Whether no row of ``ids`` is unpublished (a purged row counts as published)."""
 
@@ -211,13 +202,10 @@ def test_a_lock_on_an_old_published_row_never_stalls_the_relay(
         holder.execute(f"SELECT id FROM outbox_events WHERE id = %s {lock}", (old[0],))
         with running(settings):
             fresh = add_events(database_url, 10)
-            assert within(8, all_published(database_url, fresh)), (
-                f"events waited for a lock on an old published row ({lock})"
-            )
-            purged = old[1:]
-            assert within(8, lambda: not set(purged) & set(remaining(database_url))), (
-                "the purge stopped"
-            )
+            # Events waited for the lock on an old published row, if not.
+            wait_until(all_published(database_url, fresh), timeout=8, interval=0.05)
+            purged = old[1:]  # the purge stopped at the locked row, if not
+            wait_until(lambda: not set(purged) & set(remaining(database_url)), timeout=8)
             left = remaining(database_url)
         holder.rollback()
     assert old[0] in left, "the locked row was deleted under its lock"
@@ -243,7 +231,7 @@ def test_a_purge_the_relay_may_not_run_leaves_publishing_going(database_url: str
     try:
         with capture_logs() as logs, running(settings):
             fresh = add_events(database_url, 5)
-            assert within(8, all_published(database_url, fresh))
+            wait_until(all_published(database_url, fresh), timeout=8, interval=0.05)
     finally:
         with psycopg.connect(database_url, autocommit=True) as admin:
             admin.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
