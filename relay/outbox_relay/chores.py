@@ -47,6 +47,7 @@ class Totals:
     published: int = 0
     dead_lettered: int = 0
     purged: int = 0
+    partitions_dropped: int = 0
 
 
 @dataclass
@@ -119,11 +120,16 @@ class Chores:
         while it is behind."""
         if PURGING_SHARD not in self.shards.owned:
             purge.start_over()  # when it is ours again, others will have moved on
+            purge.prepare(self.batches.source)
             return now + PURGE_EVERY
-        removed, caught_up = purge.run(self.batches.source, self.clock)
-        self.totals.purged += removed
-        self.metrics.purged(removed)
-        return now + PURGE_EVERY if caught_up else now
+        done = purge.run(self.batches.source, self.clock)
+        self.totals.purged += done.deleted
+        self.totals.partitions_dropped += done.partitions
+        self.metrics.purged(done.deleted)
+        self.metrics.partitions_dropped(done.partitions, overdue=done.overdue)
+        if done.partitions:
+            log.info("relay.partitions_dropped", partitions=done.partitions)
+        return now + PURGE_EVERY if done.caught_up else now
 
     def refresh_backlog(self, now: float) -> float:
         self.metrics.set_backlog(*self.batches.source.backlog())
@@ -159,6 +165,7 @@ class Chores:
                 published_since_last=totals.published - self._published_at_progress,
                 dead_lettered=totals.dead_lettered,
                 purged=totals.purged,
+                partitions_dropped=totals.partitions_dropped,
                 shards=len(self.shards.owned),
             )
             self._published_at_progress = totals.published

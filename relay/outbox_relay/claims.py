@@ -24,7 +24,7 @@ from outbox_relay.config import RelaySettings
 from outbox_relay.floor import FloorSample
 from outbox_relay.pg import relay_connect
 from outbox_relay.ports import ClaimedRow, Outcome, Ownership, Result
-from outbox_relay.retention import PurgeStep
+from outbox_relay.retention import Expiry, PurgeStep
 
 # The claim: rows of the shards this relay holds (none once its ownership session is gone), and
 # only a row with no earlier unpublished row of its key outside this batch or the one in flight,
@@ -136,7 +136,26 @@ SELECT pg_current_xact_id()::text::bigint,
 """
 # The ids arrive as one array literal (see ``id_array``).
 _DELETE_PUBLISHED = "DELETE FROM {events} WHERE id = ANY(%s::bigint[])"
-_MARK_PUBLISHED = "UPDATE {events} SET published_at = now() WHERE id = ANY(%s::bigint[])"
+# With --retention, the rows move to the table of published events (migration 0008) in the same
+# statement: a delete and an append, where an UPDATE of published_at would write a new version of
+# the row into the heap and every index. statement_timestamp(), not now(): the batch's
+# transaction began when it was claimed, before the publish, however long that took.
+_MOVE_PUBLISHED = """
+WITH moved AS (
+    DELETE FROM {events} WHERE id = ANY(%s::bigint[])
+    RETURNING id, event_id, topic, key, payload, header_names, header_values, created_at, attempts
+)
+INSERT INTO {published} (id, event_id, topic, key, payload, header_names, header_values,
+                         created_at, attempts, published_at)
+SELECT id, event_id, topic, key, payload, header_names, header_values, created_at, attempts,
+       statement_timestamp()
+FROM moved
+"""
+# The partitions of published events: made ahead of need, dropped whole past the retention.
+_PREPARE_PARTITIONS = (
+    "SELECT {prepare}(make_interval(secs => %(span)s), make_interval(secs => %(ahead)s))"
+)
+_EXPIRE_PARTITIONS = "SELECT partitions, deleted, overdue FROM {expire}(make_interval(secs => %s))"
 # A dead letter keeps no backoff: one cleared by hand (not through `dead-letters retry`) is due
 # at once, with the later rows of its key.
 _RECORD_FAILURES = """
@@ -149,7 +168,8 @@ SET attempts = e.attempts + 1,
 FROM unnest(%s::bigint[], %s::text[], %s::float8[], %s::bool[]) AS f(id, error, delay, dead)
 WHERE e.id = f.id
 """
-# One step of the purge (.retention): the next rows from the cursor, in id order; of those,
+# One step of the purge of rows marked published in place by versions before migration 0008
+# (.retention): the next rows from the cursor, in id order; of those,
 # delete the ones published before the cutoff; report the lowest one published after it. The
 # DELETE's own condition tests published_at, so READ COMMITTED re-checks it on a row updated
 # after the statement's snapshot (a replay) before deleting it; a condition only in a subquery
@@ -271,9 +291,13 @@ class OutboxSource:
         self._settings = settings
         events = settings.outbox
         self._claim_sql = _sql(_CLAIM, events)
-        self._published_sql = _sql(
-            _DELETE_PUBLISHED if settings.retention == 0 else _MARK_PUBLISHED, events
+        self._published_sql = (
+            _sql(_DELETE_PUBLISHED, events)
+            if settings.retention == 0
+            else events.sql(_MOVE_PUBLISHED, events="events", published="published")
         )
+        self._prepare_sql = events.sql(_PREPARE_PARTITIONS, prepare="published_prepare")
+        self._expire_sql = events.sql(_EXPIRE_PARTITIONS, expire="published_expire")
         self._failures_sql = _sql(_RECORD_FAILURES, events)
         self._purge_sql = _purge_sql(_EXPIRED, events)
         self._purge_skipping_sql = _purge_sql(_EXPIRED_UNLOCKED, events)
@@ -391,6 +415,24 @@ class OutboxSource:
         if row is None:  # pragma: no cover - always a row
             raise RuntimeError("the purge returned no row")
         return PurgeStep(int(row[0]), row[1], int(row[2]), row[3])
+
+    def prepare_partitions(self, span: float, ahead: float) -> int:
+        """Make the partitions of published events up to ``ahead`` seconds from now, each
+        ``span`` seconds long, and commit; how many were made (0 while another relay does it)."""
+        conn = self.connection
+        row = conn.execute(self._prepare_sql, {"span": span, "ahead": ahead}).fetchone()
+        conn.commit()
+        return int(row[0]) if row else 0
+
+    def expire_partitions(self, retention: float) -> Expiry:
+        """Drop the partitions of published events past ``retention`` seconds, delete the
+        expired rows of the default partition, and commit."""
+        conn = self.connection
+        row = conn.execute(self._expire_sql, (retention,)).fetchone()
+        conn.commit()
+        if row is None:  # pragma: no cover - always a row
+            raise RuntimeError("the partitions' expiry returned no row")
+        return Expiry(int(row[0]), int(row[1]), float(row[2]))
 
     def close(self) -> None:
         conn, self._conn = self._conn, None

@@ -232,25 +232,48 @@ def discard(
     )
 
 
+# Replay: rows kept in the table of published events (migration 0008) move back to the outbox
+# with their ids, in one statement. The partition holding them cannot be dropped meanwhile (its
+# drop waits for this transaction, or gives up), so each row is either put back or was purged.
+_REPLAY_KEPT = """
+WITH back AS (
+    DELETE FROM {published} AS e WHERE {where}
+    RETURNING e.id, e.event_id, e.topic, e.key, e.payload, e.header_names, e.header_values,
+              e.created_at
+)
+INSERT INTO {events} (id, event_id, topic, key, payload, header_names, header_values, created_at,
+                      next_attempt_at)
+OVERRIDING SYSTEM VALUE
+SELECT id, event_id, topic, key, payload, header_names, header_values, created_at, {put_back}
+FROM back
+RETURNING id
+"""
+# Rows that versions before migration 0008 marked published in place.
+_REPLAY_IN_PLACE = """
+UPDATE {events} AS e SET published_at = NULL, attempts = 0, next_attempt_at = {put_back},
+                         last_error = NULL
+WHERE e.published_at IS NOT NULL AND {where}
+RETURNING e.id
+"""
+
+
 def replay(
     conn: psycopg.Connection[Any], settings: OutboxSettings, selection: Selection
 ) -> list[int]:
-    """Mark retained published rows unpublished again, so the relay sends them again with
-    their original event_id (consumers' dedup recognises the ones they processed)."""
+    """Put retained published rows back in the outbox, so the relay sends them again with
+    their original ids and event_id (consumers' dedup recognises the ones they processed)."""
     where, params = selection.where("created_at")
+    parts = {"put_back": pg_sql.SQL(PUT_BACK), "where": pg_sql.SQL(where)}
     with conn.transaction():
-        rows = conn.execute(
-            settings.sql(
-                "UPDATE {events} AS e SET published_at = NULL, attempts = 0,"
-                " next_attempt_at = {put_back}, last_error = NULL"
-                " WHERE e.published_at IS NOT NULL AND {where} RETURNING e.id",
-                events="events",
-                put_back=pg_sql.SQL(PUT_BACK),
-                where=pg_sql.SQL(where),
-            ),
-            params,
-        ).fetchall()
-    return sorted(int(r[0]) for r in rows)
+        ids = [
+            int(r[0])
+            for statement in (
+                settings.sql(_REPLAY_KEPT, events="events", published="published", **parts),
+                settings.sql(_REPLAY_IN_PLACE, events="events", **parts),
+            )
+            for r in conn.execute(statement, params).fetchall()
+        ]
+    return sorted(ids)
 
 
 _DELETED = "the relays delete rows once they are published"

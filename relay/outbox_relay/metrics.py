@@ -186,7 +186,18 @@ class RelayMetrics:
             "events_dead_lettered", "Events dead-lettered (kept with dead_lettered_at set)."
         )
         self.purged_rows = new.counter(
-            "purged_rows", "Published rows past --retention deleted by this relay's purge."
+            "purged_rows",
+            "Published rows past --retention deleted one by one by this relay's purge (rows"
+            " marked in place by an earlier version, or caught by the default partition).",
+        )
+        self.purged_partitions = new.counter(
+            "purged_partitions",
+            "Partitions of published events past --retention dropped whole by this relay.",
+        )
+        self.purge_overdue = new.gauge(
+            "purge_overdue_seconds",
+            "Seconds the oldest published event kept is past --retention plus its partition's"
+            " span (0 when none is; set by the relay that purges, the owner of shard 0).",
         )
         self.batch_size = new.histogram("batch_size", "Rows per claimed batch.", BATCH_SIZE_BUCKETS)
         self.batch_duration = new.histogram(
@@ -227,6 +238,10 @@ class RelayMetrics:
 
     def purged(self, count: int) -> None:
         self.purged_rows.inc(count)
+
+    def partitions_dropped(self, count: int, *, overdue: float) -> None:
+        self.purged_partitions.inc(count)
+        self.purge_overdue.set(overdue)
 
     def set_shards_owned(self, count: int) -> None:
         self.shards_owned.set(count)

@@ -102,6 +102,8 @@ class Metrics(Protocol):
 
     def purged(self, count: int) -> None: ...
 
+    def partitions_dropped(self, count: int, *, overdue: float) -> None: ...
+
     def set_breaker(self, state: BreakerState) -> None: ...
 
     def set_shards_owned(self, count: int) -> None: ...
@@ -133,6 +135,9 @@ class NoMetrics:
         pass
 
     def purged(self, count: int) -> None:
+        pass
+
+    def partitions_dropped(self, count: int, *, overdue: float) -> None:
         pass
 
     def set_breaker(self, state: BreakerState) -> None:

@@ -33,7 +33,12 @@ SELECT
   count(*) FILTER (WHERE published_at IS NULL AND dead_lettered_at IS NULL AND attempts > 0),
   count(*) FILTER (WHERE dead_lettered_at IS NOT NULL AND published_at IS NULL),
   count(*) FILTER (WHERE published_at > now() - interval '1 minute')
+    + (SELECT count(*) FROM {published} WHERE published_at > now() - interval '1 minute')
 FROM {events}
+"""
+# The published events kept (--retention), from the catalog: no row is read.
+_KEPT = """
+SELECT count(*), extract(epoch FROM now() - min(starts)) FROM {partitions}() WHERE starts < now()
 """
 # A key is blocked when an earlier unpublished row of it is failing (waiting for a retry) or,
 # when dead letters block their key, dead-lettered.
@@ -84,6 +89,9 @@ class Status:
     blocked_keys: int
     oldest_blocked_seconds: float | None
     published_last_minute: int | None
+    #: Partitions of published events holding kept rows, and the age of the oldest one's start.
+    kept_partitions: int = 0
+    kept_since_seconds: float | None = None
     backlog_by_topic: list[tuple[str, int, float]] = field(default_factory=list)
     backlog_by_shard: dict[int, int] = field(default_factory=dict)
     relays: list[Relay] = field(default_factory=list)
@@ -114,8 +122,11 @@ def read(
     with conn.transaction():
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
         backlog, oldest, retrying, dead, last_minute = conn.execute(
-            settings.sql(_COUNTS, events="events")
+            settings.sql(_COUNTS, events="events", published="published")
         ).fetchone() or (0, None, 0, 0, 0)
+        kept, kept_since = conn.execute(
+            settings.sql(_KEPT, partitions="published_partitions")
+        ).fetchone() or (0, None)
         blocked, oldest_blocked = conn.execute(
             settings.sql(_BLOCKED, events="events"), {"dead_letters_block": dead_letters_block}
         ).fetchone() or (0, None)
@@ -150,6 +161,8 @@ def read(
         blocked_keys=int(blocked),
         oldest_blocked_seconds=_seconds(oldest_blocked),
         published_last_minute=int(last_minute) if retention_kept else None,
+        kept_partitions=int(kept),
+        kept_since_seconds=_seconds(kept_since),
         backlog_by_topic=[(t, int(n), _seconds(age) or 0.0) for t, n, age in by_topic],
         backlog_by_shard={int(s): int(n) for s, n in by_shard},
         relays=relays,
@@ -189,6 +202,13 @@ def render(status: Status) -> str:
         f"keys blocked behind a failure  {status.blocked_keys}"
         + (f" (oldest {_age(status.oldest_blocked_seconds)})" if status.blocked_keys else ""),
         f"published in the last minute   {published}",
+    ]
+    if status.kept_partitions:
+        lines.append(
+            f"published events kept          since {_age(status.kept_since_seconds)} ago"
+            f" ({status.kept_partitions} partitions)"
+        )
+    lines += [
         "",
         f"{'topic':40} {'backlog':>9} {'oldest':>10}",
     ]

@@ -281,6 +281,8 @@ def test_custom_schema_and_prefix_leave_public_untouched(
             settings.name("schema_migrations"),
             settings.name("dead_letter_log"),
             settings.name("relays"),
+            settings.name("published"),
+            settings.name("published_default"),
         }
         assert _columns(conn, settings, "events") == EVENTS_COLUMNS
         assert _tables(conn, "public") == public_before

@@ -102,6 +102,9 @@ def test_rendered_sql_uses_only_quoted_identifiers_from_the_settings(
     schema_q = re.escape(f'"{settings.schema}"')
     prefix = re.escape(settings.table_prefix)
     tables = re.findall(r"(?:CREATE TABLE|INSERT INTO|\bON)\s+(?:IF NOT EXISTS\s+)?([^\s;]+)", body)
+    # The partitions of published events are named in PL/pgSQL after their parent, whose
+    # catalog name carries the prefix (their names: test_retention.py).
+    tables = [table for table in tables if table != "%I.%I"]
     objects = re.findall(r"(?:CONSTRAINT|CREATE INDEX)\s+(\S+)", body)
     assert tables
     assert objects
