@@ -226,7 +226,7 @@ def test_replay_republishes_a_range_with_the_original_event_ids(
         ).returncode
         == 0
     )
-    rows = sql(database_url, "SELECT id, event_id::text FROM outbox_events ORDER BY id")
+    rows = sql(database_url, "SELECT id, event_id::text FROM outbox_published ORDER BY id")
     assert [r[1] for r in rows] == ids
     chosen = rows[3:7]
     replayed = cli(
@@ -248,7 +248,7 @@ def test_replay_republishes_a_range_with_the_original_event_ids(
     received = read_topic(kafka_bootstrap, topic, expect_ids=set(ids))
     counts = {event_id: sum(m.event_id == event_id for m in received) for event_id in ids}
     assert counts == {event_id: 2 if event_id in {r[1] for r in chosen} else 1 for event_id in ids}
-    sql(database_url, "DELETE FROM outbox_events")
+    sql(database_url, "DELETE FROM outbox_published")  # as the purge leaves it
     gone = cli("replay", "--database-url", database_url, "--since", "1h")
     assert gone.returncode == 7
     assert "--retention" in gone.stderr
@@ -269,7 +269,7 @@ def test_a_replayed_row_goes_out_before_a_later_row_of_its_key(
         wait_until(lambda: unpublished(database_url) == 0, timeout=30)
         time.sleep(2.5)  # two samples of the floor: it is now above every row
         settings = RelaySettings(database_url=database_url, kafka_bootstrap_servers="-").outbox
-        row_x = int(sql(database_url, "SELECT min(id) FROM outbox_events")[0][0])  # type: ignore[call-overload]
+        row_x = int(sql(database_url, "SELECT min(id) FROM outbox_published")[0][0])  # type: ignore[call-overload]
         with psycopg.connect(database_url) as conn:
             assert replay(conn, settings, Selection(ids=[row_x])) == [row_x]
         [later] = write_events(database_url, topic, 1, keys=1)
@@ -303,7 +303,7 @@ def test_an_empty_replay_says_what_is_true(
     )
     try:
         wait_until(lambda: unpublished(database_url) == 0, timeout=30)
-        [(newest,)] = sql(database_url, "SELECT max(id) FROM outbox_events")
+        [(newest,)] = sql(database_url, "SELECT max(id) FROM outbox_published")
         with psycopg.connect(database_url) as conn:  # dead-lettered before the relay can see it
             [event_id] = outbox.add_many(conn, [outbox.Event(topic, {"n": 5}, key="key-0")])
             conn.execute(

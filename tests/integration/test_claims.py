@@ -331,7 +331,8 @@ def publish(source: OutboxSource, owner: ShardOwner, limit: int) -> list[int]:
 
 
 def publish_retained(source: OutboxSource, owner: ShardOwner, limit: int) -> list[int]:
-    """Claim up to ``limit`` rows and mark them published, as a relay with --retention would."""
+    """Claim up to ``limit`` rows and mark them published in place, as a relay with --retention
+    did before migration 0008 (and may still do during an upgrade)."""
     ids = claim(source, owner, limit=limit)
     source.connection.execute(
         "UPDATE outbox_events SET published_at = now() WHERE id = ANY(%s)", (ids,)

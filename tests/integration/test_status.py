@@ -12,6 +12,7 @@ import outbox
 from outbox_relay import status
 from outbox_relay.config import RelaySettings
 from outbox_relay.loop import Relay
+from outbox_relay.retention import partition_span
 from outbox_relay.signals import StopSignal
 from tests.integration.test_retention import DeliverAll, relay_settings
 
@@ -57,7 +58,12 @@ def test_status_counts_published_rows_when_the_relays_keep_them(
     found = read(database_url, retention_kept=False)
     assert found.published_last_minute == 3
     assert [r.retention_seconds for r in found.relays] == [3600]
-    assert "1:00:00" in status.render(found)
+    assert found.kept_partitions >= 1  # the partition holding them, and those made ahead
+    assert found.kept_since_seconds is not None
+    assert found.kept_since_seconds <= partition_span(3600)
+    rendered = status.render(found)
+    assert "1:00:00" in rendered
+    assert "published events kept" in rendered
 
 
 def test_status_says_rows_are_deleted_when_the_relays_delete_them(
