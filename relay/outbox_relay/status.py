@@ -89,7 +89,8 @@ class Status:
     blocked_keys: int
     oldest_blocked_seconds: float | None
     published_last_minute: int | None
-    #: Partitions of published events holding kept rows, and the age of the oldest one's start.
+    #: Partitions of published events that have begun, and how long ago the oldest one began
+    #: (the oldest row kept is at most that old).
     kept_partitions: int = 0
     kept_since_seconds: float | None = None
     backlog_by_topic: list[tuple[str, int, float]] = field(default_factory=list)
@@ -205,8 +206,8 @@ def render(status: Status) -> str:
     ]
     if status.kept_partitions:
         lines.append(
-            f"published events kept          since {_age(status.kept_since_seconds)} ago"
-            f" ({status.kept_partitions} partitions)"
+            f"published events kept          in {status.kept_partitions} partitions, the oldest"
+            f" from {_age(status.kept_since_seconds)} ago"
         )
     lines += [
         "",
