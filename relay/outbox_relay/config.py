@@ -185,9 +185,11 @@ class RelaySettings:
     )
     retention: float = setting(
         0.0,
-        help="How long to keep published rows (purged in small batches); 0 deletes on publish. "
-        "Give `status` the relays' value: above 0, it counts the events published in the last "
-        "minute.",
+        help="How long to keep published rows; 0 deletes on publish. Above 0, each row moves to "
+        "the published-events table, partitioned by publication time, and is dropped with its "
+        "partition: kept at least this long, at most this plus a partition's span (an eighth of "
+        "it, 1 s to 1 day). Give `status` the relays' value: above 0, it counts the events "
+        "published in the last minute.",
         minimum=0,
     )
     connect_timeout: float = setting(
