@@ -252,6 +252,23 @@ def server_version(env: Env) -> str:
 # --- the relay -------------------------------------------------------------------------------
 
 
+def partition_span(retention: float) -> int:
+    """Seconds one partition of published events spans with ``retention`` (the relay's
+    ``outbox_relay.retention.partition_span``). A relay from before migration 0008 has no
+    partitions: then the same eighth of the retention, so both are measured alike."""
+    try:
+        from outbox_relay.retention import partition_span as span
+    except ImportError:
+        return min(max(round(retention / 8), 1), 86_400)
+    return span(retention)
+
+
+def published_table(conn: psycopg.Connection[Any]) -> bool:
+    """Whether the database has the table of published events (migration 0008)."""
+    row = conn.execute("SELECT to_regclass('outbox_published') IS NOT NULL").fetchone()
+    return bool(row and row[0])
+
+
 def relay_cmd(
     database_url: str, bootstrap: str, *extra: str, log_level: str = "warning"
 ) -> list[str]:
@@ -441,8 +458,13 @@ class Options:
     soak_seconds: float = 300.0
     soak_rate: float = 5_000.0
     retention_seconds: float = 300.0
-    retention_rates: tuple[float, ...] = (5_000.0, 20_000.0)
+    retention_rates: tuple[float, ...] = (5_000.0, 10_000.0, 20_000.0)
     retention: float = 60.0
+    #: Per rate of the retention section, the same load with published rows deleted at once
+    #: (what the machine writes without a retention); 0 skips it.
+    retention_baseline_seconds: float = 60.0
+    #: The drain section's second relay drain of each run, with this --retention (0: none).
+    drain_retention: float = 3600.0
     writer_rows: int = 2_000
     consumer_messages: int = 20_000
     consumer_batch: int = 500
@@ -462,6 +484,7 @@ QUICK = {
     "retention_seconds": 15.0,
     "retention": 2.0,
     "retention_rates": (2_000.0,),
+    "retention_baseline_seconds": 3.0,
     "writer_rows": 300,
     "consumer_messages": 2_000,
     "writers_seconds": 1.0,
@@ -479,7 +502,17 @@ def add_option_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--retention-rates",
         type=lambda s: tuple(float(r) for r in s.split(",")),
-        help="events/s, comma-separated (5000,20000)",
+        help="events/s, comma-separated (5000,10000,20000)",
+    )
+    parser.add_argument(
+        "--retention-baseline-seconds",
+        type=float,
+        help="per rate, the same load without --retention; 0 skips it (60)",
+    )
+    parser.add_argument(
+        "--drain-retention",
+        type=float,
+        help="the drain's --retention, drained beside deleting on publish; 0 skips it (3600)",
     )
     parser.add_argument("--latency-seconds", type=float, help="per rate and run (12)")
     parser.add_argument("--backlog-big", type=int, help="the big backlog (1000000)")

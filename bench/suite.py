@@ -2,15 +2,19 @@
 
 Sections (``--only`` takes a comma-separated list of them):
 
-* limits:   the raw producer on the relay's messages; PostgreSQL alone claiming + marking rows;
-* drain:    one relay draining 100,000 events of 256 B and of 1 KiB, against the limits
-            (limits and drain runs interleaved; drain always measures the limits too);
+* limits:   the raw producer on the relay's messages; PostgreSQL alone claiming + marking rows
+            (DELETE, the move of --retention, the UPDATE of --retention before migration
+            0008); the relay's claim beside 1,000,000 retained events and none;
+* drain:    one relay draining 100,000 events of 256 B and of 1 KiB, deleting on publish and
+            with --retention 3600, against the limits (limits and drain runs interleaved;
+            drain always measures the limits too);
 * latency:  commit-to-delivery p50/p99 at 200, 2,000 and 10,000 events/s;
 * scale:    1, 2 and 4 relays on one backlog; 10,000 against 1,000,000 rows of backlog;
 * soak:     writers and a relay for --soak-seconds at 5,000 events/s: latency over time,
             table size, backlog;
-* retention: the same with --retention 60, at 5,000 and 20,000 events/s for --retention-seconds:
-            does the purge keep the table bounded?
+* retention: the same with --retention 60, at 5,000, 10,000 and 20,000 events/s for
+            --retention-seconds, each beside the same load without a retention: does the
+            purge keep the tables bounded?
 * writers:  commits/s into the outbox table against a copy without triggers, 1 to 64 clients
             (pgbench), and with migration 0004's triggers (before);
 * idle:     an idle relay's CPU and transactions; a lone event after an idle minute;

@@ -82,11 +82,20 @@ def test_quick_suite_reports_every_section(
     assert not results.get("errors")
     assert set(SECTIONS) <= set(results)
     for size in ("256", "1024"):
-        for name in ("raw_producer", "pg_claim_delete", "pg_claim_update", "lower_limit"):
+        for name in ("raw_producer", "pg_claim_delete", "pg_claim_move", "pg_claim_update"):
             positive(results, "limits", "sizes", size, f"{name}_events_per_s")
+        positive(results, "limits", "sizes", size, "lower_limit_events_per_s")
+        positive(results, "limits", "sizes", size, "move_to_delete")
         # Net of start-up, a tiny drain can be lost in noise (n/a); the wall-time figure is not.
         positive(results, "drain", "sizes", size, "wall_events_per_s")
         assert results["drain"]["sizes"][size]["delivered"] == 3000
+        # the same backlog drained with --retention 3600 in the same runs
+        positive(results, "drain", "sizes", size, "retention", "wall_events_per_s")
+        positive(results, "drain", "sizes", size, "retention", "relay_events_per_s")
+        assert results["drain"]["sizes"][size]["retention"]["delivered"] == 3000
+    for limit in ("500", "3000"):  # the claim beside none, 5,000 moved, 5,000 marked in place
+        for case in ("none", "published_table", "in_place"):
+            positive(results, "limits", "claim", "claims", limit, f"{case}_ms")
     for rate in ("200", "2000", "10000"):
         positive(results, "latency", "rates", rate, "p50_ms")
         positive(results, "latency", "rates", rate, "p99_ms")
@@ -103,7 +112,11 @@ def test_quick_suite_reports_every_section(
     assert results["soak"]["windows"]
     assert all(w["events"] > 0 for w in results["soak"]["windows"])
     positive(results, "retention", "rates", "2000", "latency", "p99_ms")
+    positive(results, "retention", "rates", "2000", "baseline", "p99_ms")
     positive(results, "retention", "rates", "2000", "size_ratio")
+    positive(results, "retention", "rates", "2000", "size_after_retention_bytes")
+    assert results["retention"]["rates"]["2000"]["overdue_max_rows"] >= 0
+    assert results["retention"]["rates"]["2000"]["default_partition_rows_max"] == 0
     for case in ("1x1xon", "10x64xon", "1x32xoff"):
         positive(results, "writers", "cases", case, "ratio")
     positive(results, "writers", "cases", "1x32xon", "ratio_before")
