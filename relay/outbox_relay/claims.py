@@ -214,6 +214,17 @@ SELECT EXISTS (
               AND d.published_at IS NULL AND d.dead_lettered_at IS NOT NULL)))
 """
 
+# What publishing needs of the relay's role, checked at start: locking rows to claim them takes
+# UPDATE, and a published row is deleted, or with --retention moved (DELETE, then INSERT into
+# the table of published events). Without them a relay would send each batch and fail to record
+# it, sending it again and again.
+_PRIVILEGES = """
+SELECT p.table_name, p.privilege
+FROM (VALUES (%(events)s, 'SELECT'), (%(events)s, 'UPDATE'), (%(events)s, 'DELETE'),
+             (%(published)s, CASE WHEN %(retention)s THEN 'INSERT' END)) AS p(table_name, privilege)
+WHERE p.privilege IS NOT NULL AND NOT has_table_privilege(p.table_name, p.privilege)
+"""
+
 # For the backlog gauges (only with --metrics-port, every few seconds): one pass over the
 # partial index of unpublished rows.
 _BACKLOG = """
@@ -381,6 +392,20 @@ class OutboxSource:
             suspects_before_running=bool(suspects[1]),
             lowest_new=view[3],
         )
+
+    def missing_privileges(self) -> list[str]:
+        """What the relay's role may not do that publishing needs, as ``PRIVILEGE on table``."""
+        events = self._settings.outbox
+        rows = self.connection.execute(
+            _PRIVILEGES,
+            {
+                "events": events.events_table,
+                "published": events.qualified("published"),
+                "retention": self._settings.retention > 0,
+            },
+        ).fetchall()
+        self.connection.rollback()
+        return [f"{privilege} on {table}" for table, privilege in rows]
 
     def release(self) -> None:
         """End the claim transaction without changes (nothing was claimed, or we give up)."""

@@ -17,9 +17,10 @@ import psycopg
 import structlog
 
 from outbox import migrator
-from outbox.errors import one_line
+from outbox.errors import ConfigurationError, one_line
 from outbox_relay.backoff import CircuitBreaker
 from outbox_relay.chores import Chores, Totals
+from outbox_relay.claims import OutboxSource
 from outbox_relay.config import RelaySettings
 from outbox_relay.floor import ScanFloor
 from outbox_relay.outage import BreakerReport
@@ -319,6 +320,7 @@ def serve(
     try:
         relay.connect()
         migrator.require_current(relay.batches.source.connection, settings.outbox)
+        require_privileges(relay.batches.source, settings)
         relay.metrics.schema_checked()
         relay.batches.source.release()
         check_broker()
@@ -331,3 +333,16 @@ def serve(
         if server is not None:
             server.close()
     log.info("relay.stopped", reason=stop.reason, published=relay.totals.published)
+
+
+def require_privileges(source: OutboxSource, settings: RelaySettings) -> None:
+    """ConfigurationError naming what the relay's role lacks to record what it publishes."""
+    missing = source.missing_privileges()
+    if missing:
+        user = source.connection.info.user
+        raise ConfigurationError(
+            f"the relay's role {user!r} lacks {', '.join(missing)}, which the relay needs to"
+            " record what it publishes"
+            + (" (--retention moves published rows to that table)" if settings.retention else "")
+            + f"; grant it, e.g. GRANT {missing[0].replace(' on ', ' ON ')} TO {user}"
+        )

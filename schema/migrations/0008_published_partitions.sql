@@ -49,9 +49,9 @@ $$;
 -- Makes the partitions from the end of the last one (at the latest one span before now) until
 -- `ahead` from now, each `span` long and aligned on multiples of it, named after the epoch
 -- second it starts at. Each is created apart and attached, which takes SHARE UPDATE EXCLUSIVE
--- on the parent: relays moving rows in go on meanwhile. One caller at a time (the others return
--- 0 at once); a lock not granted within lock_timeout leaves the rest for the next call. Returns
--- how many it made. Runs with the outbox owner's rights: the relay's role needs no DDL rights.
+-- on the parent (relays moving rows in go on meanwhile) and ACCESS EXCLUSIVE on the default
+-- partition, which it scans. One caller at a time (the others return 0 at once); a lock not
+-- granted within lock_timeout leaves the rest for the next call. Returns how many it made. Runs with the outbox owner's rights: the relay's role needs no DDL rights.
 CREATE FUNCTION {{schema}}.{{p:published_prepare}}(span interval, ahead interval)
     RETURNS integer
     LANGUAGE plpgsql VOLATILE SECURITY DEFINER
@@ -85,7 +85,10 @@ BEGIN
             EXECUTE format('ALTER TABLE %s ATTACH PARTITION %I.%I FOR VALUES FROM (%L) TO (%L)',
                            parent, namespace, partition_name, starts,
                            starts + make_interval(secs => step));
-        EXCEPTION WHEN lock_not_available THEN
+        -- A lock not granted in time (a session holding the default partition, which the
+        -- attach scans), or a row that reached the default partition for this range meanwhile:
+        -- the next call starts again, past that row.
+        EXCEPTION WHEN lock_not_available OR check_violation THEN
             EXIT;
         END;
         made := made + 1;

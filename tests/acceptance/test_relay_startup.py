@@ -12,7 +12,9 @@ import subprocess
 import time
 from pathlib import Path
 
+import psycopg
 import pytest
+from sqlalchemy import make_url
 
 from outbox import testing
 from outbox_relay.config import RelaySettings
@@ -203,6 +205,44 @@ def test_missing_schema_exits_3_naming_schema_apply(
     )
     assert result.returncode == ExitCode.SCHEMA_NOT_CURRENT, result.stderr
     assert "outbox-relay schema apply" in assert_one_error_line(result)
+
+
+def test_a_role_that_may_not_record_what_it_publishes_exits_2_naming_the_grant(
+    database_url: str, kafka_bootstrap: str
+) -> None:
+    """With --retention the relay moves what it publishes to the table of published events: a
+    role without INSERT there would send every batch and fail to record it, again and again.
+    It stops at start instead, naming the privilege, and sends nothing."""
+    role = "relay_without_insert"
+    with psycopg.connect(database_url, autocommit=True) as admin:
+        admin.execute(
+            f"CREATE ROLE {role} LOGIN;"
+            f" GRANT SELECT, UPDATE, DELETE ON outbox_events TO {role};"
+            f" GRANT SELECT ON outbox_schema_migrations TO {role};"
+            f" GRANT SELECT, INSERT, UPDATE, DELETE ON outbox_relays TO {role}"
+        )
+    topic = create_topic(kafka_bootstrap)
+    write_events(database_url, topic, 3, keys=1)
+    limited = make_url(database_url).set(username=role).render_as_string(hide_password=False)
+    try:
+        result = relay(
+            "--database-url",
+            limited,
+            "--kafka-bootstrap-servers",
+            kafka_bootstrap,
+            "--retention",
+            "1h",
+            "--exit-when-idle",
+        )
+    finally:
+        with psycopg.connect(database_url, autocommit=True) as admin:
+            admin.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
+    assert result.returncode == ExitCode.USAGE, result.stderr
+    line = assert_one_error_line(result)
+    assert 'INSERT on "public"."outbox_published"' in line
+    assert "GRANT INSERT ON" in line
+    assert unpublished(database_url) == 3
+    assert read_topic(kafka_bootstrap, topic, expect_ids=set(), timeout=3) == []
 
 
 def test_unreachable_broker_exits_5_naming_the_address(database_url: str) -> None:
