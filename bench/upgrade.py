@@ -21,7 +21,7 @@ from typing import Any
 import common
 import psycopg
 
-from outbox import migrator, schema, testing
+from outbox import migrator, testing
 from outbox.settings import OutboxSettings
 
 BEFORE = 7  # the last migration of the previous release
@@ -42,15 +42,6 @@ COUNTS = """
 SELECT (SELECT count(*) FROM outbox_events WHERE published_at IS NOT NULL),
        (SELECT count(*) FROM outbox_published)
 """
-
-
-def at_previous_release(url: str, settings: OutboxSettings) -> None:
-    with psycopg.connect(url) as conn, conn.transaction():
-        for statement in schema.bootstrap_statements(settings):
-            conn.execute(statement)
-        for migration in schema.all_migrations()[:BEFORE]:
-            conn.execute(migration.render(settings))
-            conn.execute(schema.record_statement(settings, migration))
 
 
 class Writer(threading.Thread):
@@ -84,7 +75,7 @@ def measure(rows: int) -> dict[str, Any]:
         name = testing.unique_name("bench_upgrade")
         url = testing.create_database(server, name)
         try:
-            at_previous_release(url, settings)
+            testing.apply_migrations_up_to(url, BEFORE, settings)
             with psycopg.connect(url, autocommit=True) as conn:
                 common.progress(f"upgrade: {rows:,} rows, nine in ten published in place")
                 conn.execute(FILL, (rows,))

@@ -25,8 +25,8 @@ from typing import Any
 
 import psycopg
 
-from outbox import urls
-from outbox.settings import validate_identifier
+from outbox import schema, urls
+from outbox.settings import OutboxSettings, validate_identifier
 
 DATABASE_URL_ENV = "OUTBOX_TEST_DATABASE_URL"
 KAFKA_BOOTSTRAP_ENV = "OUTBOX_TEST_KAFKA_BOOTSTRAP"
@@ -227,6 +227,20 @@ def create_database(server_url: str, name: str, *, template: str = "template0") 
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
+
+
+def apply_migrations_up_to(
+    database_url: str, version: int, settings: OutboxSettings | None = None
+) -> None:
+    """Give the database the outbox schema as an installation of migration ``version`` has it
+    (to test or measure an upgrade from there), in one transaction."""
+    settings = settings or OutboxSettings()
+    with psycopg.connect(database_url) as conn, conn.transaction():
+        for statement in schema.bootstrap_statements(settings):
+            conn.execute(statement)
+        for migration in schema.all_migrations()[:version]:
+            conn.execute(migration.render(settings))
+            conn.execute(schema.record_statement(settings, migration))
 
 
 def drop_database(server_url: str, name: str) -> None:

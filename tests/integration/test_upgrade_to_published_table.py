@@ -9,7 +9,7 @@ import time
 import psycopg
 
 import outbox
-from outbox import migrator, schema
+from outbox import migrator, testing
 from outbox.settings import OutboxSettings
 from outbox_relay.claims import OutboxSource
 from outbox_relay.config import RelaySettings
@@ -19,23 +19,13 @@ from outbox_relay.retention import Purge
 PREVIOUS_RELEASE = 7
 
 
-def at_previous_release(url: str) -> None:
-    settings = OutboxSettings()
-    with psycopg.connect(url) as conn, conn.transaction():
-        for statement in schema.bootstrap_statements(settings):
-            conn.execute(statement)
-        for migration in schema.all_migrations()[:PREVIOUS_RELEASE]:
-            conn.execute(migration.render(settings))
-            conn.execute(schema.record_statement(settings, migration))
-
-
 def test_the_migration_waits_for_no_lock_on_the_outbox_and_leaves_rows_in_place(
     empty_database_url: str,
 ) -> None:
     """A writer's open transaction and an old relay's claimed batch hold the outbox table and
     its rows while the migration runs with a 1 s lock timeout: it goes through."""
     url = empty_database_url
-    at_previous_release(url)
+    testing.apply_migrations_up_to(url, PREVIOUS_RELEASE)
     with psycopg.connect(url) as conn:
         outbox.add_many(conn, [outbox.Event("orders", {"n": n}, key=f"k{n % 3}") for n in range(9)])
         conn.execute(

@@ -20,7 +20,7 @@ import pytest
 from structlog.testing import capture_logs
 
 import outbox
-from outbox import migrator, schema
+from outbox import migrator, schema, testing
 from outbox.settings import OutboxSettings
 from outbox_relay.config import RelaySettings
 from outbox_relay.loop import Relay
@@ -71,16 +71,6 @@ def test_the_outbox_table_has_no_trigger_and_no_rule(database_url: str) -> None:
     assert notifying == []
 
 
-def _apply_up_to(url: str, version: int) -> None:
-    """The schema as an installation of that version has it."""
-    with psycopg.connect(url) as conn:
-        for statement in schema.bootstrap_statements(DEFAULT):
-            conn.execute(statement)
-        for migration in schema.all_migrations()[:version]:
-            conn.execute(migration.render(DEFAULT))
-            conn.execute(schema.record_statement(DEFAULT, migration))
-
-
 def test_an_installation_at_0004_is_carried_over_with_its_rows(
     empty_database_url: str, stop: StopSignal
 ) -> None:
@@ -88,7 +78,7 @@ def test_an_installation_at_0004_is_carried_over_with_its_rows(
     relays of 0004's version, whose scan floor needed them, get no floor; a relay of this
     version then publishes the old rows and later ones, each key in order."""
     url = empty_database_url
-    _apply_up_to(url, 4)
+    testing.apply_migrations_up_to(url, 4)
     with psycopg.connect(url) as conn:
         assert conn.execute(
             "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'outbox_events'::regclass"
