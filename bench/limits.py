@@ -335,7 +335,7 @@ def rows(result: dict[str, Any]) -> list[common.Row]:
                 f"PostgreSQL claim + move (--retention), {label}",
                 common.num(r["pg_claim_move_events_per_s"]),
                 "events/s",
-                f"{r['move_to_delete']:.2f} of DELETE, same runs",
+                f"{common.num(r['move_to_delete'], 2)} of DELETE, same runs",
             ),
             common.Row(
                 "limits",
@@ -362,20 +362,20 @@ def claim_rows(result: dict[str, Any]) -> list[common.Row]:
     for limit, r in result["claims"].items():
         where = f"claim of {int(limit):,} of {result['backlog']:,} waiting"
         out += [
-            common.Row("limits", f"{where}, none retained", f"{r['none_ms']:.2f}", "ms"),
+            common.Row("limits", f"{where}, none retained", common.num(r["none_ms"], 2), "ms"),
             common.Row(
                 "limits",
                 f"{where}, {retained} in the published table",
-                f"{r['published_table_ms']:.2f}",
+                common.num(r["published_table_ms"], 2),
                 "ms",
-                f"{r['published_table_ratio']:.2f} of none retained",
+                f"{common.num(r['published_table_ratio'], 2)} of none retained",
             ),
             common.Row(
                 "limits",
                 f"{where}, {retained} marked in place",
-                f"{r['in_place_ms']:.2f}",
+                common.num(r["in_place_ms"], 2),
                 "ms",
-                f"{r['in_place_ratio']:.2f} of none retained",
+                f"{common.num(r['in_place_ratio'], 2)} of none retained",
             ),
         ]
     return out

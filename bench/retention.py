@@ -270,8 +270,12 @@ def rows(result: dict[str, Any]) -> list[common.Row]:
                 f"{label}: rows in the default partition, most seen",
                 "n/a" if default_rows is None else common.num(default_rows),
                 "rows",
-                f"{r['partitions_at_end']} partitions at the end; relay warnings: "
-                f"{', '.join(r['relay_complaints']) or 'none'}",
+                (
+                    "no table of published events"
+                    if r["partitions_at_end"] is None
+                    else f"{r['partitions_at_end']} partitions at the end"
+                )
+                + f"; relay warnings: {', '.join(r['relay_complaints']) or 'none'}",
             ),
         ]
     return out
