@@ -31,13 +31,12 @@ without a retention.
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import Any
 
 import common
 import load
-import psycopg
+import soak
 
 from outbox import testing
 
@@ -68,20 +67,16 @@ SAMPLE_EVERY_S = 5.0
 WRITABLE = 0.95
 
 
-class Sampler:
+class Sampler(soak.Sampler[dict[str, Any]]):
     """Every ``interval`` seconds, in a thread: one sample (a dict, ``at`` its wall time)."""
 
     def __init__(self, database_url: str, retention: float, interval: float) -> None:
-        self.samples: list[dict[str, Any]] = []
-        self._conn = psycopg.connect(database_url, autocommit=True)
+        super().__init__(database_url, interval)
         self._published = common.published_table(self._conn)
         self._params = {
             "retention": retention,
             "late": retention + common.partition_span(retention),
         }
-        self._interval = interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
     def sample(self) -> dict[str, Any]:
         at = time.time()
@@ -111,20 +106,6 @@ class Sampler:
             out["partitions"], out["default_rows"] = int(row[2]), int(row[3])
         out["overdue"] = out["overdue_in_place"] + out["overdue_published"]
         return out
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.samples.append(self.sample())
-            self._stop.wait(self._interval)
-
-    def __enter__(self) -> Sampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._conn.close()
 
 
 def complaints(relay: common.Relay) -> list[str]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any
+from typing import Any, Generic, Self, TypeVar
 
 import common
 import load
@@ -26,29 +26,30 @@ SIZE_SQL = "SELECT pg_total_relation_size('outbox_events')"
 BACKLOG_SQL = (
     "SELECT count(*) FROM outbox_events WHERE published_at IS NULL AND dead_lettered_at IS NULL"
 )
+#: What one sample of a ``Sampler`` is.
+S = TypeVar("S")
 
 
-class TableSampler:
-    """Every ``interval`` seconds: (wall time, table size in bytes, backlog)."""
+class Sampler(Generic[S]):
+    """Every ``interval`` seconds, in a thread, one ``sample()`` on a connection of its own,
+    appended to ``samples``; subclasses say what a sample is."""
 
     def __init__(self, database_url: str, interval: float) -> None:
-        self.samples: list[tuple[float, int, int]] = []
+        self.samples: list[S] = []
         self._conn = psycopg.connect(database_url, autocommit=True)
         self._interval = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def sample(self) -> tuple[float, int, int]:
-        size = self._conn.execute(SIZE_SQL).fetchone()
-        backlog = self._conn.execute(BACKLOG_SQL).fetchone()
-        return time.time(), int(size[0]) if size else -1, int(backlog[0]) if backlog else -1
+    def sample(self) -> S:
+        raise NotImplementedError
 
     def _run(self) -> None:
         while not self._stop.is_set():
             self.samples.append(self.sample())
             self._stop.wait(self._interval)
 
-    def __enter__(self) -> TableSampler:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -56,6 +57,15 @@ class TableSampler:
         self._stop.set()
         self._thread.join()
         self._conn.close()
+
+
+class TableSampler(Sampler[tuple[float, int, int]]):
+    """Every ``interval`` seconds: (wall time, table size in bytes, backlog)."""
+
+    def sample(self) -> tuple[float, int, int]:
+        size = self._conn.execute(SIZE_SQL).fetchone()
+        backlog = self._conn.execute(BACKLOG_SQL).fetchone()
+        return time.time(), int(size[0]) if size else -1, int(backlog[0]) if backlog else -1
 
 
 def measure(env: common.Env, opts: common.Options) -> dict[str, Any]:
