@@ -3,27 +3,18 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import click
 
-_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+from outbox_relay.durations import seconds
+
+__all__ = ["SYNTAX", "Duration", "seconds", "shown"]
 
 _EXAMPLES = "90s, 250ms, 15m, 12h or 7d"
 
 #: The syntax in a sentence, for the commands' --help.
 SYNTAX = "A DURATION is 90 or 90s (seconds), 250ms, 15m, 12h or 7d."
-
-
-def seconds(text: str) -> float:
-    """``text``'s length of time in seconds; ValueError unless it is a duration."""
-    text = text.strip()
-    unit = next((u for u in sorted(_UNITS, key=len, reverse=True) if text.endswith(u)), "")
-    value = float(text.removesuffix(unit)) * _UNITS.get(unit, 1)
-    if not math.isfinite(value):
-        raise ValueError(f"{text!r} is not a finite duration")
-    return value
 
 
 # Generic in click 8.5 only; its parameters cannot be given at run time with click 8.1.
