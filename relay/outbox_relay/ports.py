@@ -77,8 +77,9 @@ class Publisher(Protocol):
 
 
 class Metrics(Protocol):
-    """What the loop reports: implemented by ``.metrics.RelayMetrics`` (Prometheus, and the
-    health probes) and by ``NoMetrics`` (without ``--metrics-port``)."""
+    """What the loop of one outbox reports: implemented by ``.metrics.OutboxMetrics`` (its
+    Prometheus series, labelled with the outbox's name, and its part of the health probes) and
+    by ``NoMetrics`` (without ``--metrics-port``)."""
 
     #: Whether the backlog gauges are worth a query every few seconds.
     wants_backlog: bool
@@ -91,6 +92,10 @@ class Metrics(Protocol):
 
     def schema_checked(self) -> None:
         """The schema was found current at start."""
+
+    def outbox_up(self, up: bool) -> None:
+        """Whether the outbox is served: its database answers and its schema is current
+        (False while it fails and is retried)."""
 
     def observe_batch(
         self, rows: Sequence[ClaimedRow], outcomes: Sequence[Outcome], seconds: float
@@ -121,6 +126,9 @@ class NoMetrics:
         pass
 
     def schema_checked(self) -> None:
+        pass
+
+    def outbox_up(self, up: bool) -> None:
         pass
 
     def observe_batch(
