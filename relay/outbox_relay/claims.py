@@ -324,6 +324,10 @@ class OutboxSource:
             raise RuntimeError("OutboxSource is not connected")
         return self._conn
 
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None and not self._conn.closed
+
     def connect(self) -> psycopg.Connection[Any]:
         self._conn = relay_connect(self._settings, role="work", autocommit=False)
         return self._conn

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import select
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import psycopg
@@ -36,6 +36,10 @@ if TYPE_CHECKING:
     from outbox_relay.metrics import RelayMetrics
 
 log = structlog.get_logger("relay.loop")
+
+#: Seconds without a batch after which the relay closes its spare work connection (opened
+#: again by the next prefetch): an idle outbox holds two sessions, not three.
+SPARE_REST = 30.0
 
 
 class Relay:
@@ -101,6 +105,15 @@ class Relay:
         self.chores.make_due("rebalance")
         self.metrics.database_ok(True)
 
+    def start(self) -> None:
+        """Connect, and check what publishing needs: raises when PostgreSQL is unreachable, the
+        schema is not current, or the relay's role may not record what it publishes."""
+        self.connect()
+        migrator.require_current(self.batches.source.connection, self.settings.outbox)
+        require_privileges(self.batches.source, self.settings)
+        self.metrics.schema_checked()
+        self.batches.source.release()
+
     def run(self) -> None:
         """Loop until a stop is requested (signal, or idle with ``exit_when_idle``)."""
         log.info("relay.started", batch_size=self.settings.batch_size, member=self.shards.member_id)
@@ -144,6 +157,8 @@ class Relay:
         """Nothing was claimed: the chores a wake-up put off, then exit (--exit-when-idle) or
         wait."""
         self.batches.source.release()
+        if self._last_commit_at is None or self.clock() - self._last_commit_at > SPARE_REST:
+            self.batches.rest()
         if woken:
             self.chores.run_due(self.clock())
         if self.settings.exit_when_idle and not self.batches.source.deliverable():
@@ -251,14 +266,16 @@ class Relay:
         self.floor.reset()
         self.chores.make_due("floor")
         self.metrics.database_ok(False)
+        self.metrics.outbox_up(False)
         self.metrics.set_shards_owned(0)
-        reconnect(
+        if reconnect(
             self.connect,
             self.close_connections,
             stop=self.stop,
             sleep=self._sleep,
             alive=self.metrics.beat,
-        )
+        ):
+            self.metrics.outbox_up(True)
 
     def shutdown(self) -> None:
         """Stop the claim thread (after ``close_connections``)."""
@@ -287,51 +304,67 @@ class Relay:
         return settled
 
 
+@contextlib.contextmanager
+def served_metrics(
+    settings: RelaySettings,
+    probe_broker: Callable[[float], None] | None,
+    *,
+    isolated: bool,
+) -> Iterator[RelayMetrics | None]:
+    """With ``settings.metrics_port``, the process's metrics and health probes, served over
+    HTTP while the block runs (else None). ``/readyz`` calls ``probe_broker(timeout)`` (raising
+    when the broker does not answer in time) from the HTTP thread; ``isolated`` (several
+    outboxes): one outbox's failing database does not make the relay unready."""
+    if settings.metrics_port is None:
+        yield None
+        return
+    from outbox_relay import metrics as relay_metrics  # prometheus-client only when asked for
+
+    health = relay_metrics.Health(
+        stale_after=relay_metrics.heartbeat_timeout(settings), probe_broker=probe_broker
+    )
+    metrics = relay_metrics.RelayMetrics(health=health)
+    metrics.isolated = isolated
+    server = relay_metrics.MetricsServer(metrics, settings.metrics_host, settings.metrics_port)
+    server.start()
+    try:
+        yield metrics
+    finally:
+        server.close()
+
+
 def serve(
     settings: RelaySettings,
     publisher: Publisher,
     *,
+    name: str,
     check_broker: Callable[[], None],
     probe_broker: Callable[[float], None] | None = None,
 ) -> None:
-    """Start a relay, run it until stopped, and shut it down cleanly.
+    """Start a relay serving one outbox (``name`` in metrics), run it until stopped, and shut
+    it down cleanly.
 
     Raises (before running) when PostgreSQL is unreachable, the schema is not current, or the
-    broker does not answer: the CLI turns each into one message and its exit code.
-
-    With ``settings.metrics_port``, serves metrics and health probes meanwhile; ``/readyz``
-    calls ``probe_broker(timeout)`` (raising when the broker does not answer in time) from the
-    HTTP thread.
+    broker does not answer: the CLI turns each into one message and its exit code. With
+    ``settings.metrics_port``, serves metrics and health probes meanwhile.
     """
-    metrics: RelayMetrics | None = None
-    server = None
-    if settings.metrics_port is not None:
-        from outbox_relay import metrics as relay_metrics  # prometheus-client only when asked for
-
-        health = relay_metrics.Health(
-            stale_after=relay_metrics.heartbeat_timeout(settings), probe_broker=probe_broker
-        )
-        metrics = relay_metrics.RelayMetrics(health=health)
-        server = relay_metrics.MetricsServer(metrics, settings.metrics_host, settings.metrics_port)
-        server.start()
     stop = StopSignal()
     stop.install()
-    relay = Relay(settings, publisher, stop, metrics=metrics)
     try:
-        relay.connect()
-        migrator.require_current(relay.batches.source.connection, settings.outbox)
-        require_privileges(relay.batches.source, settings)
-        relay.metrics.schema_checked()
-        relay.batches.source.release()
-        check_broker()
-        relay.run()
+        with served_metrics(settings, probe_broker, isolated=False) as metrics:
+            outbox_metrics = metrics.for_outbox(name) if metrics is not None else None
+            relay = Relay(settings, publisher, stop, metrics=outbox_metrics)
+            try:
+                relay.start()
+                check_broker()
+                relay.metrics.outbox_up(True)
+                relay.run()
+            finally:
+                relay.leave()
+                relay.shutdown()
     finally:
-        relay.leave()
-        relay.shutdown()
         stop.restore()
         stop.close()
-        if server is not None:
-            server.close()
     log.info("relay.stopped", reason=stop.reason, published=relay.totals.published)
 
 

@@ -19,6 +19,7 @@ import psycopg
 from outbox_relay.backoff import full_jitter
 from outbox_relay.claims import Failure, OutboxSource, plan_failures
 from outbox_relay.config import RelaySettings
+from outbox_relay.pg import DatabaseUnavailableError
 from outbox_relay.ports import ClaimedRow, Outcome, Ownership, Publisher, Result
 
 #: Ids of a batch's undelivered rows, by key.
@@ -81,9 +82,9 @@ class Pipeline:
         return self._prefetch is not None
 
     def connect(self) -> None:
+        """Open ``source``; the spare connection opens at the first prefetch (``rest`` closes
+        it), so an idle outbox costs PostgreSQL one work session, not two."""
         self.source.connect()
-        if self.settings.prefetch:
-            self._spare.connect()
 
     def take(
         self, limit: int, *, ownership: Ownership, floor: int, stopping: Callable[[], bool]
@@ -107,8 +108,14 @@ class Pipeline:
     def prefetch(
         self, limit: int, *, ownership: Ownership, floor: int, in_flight: list[int]
     ) -> None:
-        """Claim the next batch on the spare connection while ``in_flight`` is published."""
+        """Claim the next batch on the spare connection while ``in_flight`` is published (or
+        not, when the spare cannot connect: the next batch is then claimed after this one)."""
         spare = self._spare
+        if not spare.connected:
+            try:
+                spare.connect()
+            except DatabaseUnavailableError:
+                return
         self._prefetch = self._claimer.submit(
             lambda: spare.claim(limit, ownership=ownership, in_flight=in_flight, floor=floor)
         )
@@ -164,6 +171,13 @@ class Pipeline:
         if self._prefetch is not None and not everything_delivered:
             self._undelivered = undelivered_by_key(rows, outcomes)
         return delivered, failures
+
+    def rest(self) -> None:
+        """Close the spare connection while nothing is prefetched (an idle outbox)."""
+        if self._prefetch is None and self._spare.connected:
+            for close in (self._spare.release, self._spare.close):
+                with contextlib.suppress(psycopg.Error):
+                    close()
 
     def close(self) -> None:
         """Give back the prefetched batch and close both connections (already gone is fine)."""

@@ -27,6 +27,10 @@ log = structlog.get_logger("relay.wakeup")
 #: The longest tick of an idle wait: the most a lone event waits to be noticed, against the
 #: backend's CPU while idle (its cost: the performance page, "Measurements behind the defaults").
 MAX_TICK_MS = 6
+#: The longest tick of an outbox idle for long: the tick (in ms) grows with the seconds since
+#: events last woke the relay, from ``MAX_TICK_MS`` up to this, so that a relay watching many
+#: idle outboxes does not pay a busy one's cost for each (``idle_tick_ms``).
+IDLE_TICK_MS = 100
 #: How long a wait that follows work ticks every millisecond: at steady low rates the next
 #: event is a few milliseconds away (at 200 events/s, 5 ms).
 FAST_MS = 20
@@ -59,6 +63,13 @@ FROM {wait}(%(bound)s, %(seen)s::bigint[], %(floor)s, %(timeout_ms)s, %(fast_ms)
 """
 
 
+def idle_tick_ms(idle_seconds: float) -> int:
+    """The longest tick after ``idle_seconds`` without events (pure): 6 ms for the first 6 s,
+    then a millisecond per second idle, up to 100 ms after 100 s. A lone event after a long
+    quiet waits at most a thousandth of that quiet (and 100 ms) more to be noticed."""
+    return int(min(IDLE_TICK_MS, max(MAX_TICK_MS, idle_seconds)))
+
+
 class Look(NamedTuple):
     """What the relay had seen at its last look (see the module's docstring)."""
 
@@ -80,6 +91,8 @@ class Wakeup:
         self._events = settings.events_table
         self._look: Look | None = None
         self._polling_reported = False
+        #: When events last woke a wait (``clock``); None until the first wait.
+        self._woken_at: float | None = None
 
     def forget(self) -> None:
         """Start over (a new connection): the next wait takes a look and returns at once."""
@@ -100,15 +113,22 @@ class Wakeup:
         caller claims next, and the look taken last stands for that claim.
         """
         if self._look is None:  # nothing to compare with yet: look now, and claim
-            self._look = self._call(conn, Look(None, None), floor, 0, 0)[1]
+            self._look = self._call(conn, Look(None, None), floor, 0, 0, MAX_TICK_MS)[1]
             return True
-        deadline = clock() + seconds
+        now = clock()
+        deadline = now + seconds
+        if self._woken_at is None:
+            self._woken_at = now
         fast_ms = FAST_MS  # the first call only: later ones follow a quiet stretch
         while not stop.requested:
-            remaining = deadline - clock()
+            now = clock()
+            remaining = deadline - now
             longest = WRITERS_SECONDS if self._look.writers else CALL_SECONDS
             timeout_ms = max(0, round(min(remaining, longest) * 1000))
-            woken, fresh = self._call(conn, self._look, floor, timeout_ms, fast_ms)
+            tick_ms = idle_tick_ms(now - self._woken_at)
+            woken, fresh = self._call(conn, self._look, floor, timeout_ms, fast_ms, tick_ms)
+            if woken:
+                self._woken_at = clock()
             if woken or remaining <= longest:
                 self._look = fresh
                 return woken
@@ -122,6 +142,7 @@ class Wakeup:
         floor: int,
         timeout_ms: int,
         fast_ms: int,
+        max_tick_ms: int,
     ) -> tuple[bool, Look]:
         params = {
             "bound": look.bound,
@@ -129,7 +150,7 @@ class Wakeup:
             "floor": floor,
             "timeout_ms": timeout_ms,
             "fast_ms": fast_ms,
-            "max_tick_ms": MAX_TICK_MS,
+            "max_tick_ms": max_tick_ms,
             "depth": LOOK_DEPTH,
             "writers": list(look.writers),
             "events": self._events,
