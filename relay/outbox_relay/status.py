@@ -14,6 +14,7 @@ import psycopg
 
 from outbox.settings import OutboxSettings
 from outbox_relay import pg
+from outbox_relay.exit_codes import ExitCode
 from outbox_relay.shards import lock_class
 
 _BACKLOG_BY_TOPIC = """
@@ -103,6 +104,65 @@ class Status:
             {"topic": t, "backlog": n, "oldest_seconds": age} for t, n, age in self.backlog_by_topic
         ]
         return data
+
+
+def lagging(status: Status, max_lag: float | None) -> str | None:
+    """Why ``--max-lag`` fails, or None when the oldest unpublished event is young enough."""
+    lag = status.oldest_unpublished_seconds
+    if max_lag is None or lag is None or lag <= max_lag:
+        return None
+    return f"the oldest unpublished event is {lag:.0f} s old (--max-lag {max_lag:g})"
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """One outbox of a list: its status, or why it could not be read; and the exit code."""
+
+    outbox: str
+    #: Where it is, for people: the database (no password) and the events table.
+    where: str = ""
+    status: Status | None = None
+    #: Why there is no status (the database unreachable, the schema missing...).
+    error: str | None = None
+    code: ExitCode = ExitCode.OK
+    #: What is wrong besides: the lag over ``--max-lag``.
+    problem: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        found = {} if self.status is None else self.status.as_json()
+        return {"outbox": self.outbox, **found} | ({"error": self.error} if self.error else {})
+
+
+# From the worst: what could not be read at all, then what is read and lagging.
+_WORST_FIRST = (
+    ExitCode.FAILURE,
+    ExitCode.USAGE,
+    ExitCode.DATABASE_UNAVAILABLE,
+    ExitCode.SCHEMA_NOT_CURRENT,
+    ExitCode.LAGGING,
+)
+
+
+def worst(reports: list[Report]) -> ExitCode:
+    """The exit code of a status of several outboxes: the worst of theirs."""
+    codes = {report.code for report in reports}
+    return next((code for code in _WORST_FIRST if code in codes), ExitCode.OK)
+
+
+def render_all(reports: list[Report]) -> str:
+    """One block per outbox, headed by its name; an outbox not read says why in one line."""
+    blocks = []
+    for report in reports:
+        lines = [
+            f"== {report.outbox}: {report.where} ==" if report.where else f"== {report.outbox} =="
+        ]
+        lines.append(
+            f"{report.outbox}: {report.error}" if report.status is None else render(report.status)
+        )
+        if report.problem:
+            lines.append(f"{report.outbox}: {report.problem}")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
 
 
 def _seconds(value: Any) -> float | None:

@@ -12,16 +12,17 @@ import click
 
 from outbox_relay import dead_letters, status
 from outbox_relay.cli.common import (
+    Where,
     checked_connection,
-    database_options,
+    explain,
     fail,
     handle_errors,
-    location,
-    location_options,
+    where_options,
 )
 from outbox_relay.cli.duration import SYNTAX, Duration, seconds
 from outbox_relay.cli.options import options
 from outbox_relay.exit_codes import ExitCode
+from outbox_relay.outboxes import OutboxEntry
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -47,9 +48,15 @@ def _ids(ids: list[int]) -> str:
     return ", ".join(map(str, ids[:20])) + (f" and {len(ids) - 20} more" if len(ids) > 20 else "")
 
 
-@click.command("status", epilog=SYNTAX)
-@database_options
-@location_options
+_STATUS_EPILOG = (
+    "With --outboxes and no --outbox: every outbox of the list, each in its own block (JSON:"
+    ' {"outboxes": [...]}); one that cannot be read says why and the others are still shown;'
+    " the exit code is the worst of theirs. " + SYNTAX
+)
+
+
+@click.command("status", epilog=_STATUS_EPILOG)
+@where_options
 # The relays' own options: status must read them as the relays do.
 @options("dead_letter_blocks_key", "retention")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object, for scripts.")
@@ -61,29 +68,66 @@ def _ids(ids: list[int]) -> str:
 )
 @handle_errors
 def status_command(
-    database_url: str | None,
+    where: Where,
     connect_timeout: float,
-    schema_name: str,
-    table_prefix: str,
     dead_letter_blocks_key: bool,
     retention: float,
     as_json: bool,
     max_lag: float | None,
 ) -> None:
     """Backlog, lag, retries, dead letters, blocked keys, and the live relays with their shards."""
-    settings = location(schema_name, table_prefix)
-    with checked_connection(database_url, connect_timeout, settings) as conn:
-        found = status.read(
-            conn,
-            settings,
-            dead_letters_block=dead_letter_blocks_key,
-            retention_kept=retention > 0,
-        )
-    click.echo(json.dumps(found.as_json(), indent=2) if as_json else status.render(found))
-    lag = found.oldest_unpublished_seconds
-    if max_lag is not None and lag is not None and lag > max_lag:
-        message = f"the oldest unpublished event is {lag:.0f} s old (--max-lag {max_lag:g})"
-        fail(message, ExitCode.LAGGING)
+
+    def read(entry: OutboxEntry) -> status.Status:
+        kept = retention if entry.retention is None else entry.retention
+        with checked_connection(entry.database_url, connect_timeout, entry.location) as conn:
+            return status.read(
+                conn,
+                entry.location,
+                dead_letters_block=dead_letter_blocks_key,
+                retention_kept=kept > 0,
+            )
+
+    if where.every_listed:
+        _status_of_each([_report(entry, read, max_lag) for entry in where.outboxes()], as_json)
+        return
+    entry = where.outbox()
+    found = read(entry)
+    shown = {"outbox": entry.name, **found.as_json()}
+    click.echo(json.dumps(shown, indent=2) if as_json else status.render(found))
+    problem = status.lagging(found, max_lag)
+    if problem:
+        fail(problem, ExitCode.LAGGING)
+
+
+def _status_of_each(reports: list[status.Report], as_json: bool) -> None:
+    """Every outbox's block (or JSON), what is wrong with each on stderr, the worst exit code."""
+    if as_json:
+        click.echo(json.dumps({"outboxes": [r.as_json() for r in reports]}, indent=2))
+    else:
+        click.echo(status.render_all(reports))
+    for report in reports:
+        if report.error or report.problem:
+            click.echo(f"Error: {report.outbox}: {report.error or report.problem}", err=True)
+    code = status.worst(reports)
+    if code:
+        raise SystemExit(int(code))
+
+
+def _report(
+    entry: OutboxEntry, read: Callable[[OutboxEntry], status.Status], max_lag: float | None
+) -> status.Report:
+    """One outbox's status, or, when it cannot be read, why: the others are still reported."""
+    try:
+        found = read(entry)
+    except Exception as exc:
+        explained = explain(exc)
+        if explained is None:
+            raise
+        message, code = explained
+        return status.Report(entry.name, entry.where, error=message, code=code)
+    problem = status.lagging(found, max_lag)
+    code = ExitCode.LAGGING if problem else ExitCode.OK
+    return status.Report(entry.name, entry.where, found, code=code, problem=problem)
 
 
 @click.group("dead-letters")
@@ -141,8 +185,7 @@ def _dead_letter_lines(row: dead_letters.DeadLetter) -> str:
 
 
 @dead_letters_group.command("list", epilog=SYNTAX)
-@database_options
-@location_options
+@where_options
 @_selection_options
 @click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option(
@@ -154,18 +197,17 @@ def _dead_letter_lines(row: dead_letters.DeadLetter) -> str:
 @click.option("--json", "as_json", is_flag=True, help="JSON lines, for scripts.")
 @handle_errors
 def dead_letters_list(
-    database_url: str | None,
+    where: Where,
     connect_timeout: float,
-    schema_name: str,
-    table_prefix: str,
     limit: int,
     history: bool,
     as_json: bool,
     **selected: Any,
 ) -> None:
     """Dead-lettered events with their error and attempts (or, with --history, the log)."""
-    settings = location(schema_name, table_prefix)
-    with checked_connection(database_url, connect_timeout, settings) as conn:
+    entry = where.outbox()
+    settings = entry.location
+    with checked_connection(entry.database_url, connect_timeout, settings) as conn:
         if history:
             selection = _selection(**selected)
             _echo_history(dead_letters.history(conn, settings, limit, selection), as_json)
@@ -179,18 +221,15 @@ def dead_letters_list(
 
 
 @dead_letters_group.command("retry", epilog=SYNTAX)
-@database_options
-@location_options
+@where_options
 @_selection_options
 @click.option("--all", "everything", is_flag=True, help="Every dead letter.")
 @click.option("--reason", help="Why, for the log.")
 @_actor_option
 @handle_errors
 def dead_letters_retry(
-    database_url: str | None,
+    where: Where,
     connect_timeout: float,
-    schema_name: str,
-    table_prefix: str,
     everything: bool,
     reason: str | None,
     actor: str,
@@ -203,8 +242,9 @@ def dead_letters_retry(
         raise click.UsageError(
             "choose what to retry: --id, --topic, --key, --since/--until or --all"
         )
-    settings = location(schema_name, table_prefix)
-    with checked_connection(database_url, connect_timeout, settings) as conn:
+    entry = where.outbox()
+    settings = entry.location
+    with checked_connection(entry.database_url, connect_timeout, settings) as conn:
         retried = dead_letters.retry(conn, settings, selection, actor=actor, reason=reason)
     if not retried:
         fail("no dead letter matched", ExitCode.NOTHING_MATCHED)
@@ -212,17 +252,14 @@ def dead_letters_retry(
 
 
 @dead_letters_group.command("discard", epilog=SYNTAX)
-@database_options
-@location_options
+@where_options
 @click.option("--id", "ids", type=int, multiple=True, required=True, help="Row id (repeatable).")
 @click.option("--reason", required=True, help="Why the event is dropped (recorded).")
 @_actor_option
 @handle_errors
 def dead_letters_discard(
-    database_url: str | None,
+    where: Where,
     connect_timeout: float,
-    schema_name: str,
-    table_prefix: str,
     ids: tuple[int, ...],
     reason: str,
     actor: str,
@@ -230,8 +267,9 @@ def dead_letters_discard(
     """Delete dead letters for good; the log keeps what they were, who and why."""
     if not reason.strip():
         raise click.BadParameter("a reason is required", param_hint="--reason")
-    settings = location(schema_name, table_prefix)
-    with checked_connection(database_url, connect_timeout, settings) as conn:
+    entry = where.outbox()
+    settings = entry.location
+    with checked_connection(entry.database_url, connect_timeout, settings) as conn:
         discarded = dead_letters.discard(conn, settings, ids, reason=reason, actor=actor)
     if not discarded:
         fail("no dead letter matched", ExitCode.NOTHING_MATCHED)
@@ -239,8 +277,7 @@ def dead_letters_discard(
 
 
 @click.command("replay", epilog=SYNTAX)
-@database_options
-@location_options
+@where_options
 @click.option("--from-id", type=int, help="First row id of the range.")
 @click.option("--to-id", type=int, help="Last row id of the range (inclusive).")
 @click.option("--since", help="Created at or after: ISO time or 15m/12h/7d ago.")
@@ -248,10 +285,8 @@ def dead_letters_discard(
 @click.option("--topic", help="Only this topic.")
 @handle_errors
 def replay_command(
-    database_url: str | None,
+    where: Where,
     connect_timeout: float,
-    schema_name: str,
-    table_prefix: str,
     from_id: int | None,
     to_id: int | None,
     since: str | None,
@@ -268,8 +303,9 @@ def replay_command(
     selection = dead_letters.Selection(
         topic=topic, since=_when(since), until=_when(until), from_id=from_id, to_id=to_id
     )
-    settings = location(schema_name, table_prefix)
-    with checked_connection(database_url, connect_timeout, settings) as conn:
+    entry = where.outbox()
+    settings = entry.location
+    with checked_connection(entry.database_url, connect_timeout, settings) as conn:
         replayed = dead_letters.replay(conn, settings, selection)
         if not replayed:
             found = dead_letters.nothing_replayed(conn, settings, selection)
