@@ -122,7 +122,11 @@ def dev_servers(tmp_path: Path) -> Iterator[DevServers]:
     servers = start(cwd=tmp_path)
     yield servers
     if servers.process.poll() is None:
-        servers.process.kill()
+        # Ctrl-C stops both servers; SIGKILL would leave them running as orphans.
+        try:
+            servers.stop()
+        except subprocess.TimeoutExpired:
+            servers.process.kill()
     servers.end(timeout=60)
 
 
