@@ -206,7 +206,8 @@ def dead_letter(database_url: str, location: OutboxSettings) -> int:
         f"UPDATE {location.events_table} SET attempts = 3, last_error = 'boom',"
         " dead_lettered_at = now() RETURNING id",
     )
-    return int(row)  # type: ignore[call-overload]
+    assert isinstance(row, int)
+    return row
 
 
 def dead_lettered(database_url: str, location: OutboxSettings) -> int:
@@ -214,7 +215,8 @@ def dead_lettered(database_url: str, location: OutboxSettings) -> int:
         database_url,
         f"SELECT count(*) FROM {location.events_table} WHERE dead_lettered_at IS NOT NULL",
     )
-    return int(count)  # type: ignore[call-overload]
+    assert isinstance(count, int)
+    return count
 
 
 def test_dead_letters_act_on_the_named_outbox_only(fleet: Fleet) -> None:
