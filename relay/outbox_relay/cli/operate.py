@@ -51,7 +51,8 @@ def _ids(ids: list[int]) -> str:
 _STATUS_EPILOG = (
     "With --outboxes and no --outbox: every outbox of the list, each in its own block (JSON:"
     ' {"outboxes": [...]}); one that cannot be read says why and the others are still shown;'
-    " the exit code is the worst of theirs. " + SYNTAX
+    " the exit code is the worst of theirs. An outbox's retention in the list stands for"
+    " --retention. " + SYNTAX
 )
 
 
