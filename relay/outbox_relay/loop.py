@@ -64,7 +64,7 @@ class Relay:
         self.batches = Pipeline(settings, publisher)
         self.shards = ShardOwner(settings)
         #: Sleeps on the ownership connection until events may be waiting.
-        self.wakeup = Wakeup(settings.outbox)
+        self.wakeup = Wakeup(settings.outbox, idle_tick=settings.idle_tick)
         #: Whether the last wait ended because events may be waiting (``step`` claims first).
         self._woken = False
         #: Where claims start their index scan (see ``outbox_relay.floor``).

@@ -27,10 +27,8 @@ log = structlog.get_logger("relay.wakeup")
 #: The longest tick of an idle wait: the most a lone event waits to be noticed, against the
 #: backend's CPU while idle (its cost: the performance page, "Measurements behind the defaults").
 MAX_TICK_MS = 6
-#: The longest tick of an outbox idle for long: the tick (in ms) grows with the seconds since
-#: events last woke the relay, from ``MAX_TICK_MS`` up to this, so that a relay watching many
-#: idle outboxes does not pay a busy one's cost for each (``idle_tick_ms``).
-IDLE_TICK_MS = 100
+#: The default ``--idle-tick`` of a relay serving several outboxes (one outbox: ``MAX_TICK_MS``).
+FLEET_IDLE_TICK = 0.1
 #: How long a wait that follows work ticks every millisecond: at steady low rates the next
 #: event is a few milliseconds away (at 200 events/s, 5 ms).
 FAST_MS = 20
@@ -63,11 +61,12 @@ FROM {wait}(%(bound)s, %(seen)s::bigint[], %(floor)s, %(timeout_ms)s, %(fast_ms)
 """
 
 
-def idle_tick_ms(idle_seconds: float) -> int:
+def idle_tick_ms(idle_seconds: float, longest_ms: int) -> int:
     """The longest tick after ``idle_seconds`` without events (pure): 6 ms for the first 6 s,
-    then a millisecond per second idle, up to 100 ms after 100 s. A lone event after a long
-    quiet waits at most a thousandth of that quiet (and 100 ms) more to be noticed."""
-    return int(min(IDLE_TICK_MS, max(MAX_TICK_MS, idle_seconds)))
+    then a millisecond per second idle, up to ``longest_ms`` (``--idle-tick``). A lone event
+    after a long quiet waits at most a thousandth of that quiet more to be noticed, so that a
+    relay watching many quiet outboxes does not pay a busy one's cost for each."""
+    return int(max(MAX_TICK_MS, min(longest_ms, idle_seconds)))
 
 
 class Look(NamedTuple):
@@ -86,11 +85,12 @@ class Look(NamedTuple):
 class Wakeup:
     """Waits for claimable events on a connection of its own (autocommit)."""
 
-    def __init__(self, settings: OutboxSettings) -> None:
+    def __init__(self, settings: OutboxSettings, *, idle_tick: float = MAX_TICK_MS / 1000) -> None:
         self._sql = settings.sql(_WAIT, wait="wait_for_events")
         self._events = settings.events_table
         self._look: Look | None = None
         self._polling_reported = False
+        self._idle_tick_ms = max(1, round(idle_tick * 1000))
         #: When events last woke a wait (``clock``); None until the first wait.
         self._woken_at: float | None = None
 
@@ -125,7 +125,7 @@ class Wakeup:
             remaining = deadline - now
             longest = WRITERS_SECONDS if self._look.writers else CALL_SECONDS
             timeout_ms = max(0, round(min(remaining, longest) * 1000))
-            tick_ms = idle_tick_ms(now - self._woken_at)
+            tick_ms = idle_tick_ms(now - self._woken_at, self._idle_tick_ms)
             woken, fresh = self._call(conn, self._look, floor, timeout_ms, fast_ms, tick_ms)
             if woken:
                 self._woken_at = clock()

@@ -210,6 +210,7 @@ VARIABLES: dict[str, tuple[str, str, object]] = {
     "batch_size": ("OUTBOX_BATCH_SIZE", "17", 17),
     "batch_max_bytes": ("OUTBOX_BATCH_MAX_BYTES", "4096", 4096),
     "poll_interval": ("OUTBOX_POLL_INTERVAL", "0.25", 0.25),
+    "idle_tick": ("OUTBOX_IDLE_TICK", "50ms", 0.05),
     "backoff_base": ("OUTBOX_BACKOFF_BASE", "0.5", 0.5),
     "backoff_cap": ("OUTBOX_BACKOFF_CAP", "9", 9.0),
     "max_attempts": ("OUTBOX_MAX_ATTEMPTS", "4", 4),
@@ -240,8 +241,14 @@ def test_every_setting_but_the_location_is_an_option_of_run() -> None:
     assert set(VARIABLES) == fields
     by_variable = {p.envvar: p.name for p in command("run").params if isinstance(p, click.Option)}
     location = {"OUTBOX_SCHEMA": "schema_name", "OUTBOX_TABLE_PREFIX": "table_prefix"}
+    # --database-url is repeatable (several outboxes), and two options name outboxes instead.
+    fleet = {
+        "OUTBOX_DATABASE_URL": "database_urls",
+        "OUTBOX_OUTBOXES": "outboxes_file",
+        "OUTBOX_FLEET_DATABASE_URL": "fleet_database_url",
+    }
     generated = {variable: name for name, (variable, _, _) in VARIABLES.items()}
-    assert generated | location == by_variable
+    assert generated | location | fleet == by_variable
 
 
 @pytest.mark.parametrize("name", sorted(VARIABLES))

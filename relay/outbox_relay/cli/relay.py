@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import click
 import structlog
+from click.core import ParameterSource
 
 from outbox import urls
 from outbox.errors import ConfigurationError
@@ -17,6 +19,7 @@ from outbox_relay.config import RelaySettings, option_of
 from outbox_relay.fleet import entries_changed, serve_fleet
 from outbox_relay.kafka import KafkaPublisher, check_kafka_config
 from outbox_relay.loop import serve
+from outbox_relay.wakeup import FLEET_IDLE_TICK
 
 _URL = option_of("database_url")
 
@@ -99,6 +102,8 @@ def run(
             probe_broker=probe.check_reachable,
         )
         return
+    if click.get_current_context().get_parameter_source("idle_tick") is ParameterSource.DEFAULT:
+        settings = dataclasses.replace(settings, idle_tick=FLEET_IDLE_TICK)
     serve_fleet(
         settings,
         entries_changed(file.read if file is not None else lambda: entries, file),
