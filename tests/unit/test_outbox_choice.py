@@ -59,6 +59,13 @@ def test_a_database_url_is_one_outbox_named_after_its_database() -> None:
     assert (entry.name, entry.location) == ("shop.sales", OutboxSettings(schema="sales"))
 
 
+def test_a_database_whose_name_run_refuses_is_still_one_outbox() -> None:
+    """`run` refuses an outbox named _legacy; status and the others only show the name."""
+    assert Where(database_url="postgresql://app@h/_legacy").outbox().name == "_legacy"
+    with pytest.raises(ConfigurationError, match="no database URL given"):
+        Where().outbox()
+
+
 def test_a_command_on_one_outbox_needs_outbox_with_a_list(listed: str) -> None:
     with pytest.raises(click.UsageError, match=r"pass --outbox NAME \(the list has: orders, pay"):
         Where(outboxes_file=listed).outbox()

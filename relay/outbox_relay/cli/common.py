@@ -12,7 +12,7 @@ import click
 import psycopg
 from click.core import ParameterSource
 
-from outbox import migrator
+from outbox import migrator, urls
 from outbox.errors import ConfigurationError, SchemaError, one_line
 from outbox.settings import OutboxSettings
 from outbox_relay import pg
@@ -147,8 +147,9 @@ class Where:
                     f"--outbox {self.outbox_name} names an outbox of an --outboxes list: pass"
                     " --outboxes FILE too"
                 )
-            settings = location(self.schema_name, self.table_prefix)
-            return from_urls([self.database_url or ""], settings)
+            return (
+                _one_outbox(self.database_url or "", location(self.schema_name, self.table_prefix)),
+            )
         if self.database_url is not None:
             raise click.UsageError(
                 "give either --outboxes (a list of outboxes) or --database-url (one outbox), not"
@@ -168,6 +169,17 @@ class Where:
             raise click.UsageError(f"pass --outbox NAME (the list has: {names})")
         (entry,) = entries
         return entry
+
+
+def _one_outbox(database_url: str, settings: OutboxSettings) -> OutboxEntry:
+    """``--database-url``'s outbox, named as ``run`` names it; a database whose name cannot name
+    an outbox (``run`` refuses it) keeps its own, as these commands only show it."""
+    try:
+        (entry,) = from_urls([database_url], settings)
+    except ConfigurationError:
+        database = urls.parse(database_url).database  # a wrong URL still says what is wrong
+        return OutboxEntry(database or "outbox", database_url, settings)
+    return entry
 
 
 def _refuse_location_with_a_list() -> None:
