@@ -5,7 +5,9 @@ Prometheus runs with the Compose stack's own ``deploy/prometheus/prometheus.yml`
 names, its rule file), only with the targets pointed at this test's relay and consumer and
 scraping every second. Then:
 
-- every query of the dashboard returns at least one series;
+- every query of the dashboard returns at least one series (with every outbox picked in its
+  ``outbox`` variable), and every series of the relay but its process-wide ones carries the
+  ``outbox`` label;
 - every alert expression can be answered: each of its operands returns at least one series
   (a comparison is asked with ``bool``, so that a quiet alert still shows its series, and
   ``absent(x)`` is asked as ``x``); a rule naming a label or a metric that is not there fails;
@@ -67,9 +69,16 @@ PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 RULES = ROOT / "deploy" / "prometheus" / "outbox-rules.yml"
 #: What Grafana's $__rate_interval becomes here: four scrapes at 1 s, and some.
 RATE_INTERVAL = "10s"
+#: What the dashboard's outbox variable becomes with "All" picked.
+ALL_OUTBOXES = ".*"
 LAG_ALERT = "OutboxLagging"
 #: Where to draw a picture of the dashboard's panels from this run (make dashboard-picture).
 PICTURE_ENV = "OUTBOX_DASHBOARD_PNG"
+
+
+def as_grafana_sends(expr: str) -> str:
+    """A dashboard query with its variables replaced as Grafana does (every outbox picked)."""
+    return expr.replace("$__rate_interval", RATE_INTERVAL).replace("$outbox", ALL_OUTBOXES)
 
 
 class Prometheus:
@@ -237,10 +246,21 @@ def test_prometheus_scrapes_the_relay_and_the_consumer(stack: Stack) -> None:
 def test_every_dashboard_query_returns_a_series(stack: Stack) -> None:
     empty = []
     for query in queries():
-        expr = query.replace("$__rate_interval", RATE_INTERVAL)
+        expr = as_grafana_sends(query)
         if not stack.prometheus.query(expr):
             empty.append(expr)
     assert not empty, "queries without a series:\n" + "\n".join(empty)
+
+
+def test_the_relays_series_are_labelled_with_their_outbox(stack: Stack) -> None:
+    """The relay serves one outbox: every series of its own but the process-wide ones carries
+    that outbox's name, the one the dashboard's variable lists."""
+    [outbox] = {s["metric"]["outbox"] for s in stack.prometheus.query("outbox_relay_outbox_up")}
+    assert outbox
+    unlabelled = stack.prometheus.query('{__name__=~"outbox_relay_.+", outbox=""}')
+    assert {s["metric"]["__name__"] for s in unlabelled} == {"outbox_relay_outboxes_served"}
+    labelled = stack.prometheus.query('count by (outbox) ({__name__=~"outbox_relay_.+"})')
+    assert {s["metric"].get("outbox") for s in labelled} == {outbox, None}
 
 
 COMPARISON = re.compile(r"(?<![=!<>])(==|!=|>=|<=|>|<)(?!=)")
@@ -312,7 +332,7 @@ def picture(stack: Stack, cut_at: float, path: Path) -> None:
         for target in panels[title]["targets"]:
             data = stack.prometheus.get(
                 "/api/v1/query_range",
-                query=target["expr"].replace("$__rate_interval", RATE_INTERVAL),
+                query=as_grafana_sends(target["expr"]),
                 start=str(stack.started),
                 end=str(end),
                 step="1",

@@ -1,18 +1,24 @@
 """The Grafana dashboard (deploy/grafana/outbox-dashboard.json) is well formed: unique panel
 ids, panels that do not overlap, a Prometheus datasource on every query (the dashboard's own
-datasource variable, so it imports into any Grafana), a description on every panel, and no
-query naming a metric that the relay or the consume loops do not export. That each query
+datasource variable, so it imports into any Grafana), a description on every panel, no
+query naming a metric that the relay or the consume loops do not export, and every relay series
+filtered by the ``outbox`` variable. That each query
 returns data from a real relay and consumer is tests/acceptance/test_dashboards.py's job."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 from tests.exported_metrics import exported, named_in
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "outbox-dashboard.json"
+#: A relay metric in PromQL, with its label matchers if any.
+RELAY_SELECTOR = re.compile(r"\b(outbox_relay_[a-z_]+)(\{[^}]*\})?")
+#: The relay's metrics about the process itself, not about one outbox.
+RELAY_LEVEL = {"outbox_relay_outboxes_served"}
 
 
 def dashboard() -> dict[str, Any]:
@@ -88,6 +94,36 @@ def test_the_panels_the_issue_asks_for_are_there() -> None:
         "outbox_consumer_dead_lettered_total",
     }
     by_topic = [q for q in queries() if "outbox_relay_events_published_total" in q]
-    assert any("by (topic)" in q for q in by_topic)
-    assert any("by (reason)" in q for q in queries() if "delivery_failures" in q)
-    assert any("by (instance)" in q for q in queries() if "shards_owned" in q)
+    assert any("by (outbox, topic)" in q for q in by_topic)
+    assert any("by (outbox, reason)" in q for q in queries() if "delivery_failures" in q)
+    assert any("by (instance, outbox)" in q for q in queries() if "shards_owned" in q)
+
+
+def test_the_outbox_variable_picks_one_outbox_several_or_all() -> None:
+    [variable] = [v for v in dashboard()["templating"]["list"] if v["name"] == "outbox"]
+    assert variable["type"] == "query"
+    assert variable["query"]["query"] == "label_values(outbox_relay_outbox_up, outbox)"
+    assert variable["multi"] is True
+    assert variable["includeAll"] is True
+    assert variable["allValue"] == ".*"
+
+
+def test_every_relay_series_is_filtered_by_the_outbox_variable() -> None:
+    """Each per-outbox metric a query names is selected with ``outbox=~"$outbox"``, and each
+    query aggregating it keeps the outbox (a legend naming it) or counts the outboxes."""
+    for panel in panels():
+        for target in panel["targets"]:
+            for name, matchers in RELAY_SELECTOR.findall(target["expr"]):
+                if name in RELAY_LEVEL:
+                    continue
+                assert matchers == '{outbox=~"$outbox"}', f"{panel['title']}: {name}"
+                kept = (
+                    "{{outbox}}" in target["legendFormat"] or "outboxes" in target["legendFormat"]
+                )
+                assert kept, f"{panel['title']}: {target['legendFormat']}"
+
+
+def test_a_panel_shows_the_outboxes_served_and_up() -> None:
+    [panel] = [p for p in panels() if p["title"] == "Outboxes served / up"]
+    named = set().union(*(named_in(t["expr"]) for t in panel["targets"]))
+    assert named == {"outbox_relay_outboxes_served", "outbox_relay_outbox_up"}
