@@ -1,7 +1,9 @@
 """`outbox-relay run --metrics-port`: Prometheus metrics, /healthz and /readyz of a real relay.
 
 The relay runs as a subprocess against the real PostgreSQL and broker; the figures it exposes are
-compared with what reached Kafka and what is left in the table.
+compared with what reached Kafka and what is left in the table. The relay serves one outbox:
+every series of it carries that outbox's name (``outbox``), read from ``outbox_relay_outbox_up``
+rather than spelled here.
 """
 
 from __future__ import annotations
@@ -54,8 +56,14 @@ def scrape(base: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
 
 
 def metric(base: str, name: str) -> float:
-    """One unlabelled sample's value (0 when absent), or the sum over its labels."""
+    """One sample's value (0 when absent), or the sum over its labels."""
     return sum(scrape(base).get(name, {}).values())
+
+
+def served_outbox(values: dict[str, dict[tuple[tuple[str, str], ...], float]]) -> str:
+    """The name of the one outbox the relay serves, from its ``outbox_relay_outbox_up``."""
+    [labels] = values["outbox_relay_outbox_up"]
+    return dict(labels)["outbox"]
 
 
 def metrics_args(port: int) -> list[str]:
@@ -66,7 +74,8 @@ def test_metrics_count_what_reached_kafka(
     database_url: str, kafka_bootstrap: str, tmp_path: Path
 ) -> None:
     """A single relay drains N events: published counter == distinct events on the topic,
-    backlog 0, 256 shards; every documented metric exists; /healthz and /readyz say 200."""
+    backlog 0, 256 shards, its outbox up, every series labelled with it; every documented
+    metric exists; /healthz and /readyz say 200."""
     topic, other = create_topic(kafka_bootstrap), create_topic(kafka_bootstrap)
     ids = write_events(database_url, topic, 400, keys=20)
     ids += write_events(database_url, other, 100, keys=5)
@@ -90,17 +99,28 @@ def test_metrics_count_what_reached_kafka(
         values = scrape(base)
         families = {name.removeprefix("family:") for name in values if name.startswith("family:")}
         assert families >= DOCUMENTED, DOCUMENTED - families
+        outbox = served_outbox(values)
+        only = (("outbox", outbox),)
+        assert values["outbox_relay_outbox_up"] == {only: 1}
+        assert values["outbox_relay_outboxes_served"][()] == 1
         published = values["outbox_relay_events_published_total"]
-        assert published[(("topic", topic),)] == 400
-        assert published[(("topic", other),)] == 100
-        assert values["outbox_relay_shards_owned"][()] == 256
-        assert values["outbox_relay_oldest_unpublished_age_seconds"][()] == 0
-        assert values["outbox_relay_circuit_breaker_state"][()] == 0
-        assert values["outbox_relay_batch_size_sum"][()] == 500
-        assert values["outbox_relay_batch_size_count"][()] >= 10  # batches of 50 at most
-        assert values["outbox_relay_batch_duration_seconds_count"][()] >= 10
+        assert published[(("outbox", outbox), ("topic", topic))] == 400
+        assert published[(("outbox", outbox), ("topic", other))] == 100
+        assert values["outbox_relay_shards_owned"] == {only: 256}
+        assert values["outbox_relay_oldest_unpublished_age_seconds"] == {only: 0}
+        assert values["outbox_relay_circuit_breaker_state"] == {only: 0}
+        assert values["outbox_relay_batch_size_sum"] == {only: 500}
+        assert values["outbox_relay_batch_size_count"][only] >= 10  # batches of 50 at most
+        assert values["outbox_relay_batch_duration_seconds_count"][only] >= 10
         assert sum(values.get("outbox_relay_delivery_failures_total", {}).values()) == 0
         assert sum(values.get("outbox_relay_events_dead_lettered_total", {}).values()) == 0
+        labelled = {
+            dict(labels).get("outbox")
+            for name, samples in values.items()
+            if name.startswith("outbox_relay_") and name != "outbox_relay_outboxes_served"
+            for labels in samples
+        }
+        assert labelled == {outbox}
         assert get(f"{base}/healthz") == (200, "ok\n")
         assert get(f"{base}/readyz") == (200, "ok\n")
     finally:
