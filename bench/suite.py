@@ -18,6 +18,9 @@ Sections (``--only`` takes a comma-separated list of them):
 * writers:  commits/s into the outbox table against a copy without triggers, 1 to 64 clients
             (pgbench), and with migration 0004's triggers (before);
 * idle:     an idle relay's CPU and transactions; a lone event after an idle minute;
+* fleet:    50 outboxes (databases) served by two relays: latency at 1,000 events/s beside one
+            outbox, the other 49 after one database is dropped, a lone event after 10 idle
+            minutes, PostgreSQL CPU and connections of the idle fleet;
 * writer:   outbox.add against a bare INSERT; add_many's cost and round trips;
 * consumer: the consume loop with dedup against without;
 * peers:    the relay beside Debezium (PostgreSQL connector, Outbox Event Router, Kafka Connect)
@@ -52,6 +55,7 @@ from typing import Any
 import common
 import consumer
 import drain
+import fleet
 import idle
 import latency
 import limits
@@ -73,6 +77,7 @@ SECTIONS = (
     "retention",
     "writers",
     "idle",
+    "fleet",
     "writer",
     "consumer",
     "peers",
@@ -192,6 +197,7 @@ def main() -> int:
             "retention": retention.measure,
             "writers": writers.measure,
             "idle": idle.measure,
+            "fleet": fleet.measure,
             "writer": writer.measure,
             "consumer": consumer.measure,
             "peers": peers.measure,
@@ -217,6 +223,7 @@ def main() -> int:
         "retention": (retention.rows, retention.targets),
         "writers": (writers.rows, writers.targets),
         "idle": (idle.rows, idle.targets),
+        "fleet": (fleet.rows, fleet.targets),
         "writer": (writer.rows, writer.targets),
         "consumer": (consumer.rows, consumer.targets),
         "peers": (peers.rows, peers.targets),
