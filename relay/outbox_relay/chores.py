@@ -13,6 +13,7 @@ back and tries again later, and the claims go on. Only a broken connection is an
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -63,6 +64,9 @@ class Chores:
     clock: Callable[[], float]
     #: Deletes published rows past ``--retention`` (None: they are deleted on publish).
     purge: Purge | None = None
+    #: How many times more slowly the outbox is watched while quiet (``Wakeup.slowdown``):
+    #: the scan floor's samples, which read ``pg_locks``, are spaced by it too.
+    slowdown: Callable[[float], float] = lambda _now: 1.0
     _published_at_progress: int = 0
 
     def schedule(self) -> Schedule:
@@ -113,7 +117,8 @@ class Chores:
         if acquired and waiting > 0:
             held = len(self.shards.owned - self.shards.ownership.shards)
             log.info("shards.held_for_gone_relay", shards=held, seconds=round(waiting, 1))
-        return now + self.settings.rebalance_interval
+        # A quiet outbox rebalances more slowly too; events bring the next one forward.
+        return now + self.settings.rebalance_interval * self.slowdown(now)
 
     def purge_pass(self, purge: Purge, now: float) -> float:
         """A pass of the purge, by the owner of ``PURGING_SHARD`` only; due again at once
@@ -155,7 +160,8 @@ class Chores:
                 hint=f"grant the relay's role EXECUTE on {function}()",
             )
             self.floor.disable()
-        return self.floor.next_sample
+        due = self.floor.next_sample
+        return due if math.isinf(due) else now + (due - now) * self.slowdown(now)
 
     def log_progress(self, now: float) -> float:
         totals = self.totals

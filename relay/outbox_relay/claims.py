@@ -116,15 +116,23 @@ WHERE (s.id < (SELECT id FROM cut) OR (SELECT id FROM cut) IS NULL)
 # runs; then, in a later statement, a transaction id and the snapshot's view. pg_locks and the
 # two pg_stat_activity columns read here are visible to every role.
 _SEQUENCE_BOUND = "SELECT {last_id}()"  # migration 0005
+# Each function is read once (MATERIALIZED): joined directly, PostgreSQL read every lock of the
+# server again for each session of the database, 44 ms a sample with 50 sessions and 12,800
+# locks (50 outboxes on one server) against 6 ms now.
 _FLOOR_SUSPECTS = """
+WITH l AS MATERIALIZED (
+    SELECT pid, virtualxid FROM pg_locks
+    WHERE locktype = 'virtualxid' AND granted AND pid <> pg_backend_pid()
+), a AS MATERIALIZED (
+    SELECT pid, backend_xid, backend_xmin FROM pg_stat_get_activity(NULL)
+    WHERE datid = (SELECT oid FROM pg_database WHERE datname = current_database())
+      AND usesysid IS NOT NULL  -- client sessions: autovacuum and the like write no outbox rows
+)
 SELECT coalesce(array_agg(l.virtualxid)
                   FILTER (WHERE a.backend_xid IS NULL AND a.backend_xmin IS NOT NULL), '{}'),
        coalesce(bool_or(l.virtualxid = ANY (%s::text[])), false)
-FROM pg_locks AS l
-JOIN pg_stat_get_activity(NULL) AS a ON a.pid = l.pid
-WHERE l.locktype = 'virtualxid' AND l.granted AND l.pid <> pg_backend_pid()
-  AND a.datid = (SELECT oid FROM pg_database WHERE datname = current_database())
-  AND a.usesysid IS NOT NULL  -- client sessions: autovacuum and the like write no outbox rows
+FROM l, a
+WHERE a.pid = l.pid
 """
 _FLOOR_VIEW = """
 SELECT pg_current_xact_id()::text::bigint,

@@ -167,10 +167,10 @@ class RelaySettings:
         help="Longest tick of the idle wait once an outbox has been quiet for long: the tick "
         "starts at 6ms and grows by 1ms a second of quiet up to this, so a lone event after a "
         "long quiet waits up to this much more to be noticed, and a quiet outbox costs "
-        "PostgreSQL less. With several outboxes the default is 100ms.",
+        "PostgreSQL less. With several outboxes the default is 200ms.",
         minimum=0.001,
         maximum=1.0,
-        shown_default="6ms; 100ms with several outboxes",
+        shown_default="6ms; 200ms with several outboxes",
     )
     backoff_base: float = setting(
         1.0,

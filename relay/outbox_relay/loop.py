@@ -8,6 +8,7 @@ which rows count as acknowledged: the design page, "Marking comes after the ack"
 from __future__ import annotations
 
 import contextlib
+import math
 import select
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -22,7 +23,7 @@ from outbox_relay.backoff import CircuitBreaker
 from outbox_relay.chores import Chores, Totals
 from outbox_relay.claims import OutboxSource
 from outbox_relay.config import RelaySettings
-from outbox_relay.floor import ScanFloor
+from outbox_relay.floor import FLOOR_EVERY, ScanFloor
 from outbox_relay.outage import BreakerReport
 from outbox_relay.pipeline import Pipeline, Undelivered, filled
 from outbox_relay.ports import ClaimedRow, Metrics, NoMetrics, Outcome, Publisher, Result
@@ -87,6 +88,7 @@ class Relay:
             self.totals,
             clock,
             purge=Purge(settings.retention) if settings.retention else None,
+            slowdown=self.wakeup.slowdown,
         ).schedule()
         #: The breaker's changes, as log lines and its gauge.
         self.outage = BreakerReport(self.breaker, self.metrics)
@@ -165,7 +167,8 @@ class Relay:
             self._log_drained()
             self.stop.request("idle")
             return
-        self._wait(self.settings.poll_interval)
+        # A quiet outbox is polled more slowly too (--idle-tick; 1x with its default of 6ms).
+        self._wait(self.settings.poll_interval * self.wakeup.slowdown(self.clock()))
 
     def _send(
         self,
@@ -191,9 +194,15 @@ class Relay:
             )
         if self._first_claim_at is None:
             self._first_claim_at = started
+        # The floor's samples and the rebalances were spaced out while the outbox was quiet:
+        # it is not any more.
+        self.chores.bring_forward("rebalance", started + self.settings.rebalance_interval)
+        if not math.isinf(self.floor.next_sample):  # else the floor is off for good
+            self.chores.bring_forward("floor", started + FLOOR_EVERY)
         outcomes, sent = self.batches.publish(rows, held, should_abort=self._grace_expired)
         all_delivered = self._finish(rows, outcomes, sent=sent)
         self._last_commit_at = self.clock()
+        self.wakeup.active(self._last_commit_at)
         self.metrics.observe_batch(rows, outcomes, self._last_commit_at - started)
         if woken:
             self.chores.run_due(self._last_commit_at)

@@ -61,7 +61,8 @@ class OutboxEntry:
     @property
     def where(self) -> str:
         """The outbox for messages: its database (no password), schema and prefix."""
-        return f"{urls.redact(self.database_url)} ({self.location.events_table})"
+        table = self.location.events_table  # for people to read, not SQL
+        return f"{urls.redact(self.database_url)} ({table})"
 
 
 def check_name(name: object) -> str:

@@ -38,3 +38,9 @@ class Schedule:
         task = self._tasks.get(name)
         if task is not None:
             task.due = 0.0
+
+    def bring_forward(self, name: str, due: float) -> None:
+        """Run ``name`` by ``due`` at the latest (a task not scheduled is ignored)."""
+        task = self._tasks.get(name)
+        if task is not None:
+            task.due = min(task.due, due)

@@ -28,7 +28,7 @@ log = structlog.get_logger("relay.wakeup")
 #: backend's CPU while idle (its cost: the performance page, "Measurements behind the defaults").
 MAX_TICK_MS = 6
 #: The default ``--idle-tick`` of a relay serving several outboxes (one outbox: ``MAX_TICK_MS``).
-FLEET_IDLE_TICK = 0.1
+FLEET_IDLE_TICK = 0.2
 #: How long a wait that follows work ticks every millisecond: at steady low rates the next
 #: event is a few milliseconds away (at 200 events/s, 5 ms).
 FAST_MS = 20
@@ -91,8 +91,20 @@ class Wakeup:
         self._look: Look | None = None
         self._polling_reported = False
         self._idle_tick_ms = max(1, round(idle_tick * 1000))
-        #: When events last woke a wait (``clock``); None until the first wait.
-        self._woken_at: float | None = None
+        #: When events last woke a wait or the relay last sent a batch (``clock``); None until
+        #: the first wait.
+        self._active_at: float | None = None
+
+    def active(self, now: float) -> None:
+        """The relay sent a batch: the outbox is not quiet."""
+        self._active_at = now
+
+    def slowdown(self, now: float) -> float:
+        """How many times more slowly a quiet outbox is watched: the longest tick now against
+        ``MAX_TICK_MS`` (1 until ``--idle-tick`` lets the tick grow). The relay also spaces its
+        polls, scan floor samples and rebalances by it."""
+        quiet = 0.0 if self._active_at is None else now - self._active_at
+        return idle_tick_ms(quiet, self._idle_tick_ms) / MAX_TICK_MS
 
     def forget(self) -> None:
         """Start over (a new connection): the next wait takes a look and returns at once."""
@@ -117,18 +129,22 @@ class Wakeup:
             return True
         now = clock()
         deadline = now + seconds
-        if self._woken_at is None:
-            self._woken_at = now
-        fast_ms = FAST_MS  # the first call only: later ones follow a quiet stretch
+        if self._active_at is None:
+            self._active_at = now
+        # The first call only, and only after recent activity: later ones follow a quiet stretch.
+        fast_ms = FAST_MS if self.slowdown(now) == 1 else 0
         while not stop.requested:
             now = clock()
             remaining = deadline - now
-            longest = WRITERS_SECONDS if self._look.writers else CALL_SECONDS
+            tick_ms = idle_tick_ms(now - self._active_at, self._idle_tick_ms)
+            # A quiet outbox's calls last longer too, as its ticks do.
+            longest = (
+                WRITERS_SECONDS if self._look.writers else CALL_SECONDS * tick_ms / MAX_TICK_MS
+            )
             timeout_ms = max(0, round(min(remaining, longest) * 1000))
-            tick_ms = idle_tick_ms(now - self._woken_at, self._idle_tick_ms)
             woken, fresh = self._call(conn, self._look, floor, timeout_ms, fast_ms, tick_ms)
             if woken:
-                self._woken_at = clock()
+                self._active_at = clock()
             if woken or remaining <= longest:
                 self._look = fresh
                 return woken
