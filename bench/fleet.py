@@ -67,7 +67,7 @@ EXTRA_PER_RELAY = 3
 #: The after-the-drop p99 of the other outboxes may be this many times the before's: noise.
 NOISE_RATIO = 1.5
 RELAY_SESSIONS = "SELECT pid, datname, application_name FROM pg_stat_activity"
-RELAY_SESSIONS += " WHERE application_name LIKE 'outbox-relay%%'"
+RELAY_SESSIONS += " WHERE application_name LIKE 'outbox-relay%%' AND datname = ANY(%s)"
 
 
 @dataclass(frozen=True)
@@ -146,16 +146,18 @@ class FleetRelay(common.Relay):
             self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT)
 
 
-def sessions(server: str) -> list[tuple[int, str, str]]:
-    """(backend pid, database, application name) of every relay session."""
+def sessions(server: str, databases: Sequence[str]) -> list[tuple[int, str, str]]:
+    """(backend pid, database, application name) of every relay session in ``databases`` (not
+    those of other relays on a shared server)."""
     with psycopg.connect(server) as conn:
-        return [(int(p), str(d), str(a)) for p, d, a in conn.execute(RELAY_SESSIONS).fetchall()]
+        found = conn.execute(RELAY_SESSIONS, (list(databases),)).fetchall()
+        return [(int(p), str(d), str(a)) for p, d, a in found]
 
 
-def owners(server: str) -> dict[str, frozenset[str]]:
+def owners(server: str, databases: Sequence[str]) -> dict[str, frozenset[str]]:
     """Per database, the relays holding an owner session there."""
     found: dict[str, set[str]] = {}
-    for _, database, name in sessions(server):
+    for _, database, name in sessions(server, databases):
         if name.startswith("outbox-relay owner "):
             found.setdefault(database, set()).add(name.split()[-1])
     return {d: frozenset(r) for d, r in found.items()}
@@ -167,7 +169,7 @@ def settle(server: str, databases: Sequence[str], relays: Sequence[common.Relay]
     while time.monotonic() < deadline:
         for relay in relays:
             relay.check()
-        now = owners(server)
+        now = owners(server, databases)
         if now != last:
             stable_since, last = time.monotonic(), now
         elif all(len(now.get(d, ())) == 1 for d in databases) and (
@@ -179,15 +181,19 @@ def settle(server: str, databases: Sequence[str], relays: Sequence[common.Relay]
 
 
 class ConnectionSampler(soak.Sampler[int]):
-    """The relays' sessions, every ``interval`` seconds."""
+    """The relays' sessions in ``databases``, every ``interval`` seconds."""
+
+    def __init__(self, server: str, databases: Sequence[str], interval: float) -> None:
+        self.databases = list(databases)
+        super().__init__(server, interval)
 
     def sample(self) -> int:
-        return len(self._conn.execute(RELAY_SESSIONS).fetchall())
+        return len(self._conn.execute(RELAY_SESSIONS, (self.databases,)).fetchall())
 
 
 def connections(server: str, databases: Sequence[str], fleet_db: str) -> dict[str, Any]:
     per: dict[str, int] = {}
-    for _, database, _ in sessions(server):
+    for _, database, _ in sessions(server, [*databases, fleet_db]):
         per[database] = per.get(database, 0) + 1
     outboxes = [per.get(d, 0) for d in databases]
     return {
@@ -277,16 +283,17 @@ def write(
     return load.Load(plan.rate, plan.seconds, writers, 1, plan.start_at, commits, len(plan.topics))
 
 
-def per_event(run: load.Load, receiver: load.Receiver) -> tuple[list[tuple[int, float]], int]:
-    """([(event i, latency in ms)] of every arrived event, number missing)."""
-    out, missing = [], 0
+def per_event(run: load.Load, receiver: load.Receiver) -> tuple[list[tuple[int, float]], list[int]]:
+    """([(event i, latency in ms)] of every arrived event, [event i] of those missing)."""
+    out: list[tuple[int, float]] = []
+    missing: list[int] = []
     for w, commits in enumerate(run.commits):
         for t, committed in enumerate(commits):
             i = w + run.writers * t
             if receiver.arrived[i]:
                 out.append((i, 1000 * (receiver.arrived[i] - committed)))
             else:
-                missing += 1
+                missing.append(i)
     return out, missing
 
 
@@ -319,29 +326,54 @@ def warm_topics(urls: Sequence[str], topics: list[str], relays: Sequence[common.
 
 
 def steady(
-    env: common.Env, urls: Sequence[str], relays: Sequence[common.Relay], sizes: Sizes
+    env: common.Env,
+    urls: Sequence[str],
+    relays: Sequence[common.Relay],
+    sizes: Sizes,
+    watched: Sequence[str],
 ) -> dict[str, Any]:
-    """The load over ``urls``: per event latency, missing events, most relay sessions seen."""
+    """The load over ``urls``: per event latency, missing events, most relay sessions seen in
+    the ``watched`` databases."""
     rate, seconds = sizes.rate, sizes.load_seconds
     with env.topics(load.Plan.topics_needed(rate, seconds)) as topics:
         plan = load.Plan(rate, seconds, topics)
         warm_topics(urls, topics, relays)
         with (
             load.Receiver(env.bootstrap, plan, load.capacity(rate, seconds)) as receiver,
-            ConnectionSampler(env.server, 1.0) as sampler,
+            ConnectionSampler(env.server, watched, 1.0) as sampler,
         ):
+            meter = CpuMeter(env.server, watched, relays)
             run = write(urls, plan, receiver, relays)
+            cpu = meter.result()
             receiver.wait_for(run.written, timeout=load.KEEP_S)
         events, missing = per_event(run, receiver)
+    names = [str(psycopg.conninfo.conninfo_to_dict(u)["dbname"]) for u in urls]
+    missing_in: dict[str, int] = {}
+    for i in missing:
+        missing_in[names[i % len(urls)]] = missing_in.get(names[i % len(urls)], 0) + 1
     return {
         **stats([ms for _, ms in events]),
         "achieved_rate": run.written / seconds,
         "written": run.written,
-        "missing": missing,
+        "missing": len(missing),
+        "missing_in": missing_in,
+        "rows_left": rows_left(urls),
         "duplicates": receiver.duplicates,
         "connections_max": max(sampler.samples, default=0),
+        "cpu": cpu,
+        "load_average": os.getloadavg()[0],
         "events": events,  # dropped before the JSON
     }
+
+
+def rows_left(urls: Sequence[str]) -> int:
+    """Rows still in the outboxes (published rows are deleted): events not yet published."""
+    left = 0
+    for url in urls:
+        with psycopg.connect(url) as conn:
+            row = conn.execute("SELECT count(*) FROM outbox_events").fetchone()
+            left += int(row[0]) if row else 0
+    return left
 
 
 # --- idle ----------------------------------------------------------------------------------------
@@ -362,40 +394,59 @@ def transactions(server: str, databases: Sequence[str]) -> int:
     return int(row[0]) if row and row[0] is not None else 0
 
 
+class CpuMeter:
+    """CPU from its creation to :meth:`result`, as % of one core: the backends of the relays'
+    sessions in ``databases`` (all, and by role: owner, work, fleet), the relay processes, the
+    whole server (all its processes, exited ones included); transactions a second there."""
+
+    def __init__(
+        self, server: str, databases: Sequence[str], relays: Sequence[common.Relay]
+    ) -> None:
+        self.server, self.databases, self.relays = server, list(databases), list(relays)
+        self.roles = {pid: [*name.split(), "?"][1] for pid, _, name in sessions(server, databases)}
+        self.master = postmaster(next(iter(self.roles))) if self.roles else None
+        self.before = self.sample()
+        self.xacts = transactions(server, self.databases)
+        self.started = time.monotonic()
+
+    def sample(self) -> dict[str, float]:
+        """CPU seconds so far, by what: ``backend <pid>``, ``relays``, ``postgres``."""
+        used = {f"backend {pid}": idle.cpu_seconds(pid) for pid in self.roles}
+        used["relays"] = sum(idle.cpu_seconds(r.pid) or 0.0 for r in self.relays)
+        if self.master:
+            used["postgres"] = debezium.cpu_seconds(self.master, with_reaped=True)
+        return {what: seconds for what, seconds in used.items() if seconds is not None}
+
+    def result(self) -> dict[str, Any]:
+        after, elapsed = self.sample(), time.monotonic() - self.started
+        xacts = transactions(self.server, self.databases) - self.xacts
+
+        def pct(what: str) -> float:
+            if what not in after or what not in self.before:
+                return math.nan if what == "postgres" else 0.0
+            return 100 * (after[what] - self.before[what]) / elapsed
+
+        by_role: dict[str, float] = {}
+        for pid, role in self.roles.items():
+            by_role[role] = by_role.get(role, 0.0) + pct(f"backend {pid}")
+        return {
+            "seconds": round(elapsed, 1),
+            "backends": len(self.roles),
+            "backends_cpu_pct": sum(by_role.values()),
+            "backends_cpu_pct_by_role": by_role,
+            "sessions_by_role": {r: list(self.roles.values()).count(r) for r in by_role},
+            "relays_cpu_pct": pct("relays"),
+            "postgres_cpu_pct": pct("postgres"),
+            "transactions_per_s": xacts / elapsed,
+        }
+
+
 def cpu_window(
     server: str, databases: Sequence[str], relays: Sequence[common.Relay], seconds: float
 ) -> dict[str, Any]:
-    """CPU over ``seconds``, as % of one core: the relays' backends, the relay processes, the
-    whole server (all its processes, exited ones included); transactions a second."""
-    backends = [pid for pid, _, _ in sessions(server)]
-    master = postmaster(backends[0]) if backends else None
-
-    def sample() -> tuple[list[float | None], list[float | None], float | None]:
-        pg = debezium.cpu_seconds(master, with_reaped=True) if master else None
-        return (
-            [idle.cpu_seconds(p) for p in backends],
-            [idle.cpu_seconds(r.pid) for r in relays],
-            pg,
-        )
-
-    before, xacts, started = sample(), transactions(server, databases), time.monotonic()
+    meter = CpuMeter(server, databases, relays)
     time.sleep(seconds)
-    after, elapsed = sample(), time.monotonic() - started
-    xacts = transactions(server, databases) - xacts
-
-    def pct(a: Sequence[float | None], b: Sequence[float | None]) -> float:
-        used = [y - x for x, y in zip(b, a, strict=True) if x is not None and y is not None]
-        return 100 * sum(used) / elapsed
-
-    whole = after[2] - before[2] if after[2] is not None and before[2] is not None else math.nan
-    return {
-        "seconds": round(elapsed, 1),
-        "backends": len(backends),
-        "backends_cpu_pct": pct(after[0], before[0]),
-        "relays_cpu_pct": pct(after[1], before[1]),
-        "postgres_cpu_pct": 100 * whole / elapsed,
-        "transactions_per_s": xacts / elapsed,
-    }
+    return {**meter.result(), "load_average": os.getloadavg()[0]}
 
 
 def idle_time(
@@ -414,9 +465,10 @@ def idle_time(
         arrivals.wait_for(event_id, timeout=120)
     started = time.monotonic()
     common.progress(f"fleet: idle for {sizes.idle_seconds:.0f} s")
-    first = cpu_window(env.server, databases, relays, sizes.first_window)
+    watched = [*databases, fleet_db]
+    first = cpu_window(env.server, watched, relays, sizes.first_window)
     time.sleep(max(0.0, started + sizes.idle_seconds - sizes.last_window - time.monotonic()))
-    last = cpu_window(env.server, databases, relays, sizes.last_window)
+    last = cpu_window(env.server, watched, relays, sizes.last_window)
     conns = connections(env.server, databases, fleet_db)
     lone = []
     for d in random.Random(31).sample(range(len(urls)), min(sizes.lone_events, len(urls))):
@@ -442,7 +494,8 @@ def baseline(env: common.Env, sizes: Sizes) -> dict[str, Any]:
     with env.database() as url:
         relay = common.Relay(env, url)
         try:
-            result = steady(env, [url], [relay], sizes)
+            name = str(psycopg.conninfo.conninfo_to_dict(url)["dbname"])
+            result = steady(env, [url], [relay], sizes, [name])
             relay.check()
         finally:
             relay.stop()
@@ -468,18 +521,19 @@ def fleet(env: common.Env, sizes: Sizes) -> dict[str, Any]:
             stack.callback(relay.stop)
         settle(env.server, databases, relays)
         split = {
-            r: sum(r in o for o in owners(env.server).values()) for r in ("fleet-1", "fleet-2")
+            r: sum(r in o for o in owners(env.server, databases).values())
+            for r in ("fleet-1", "fleet-2")
         }
         common.progress(f"fleet: {n} outboxes served, {split} outboxes per relay")
         quiet = idle_time(env, urls, databases, fleet_db, relays, arrivals, topic, sizes)
-        before = steady(env, urls, relays, sizes)
+        before = steady(env, urls, relays, sizes, [*databases, fleet_db])
         common.progress(
             f"fleet: {n} outboxes, p50 {before['p50_ms']:.1f} p99 {before['p99_ms']:.1f}"
         )
         testing.drop_database(env.server, databases[victim])
         time.sleep(3.0)
         others = urls[:victim] + urls[victim + 1 :]
-        after = steady(env, others, relays, sizes)
+        after = steady(env, others, relays, sizes, [*databases, fleet_db])
         common.progress(f"fleet: after the drop, p99 {after['p99_ms']:.1f} ms")
         for relay in relays:
             relay.check()
@@ -527,6 +581,13 @@ def _pair(a: float, b: float, digits: int = 1) -> str:
     return f"{common.num(a, digits)} / {common.num(b, digits)}"
 
 
+def _achieved(run: dict[str, Any]) -> str:
+    text = f"{run['written']:,} events ({run['achieved_rate']:,.0f}/s), {run['missing']} missing"
+    if run["missing"]:
+        text += f" (in {run['missing_in']}; {run['rows_left']} rows left unpublished)"
+    return text
+
+
 def _verdict(target: common.Target) -> str:
     met = {True: "met", False: "NOT met", None: "not measured"}[target.met]
     digits = 2 if target.threshold < 10 else 0
@@ -549,19 +610,31 @@ def rows(result: dict[str, Any]) -> list[common.Row]:
             f"one outbox, one relay, at {rate}: p50 / p99",
             _pair(single["p50_ms"], single["p99_ms"]),
             "ms",
-            f"baseline; {single['written']:,} events, {single['missing']} missing",
+            f"baseline; {_achieved(single)}",
         ),
         row(
             f"{n} outboxes, {result['relays']} relays, at {rate}: p50 / p99",
             _pair(every["p50_ms"], every["p99_ms"]),
             "ms",
-            f"{goal['fleet p99']}; {every['written']:,} events, {every['missing']} missing",
+            f"{goal['fleet p99']}; {_achieved(every)}",
+        ),
+        row(
+            "CPU while writing: relay processes / all of PostgreSQL, one outbox",
+            _pair(single["cpu"]["relays_cpu_pct"], single["cpu"]["postgres_cpu_pct"], 0),
+            "% of a core",
+            "PostgreSQL: the writers' backends included",
+        ),
+        row(
+            f"CPU while writing: relay processes / all of PostgreSQL, {n} outboxes",
+            _pair(every["cpu"]["relays_cpu_pct"], every["cpu"]["postgres_cpu_pct"], 0),
+            "% of a core",
+            f"load average {every['load_average']:.1f} at the end (2 cores)",
         ),
         row(
             f"the other {n - 1}, p50 before / after dropping {dropped}",
             _pair(before["p50_ms"], after["p50_ms"]),
             "ms",
-            f"{after['written']:,} events after, {after['missing']} missing",
+            f"after: {_achieved(after)}",
         ),
         row(
             f"the other {n - 1}, p99 before / after dropping {dropped}",
@@ -582,6 +655,12 @@ def rows(result: dict[str, Any]) -> list[common.Row]:
             _pair(first["backends_cpu_pct"], last["backends_cpu_pct"], 2),
             "% of a core",
             f"{goal['fleet idle PostgreSQL CPU']}; {last['backends']} sessions",
+        ),
+        row(
+            "  of which, last idle window, by session role",
+            ", ".join(f"{r} {v:.1f}" for r, v in last["backends_cpu_pct_by_role"].items()),
+            "% of a core",
+            ", ".join(f"{c} {r}" for r, c in last["sessions_by_role"].items()) + " sessions",
         ),
         row(
             "the relay processes' CPU, first / last idle",

@@ -29,6 +29,7 @@ SECTIONS = (
     "retention",
     "writers",
     "idle",
+    "fleet",
     "writer",
     "consumer",
     "memory",
@@ -123,6 +124,16 @@ def test_quick_suite_reports_every_section(
     positive(results, "idle", "lone_event_p99_ms")
     positive(results, "idle", "transactions_per_s")
     assert len(results["idle"]["samples"]) == 2
+    fleet = results["fleet"]  # 5 outboxes, two relays; one database dropped
+    for run in ("single", "all", "others_before", "others_after"):
+        positive(results, "fleet", run, "p99_ms")
+    for run in ("single", "all", "others_after"):
+        assert fleet[run]["missing"] == 0, (run, fleet[run])
+    assert fleet["idle"]["lone"]["events"] == 5
+    positive(results, "fleet", "idle", "lone", "p99_ms")
+    positive(results, "fleet", "idle", "last", "backends_cpu_pct")
+    assert fleet["idle"]["connections"]["max_per_outbox"] >= 1
+    assert sum(fleet["outboxes_per_relay"].values()) == 5
     positive(results, "writer", "worst_ratio")
     positive(results, "writer", "add_many_1000_round_trips")
     for handler in ("batch", "message"):
@@ -134,6 +145,8 @@ def test_quick_suite_reports_every_section(
     assert {t["name"] for t in results["targets"]} >= {
         "relay peak RSS, all runs",
         "soak table size at end / after first minute",
+        "fleet p99",
+        "fleet idle connections",
     }
     # A target is judged whenever its figure exists; a tiny --quick drain can be lost in
     # start-up noise: then its ratio has no figure (NaN) and no verdict rather than a false one.
