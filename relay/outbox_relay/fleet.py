@@ -119,7 +119,7 @@ class Fleet:
         metrics_for: Callable[[str], Metrics],
         forget_metrics: Callable[[str], None],
         new_publisher: Callable[[RelaySettings], Publisher],
-        served: Callable[[int], None] = lambda _count: None,
+        listed: Callable[[list[str]], None] = lambda _names: None,
         alive: Callable[[], None] = lambda: None,
     ) -> None:
         self.settings = settings
@@ -130,7 +130,7 @@ class Fleet:
         self._metrics_for = metrics_for
         self._forget_metrics = forget_metrics
         self._new_publisher = new_publisher
-        self._served = served
+        self._listed = listed
         self._alive = alive
         self.entries: dict[str, OutboxEntry] = {}
         self._loaded = False
@@ -175,7 +175,6 @@ class Fleet:
         for name in sorted(given - set(self.workers)):
             if name not in self._leaving:  # still leaving: served again at a later pass
                 self._serve(self.entries[name])
-        self._served(len(self.workers))
 
     def _reload(self) -> None:
         try:
@@ -193,6 +192,7 @@ class Fleet:
             return
         before, self._loaded = self.entries, True
         self.entries = {entry.name: entry for entry in changed}
+        self._listed(list(self.entries))
         for name, entry in self.entries.items():
             if name in self.workers and before.get(name) != entry:
                 self._let_go(name, "changed in the list")  # served anew at the next pass
@@ -317,7 +317,7 @@ def serve_fleet(
                 metrics_for=metrics.for_outbox if metrics is not None else _no_metrics,
                 forget_metrics=metrics.forget_outbox if metrics is not None else _forget_none,
                 new_publisher=new_publisher,
-                served=metrics.set_outboxes_served if metrics is not None else _count_none,
+                listed=metrics.set_listed if metrics is not None else _names_none,
                 alive=metrics.beat if metrics is not None else _nothing,
             )
             fleet.run()
@@ -334,7 +334,7 @@ def _forget_none(_name: str) -> None:
     pass
 
 
-def _count_none(_count: int) -> None:
+def _names_none(_names: list[str]) -> None:
     pass
 
 

@@ -361,7 +361,10 @@ def serve(
     stop.install()
     try:
         with served_metrics(settings, probe_broker, isolated=False) as metrics:
-            outbox_metrics = metrics.for_outbox(name) if metrics is not None else None
+            outbox_metrics = None
+            if metrics is not None:
+                metrics.set_listed([name])
+                outbox_metrics = metrics.for_outbox(name)
             relay = Relay(settings, publisher, stop, metrics=outbox_metrics)
             try:
                 relay.start()

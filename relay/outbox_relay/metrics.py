@@ -136,9 +136,17 @@ class RelayMetrics:
         self.isolated = isolated
         self._outboxes: dict[str, OutboxMetrics] = {}
         self._outboxes_lock = threading.Lock()
+        #: The outboxes of the relay's list, as ``outbox_listed`` has them.
+        self._listed: set[str] = set()
         new = _Declare(self.registry)
         self.outboxes_served = new.gauge(
             "outboxes_served", "Outboxes this relay serves (each with its own loop)."
+        )
+        self.listed = new.gauge(
+            "outbox_listed",
+            "1 for each outbox of this relay's list (--outboxes, or its --database-url), served"
+            " by this relay or another: what OutboxUnserved compares with outbox_up.",
+            OUTBOX,
         )
         self.up = new.gauge(
             "outbox_up",
@@ -246,6 +254,16 @@ class RelayMetrics:
             if outbox is not None:
                 outbox.detach()
             self.health.forget(name)
+
+    def set_listed(self, names: Iterable[str]) -> None:
+        """The outboxes of the relay's list now (those gone from it leave the gauge)."""
+        wanted = set(names)
+        with self._outboxes_lock:
+            for name in self._listed - wanted:
+                self.listed.remove(name)
+            for name in wanted:
+                self.listed.labels(outbox=name).set(1)
+            self._listed = wanted
 
     def set_outboxes_served(self, count: int) -> None:
         """Say how many outboxes the relay serves (``for_outbox`` and ``forget_outbox`` keep

@@ -280,6 +280,9 @@ def test_metrics_name_each_outbox(
         assert published[(("outbox", db.name), ("topic", other))] == on_other
     assert {dict(labels)["outbox"] for labels in published} <= {db.name for db in outboxes}
     assert values["outbox_relay_outboxes_served"] == {(): 4.0}
+    assert values["outbox_relay_outbox_listed"] == {
+        (("outbox", db.name),): 1.0 for db in [*outboxes, bare]
+    }
     status, body = get(f"{base}/readyz")
     assert status == 200, body
     assert bare.name in body

@@ -45,6 +45,7 @@ DOCUMENTED = {
     "outbox_relay_purged_partitions",
     "outbox_relay_purge_overdue_seconds",
     "outbox_relay_outbox_up",
+    "outbox_relay_outbox_listed",
     "outbox_relay_outboxes_served",
 }
 
@@ -199,6 +200,19 @@ def test_outbox_up_says_whether_the_outbox_is_served() -> None:
     assert of(samples(metrics), "orders")[up] == 1
     orders.outbox_up(False)
     assert of(samples(metrics), "orders")[up] == 0
+
+
+def test_the_listed_outboxes_follow_the_list_not_what_the_relay_serves() -> None:
+    metrics = RelayMetrics()
+    metrics.set_listed(["orders", "billing"])
+    metrics.for_outbox("orders")
+    metrics.forget_outbox("orders")  # given to another relay: still in the list
+    listed = "outbox_relay_outbox_listed"
+    found = {labels for (name, labels) in samples(metrics) if name == listed}
+    assert found == {(("outbox", "orders"),), (("outbox", "billing"),)}
+    metrics.set_listed(["billing"])  # orders removed from the list
+    found = {labels for (name, labels) in samples(metrics) if name == listed}
+    assert found == {(("outbox", "billing"),)}
 
 
 def test_forget_outbox_removes_its_series_and_leaves_the_others() -> None:
