@@ -244,6 +244,52 @@ def test_a_killed_relays_outboxes_are_taken_over_with_nothing_lost(
         assert_delivered(received, ids)
 
 
+def test_a_relay_joining_mid_stream_takes_outboxes_over_live(
+    dbs: Databases, relays: Relays, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """One relay serves four outboxes while events are written to all of them; a second relay
+    joins and is given some of them: the first lets those go cleanly (no successor waits for
+    its linger), every event reaches Kafka and each key's events first arrive in order."""
+    outboxes = [dbs.create(name) for name in ("p", "q", "r", "s")]
+    topics = {db.url: create_topic(kafka_bootstrap) for db in outboxes}
+    listed = write_list(tmp_path / "outboxes.toml", outboxes)
+    args = fleet_args(listed, kafka_bootstrap, "--batch-size", "20")
+    first, first_log = relays.start(args, "relay-1")
+    names = {db.name for db in outboxes}
+    wait_until(lambda: served(first_log) == names, timeout=30)
+    writer = ContinuousWriter([(db.url, topics[db.url]) for db in outboxes]).start()
+    try:
+        wait_until(lambda: writer.written() >= 400, timeout=30)
+        _second, second_log = relays.start(args, "relay-2")
+        wait_until(
+            lambda: (
+                members(first_log) == members(second_log) == 2
+                and served(first_log) | served(second_log) == names
+                and not served(first_log) & served(second_log)
+                and bool(served(second_log))
+            ),
+            timeout=30,
+        )
+        wait_until(lambda: writer.written() >= 1200, timeout=30)
+    finally:
+        writer.stop()
+    wait_until(lambda: all_published(*outboxes), timeout=60)
+
+    given = served(second_log)
+    released = {
+        line["outbox"]
+        for line in log_lines(first_log, "fleet.outbox_released")
+        if line.get("reason") == "given to another"
+    }
+    assert released == given
+    assert not log_lines(second_log, "shards.held_for_gone_relay"), "a clean leave holds nobody"
+    assert first.poll() is None
+    for db in outboxes:
+        ids = writer.ids[db.url]
+        received = read_topic(kafka_bootstrap, topics[db.url], expect_ids=set(ids))
+        assert_delivered(received, ids)
+
+
 def test_metrics_name_each_outbox(
     dbs: Databases, relays: Relays, kafka_bootstrap: str, tmp_path: Path
 ) -> None:
