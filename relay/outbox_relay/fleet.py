@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import secrets
 import select
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -36,6 +35,7 @@ from outbox_relay.loop import served_metrics
 from outbox_relay.outboxes import OutboxEntry, OutboxFile
 from outbox_relay.pg import DatabaseUnavailableError, relay_connect
 from outbox_relay.ports import Metrics, NoMetrics, Publisher
+from outbox_relay.shards import take_member_id
 from outbox_relay.signals import StopSignal
 from outbox_relay.worker import OutboxWorker
 
@@ -86,13 +86,8 @@ class FleetMembership:
         if self._conn is None or self._conn.closed:
             self._conn = relay_connect(self._settings, role=FLEET_ROLE, autocommit=True)
             self.member_id = 0
-        while not self.member_id:
-            member = 1 + secrets.randbelow(2**31 - 1)
-            row = self._conn.execute(
-                "SELECT pg_try_advisory_lock(%s, %s)", (FLEET_LOCK_CLASS, member)
-            ).fetchone()
-            if row and row[0]:
-                self.member_id = member
+        if not self.member_id:
+            self.member_id = take_member_id(self._conn, FLEET_LOCK_CLASS)
         rows = self._conn.execute(_MEMBERS_SQL, (FLEET_LOCK_CLASS,)).fetchall()
         found = sorted(int(r[0]) for r in rows)
         if self.member_id not in found:  # the session was reset: join again at the next pass

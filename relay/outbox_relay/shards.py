@@ -99,6 +99,15 @@ def lock_class(settings: OutboxSettings, kind: str) -> int:
     return int.from_bytes(digest.digest()[:4], "big") & 0x7FFFFFFF
 
 
+def take_member_id(conn: psycopg.Connection[Any], lock_class: int) -> int:
+    """A free random member id, held from now on by a session advisory lock of ``conn``."""
+    while True:
+        member = 1 + secrets.randbelow(2**31 - 1)
+        row = conn.execute("SELECT pg_try_advisory_lock(%s, %s)", (lock_class, member)).fetchone()
+        if row and row[0]:
+            return member
+
+
 def assignment(members: list[int], member: int) -> frozenset[int]:
     """The shards rendezvous hashing gives to ``member`` among ``members`` (pure)."""
 
@@ -174,16 +183,8 @@ class ShardOwner:
     def join(self) -> None:
         """Become a member: a membership lock under a free random id (the first rebalance does
         it; once per connection)."""
-        if self.member_id:
-            return
-        while True:
-            member = 1 + secrets.randbelow(2**31 - 1)
-            row = self.connection.execute(
-                "SELECT pg_try_advisory_lock(%s, %s)", (self._member_class, member)
-            ).fetchone()
-            if row and row[0]:
-                self.member_id = member
-                return
+        if not self.member_id:
+            self.member_id = take_member_id(self.connection, self._member_class)
 
     def members(self) -> list[int]:
         """The live members (registered, their lock held), this relay among them while it is
