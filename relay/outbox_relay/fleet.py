@@ -244,6 +244,7 @@ class Fleet:
         for name, worker in list(self._leaving.items()):
             if worker.done:
                 del self._leaving[name]
+                worker.close()
                 self.published += worker.published
                 if name not in self.workers:
                     self._forget_metrics(name)

@@ -74,8 +74,11 @@ class OutboxWorker:
             self._serve()
         except Exception:  # a bug must not take the other outboxes' relays down with it
             log.exception("outbox.crashed", hint="the relay serves it again at its next pass")
-        finally:
-            self.stop.close()
+
+    def close(self) -> None:
+        """Once its thread has ended: release its stop signal's pipe (by the thread that asks
+        it to stop, so that no request writes to a pipe closed meanwhile)."""
+        self.stop.close()
 
     def _serve(self) -> None:
         publisher = self._new_publisher(self.settings)
