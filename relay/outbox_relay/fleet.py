@@ -129,6 +129,8 @@ class Fleet:
         self._alive = alive
         self.entries: dict[str, OutboxEntry] = {}
         self._loaded = False
+        #: Why the list could not be read last time ("" when it could).
+        self._list_error = ""
         self.workers: dict[str, OutboxWorker] = {}
         #: Workers asked to stop, until their thread ends.
         self._leaving: dict[str, OutboxWorker] = {}
@@ -177,14 +179,17 @@ class Fleet:
         except ConfigurationError as exc:
             if not self._loaded:
                 raise  # at start: the command's error
-            log.error(
-                "fleet.outboxes_invalid",
-                error=str(exc),
-                effect="the relay keeps serving the outboxes of the list as it last read it",
-            )
+            if str(exc) != self._list_error:  # once per error, not once per pass
+                log.error(
+                    "fleet.outboxes_invalid",
+                    error=str(exc),
+                    effect="the relay keeps serving the outboxes of the list as it last read it",
+                )
+            self._list_error = str(exc)
             return
         if changed is None:
             return
+        self._list_error = ""
         before, self._loaded = self.entries, True
         self.entries = {entry.name: entry for entry in changed}
         self._listed(list(self.entries))

@@ -193,6 +193,35 @@ def test_outboxes_added_and_removed_in_the_list_while_relays_run(
         assert_delivered([r for r in received if r.event_id in set(written)], written)
 
 
+def test_a_list_gone_wrong_is_logged_once_and_the_last_good_one_kept(
+    dbs: Databases, relays: Relays, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """The list file turns invalid, then disappears, while the relay runs: one line for each
+    (not one per pass), the outbox of the last good list is still served, and a good list
+    again is read."""
+    first, second = dbs.create("first"), dbs.create("second")
+    topic = create_topic(kafka_bootstrap)
+    listed = write_list(tmp_path / "outboxes.toml", [first])
+    proc, log = relays.start(fleet_args(listed, kafka_bootstrap), "relay")
+    wait_until(lambda: served(log) == {first.name}, timeout=30)
+
+    listed.write_text("[[outbox]\n")
+    wait_until(lambda: len(log_lines(log, "fleet.outboxes_invalid")) == 1, timeout=10)
+    listed.unlink()
+    wait_until(lambda: len(log_lines(log, "fleet.outboxes_invalid")) == 2, timeout=10)
+    write_events(first.url, topic, 20, keys=4)
+    wait_until(lambda: all_published(first), timeout=30)
+    time.sleep(2.5)  # several passes (--rebalance-interval 0.5) with the file still gone
+    errors = [line["error"] for line in log_lines(log, "fleet.outboxes_invalid")]
+    assert len(errors) == 2, errors
+    assert "not valid TOML" in errors[0]
+    assert "cannot read the outbox list" in errors[1]
+
+    write_list(listed, [first, second])
+    wait_until(lambda: served(log) == {first.name, second.name}, timeout=15)
+    assert proc.poll() is None
+
+
 def test_a_killed_relays_outboxes_are_taken_over_with_nothing_lost(
     dbs: Databases, relays: Relays, kafka_bootstrap: str, tmp_path: Path
 ) -> None:
