@@ -105,8 +105,10 @@ def outboxes_option(func: F) -> F:
         envvar="OUTBOX_OUTBOXES",
         show_envvar=True,
         type=click.Path(dir_okay=False),
-        help="TOML list of outboxes ([[outbox]] tables), the one the relays read; instead of "
-        "--database-url, --schema and --table-prefix.",
+        help="A TOML list of outboxes, instead of --database-url, --schema and --table-prefix:"
+        " an [[outbox]] table each, with its name, database_url, and optionally schema,"
+        " table_prefix, relays (how many relays serve it, default 1) and retention. `run`"
+        " reads it again when it changes: outboxes come and go without a restart.",
     )(func)
 
 

@@ -12,7 +12,7 @@ from click.core import ParameterSource
 from outbox import urls
 from outbox.errors import ConfigurationError
 from outbox_relay import outboxes
-from outbox_relay.cli.common import handle_errors, location, location_options
+from outbox_relay.cli.common import handle_errors, location, location_options, outboxes_option
 from outbox_relay.cli.duration import SYNTAX
 from outbox_relay.cli.options import SETTINGS, envvar, flag, options, relay_settings
 from outbox_relay.config import RelaySettings, option_of
@@ -34,17 +34,7 @@ _URL = option_of("database_url")
     help=f"{_URL.help if _URL else ''} Give it once per outbox to serve several (whitespace-"
     "separated in the variable), each at --schema and --table-prefix.",
 )
-@click.option(
-    "--outboxes",
-    "outboxes_file",
-    envvar="OUTBOX_OUTBOXES",
-    show_envvar=True,
-    type=click.Path(dir_okay=False),
-    help="A TOML list of the outboxes to serve, each with its name, database_url, and optionally"
-    " schema, table_prefix, relays (how many relays serve it, default 1) and retention. Read"
-    " again when it changes: outboxes are added and removed without a restart. Instead of"
-    " --database-url.",
-)
+@outboxes_option
 @click.option(
     "--fleet-database-url",
     envvar="OUTBOX_FLEET_DATABASE_URL",
