@@ -547,11 +547,17 @@ def fleet(env: common.Env, sizes: Sizes) -> dict[str, Any]:
             "dropped": names[victim],
             "others_before": others_of(before, n, victim),
             "others_after": after,
-            "relay_errors": {
-                rid: {e: len(r.log_events(e)) for e in ("outbox.failing", "outbox.crashed")}
-                for rid, r in logs.items()
-            },
+            "relay_log_lines": {rid: log_counts(r) for rid, r in logs.items()},
         }
+
+
+def log_counts(relay: common.Relay) -> dict[str, int]:
+    """A relay's log lines (warnings and worse), counted by event."""
+    counts: dict[str, int] = {}
+    for line in testing.log_events(relay.log_text()):
+        event = f"{line.get('level', '?')} {line.get('event', '?')}"
+        counts[event] = counts.get(event, 0) + 1
+    return counts
 
 
 def others_of(run: dict[str, Any], n: int, victim: int) -> dict[str, Any]:
@@ -600,7 +606,9 @@ def rows(result: dict[str, Any]) -> list[common.Row]:
     first, last, conns, lone = quiet["first"], quiet["last"], quiet["connections"], quiet["lone"]
     rate, dropped = f"{result['sizes']['rate']:,.0f}/s", result["dropped"]
     goal = {t.name: _verdict(t) for t in targets(result)}
-    errors = "; ".join(f"{rid} {errs}" for rid, errs in result["relay_errors"].items())
+    logged = "; ".join(
+        f"{rid}: {lines or 'none'}" for rid, lines in result["relay_log_lines"].items()
+    )
 
     def row(measure: str, value: str, unit: str, note: str = "") -> common.Row:
         return common.Row("fleet", measure, value, unit, note)
@@ -691,7 +699,7 @@ def rows(result: dict[str, Any]) -> list[common.Row]:
             "outboxes per relay",
             " / ".join(str(v) for v in result["outboxes_per_relay"].values()),
             "",
-            f"relay error lines: {errors}",
+            f"relays' warnings and errors, by event: {logged}",
         ),
     ]
 
