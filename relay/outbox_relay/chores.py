@@ -65,8 +65,10 @@ class Chores:
     #: Deletes published rows past ``--retention`` (None: they are deleted on publish).
     purge: Purge | None = None
     #: How many times more slowly the outbox is watched while quiet (``Wakeup.slowdown``):
-    #: the scan floor's samples, which read ``pg_locks``, are spaced by it too.
+    #: its rebalances are spaced by it.
     slowdown: Callable[[float], float] = lambda _now: 1.0
+    #: How many ``FLOOR_EVERY`` apart the floor's samples are (``Relay._floor_spacing``).
+    floor_spacing: Callable[[float], float] = lambda _now: 1.0
     _published_at_progress: int = 0
 
     def schedule(self) -> Schedule:
@@ -161,7 +163,7 @@ class Chores:
             )
             self.floor.disable()
         due = self.floor.next_sample
-        return due if math.isinf(due) else now + (due - now) * self.slowdown(now)
+        return due if math.isinf(due) else now + (due - now) * self.floor_spacing(now)
 
     def log_progress(self, now: float) -> float:
         totals = self.totals
