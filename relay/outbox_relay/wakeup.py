@@ -91,6 +91,10 @@ class Wakeup:
         self._look: Look | None = None
         self._polling_reported = False
         self._idle_tick_ms = max(1, round(idle_tick * 1000))
+        #: ``--idle-tick`` above its single-outbox default: the relay serves many outboxes and
+        #: trades a few milliseconds for CPU: no fast ticks after a batch either (at the rates
+        #: one of many outboxes sees, the next event is rarely a few milliseconds away).
+        self.frugal = self._idle_tick_ms > MAX_TICK_MS
         #: When events last woke a wait or the relay last sent a batch (``clock``); None until
         #: the first wait.
         self._active_at: float | None = None
@@ -132,7 +136,7 @@ class Wakeup:
         if self._active_at is None:
             self._active_at = now
         # The first call only, and only after recent activity: later ones follow a quiet stretch.
-        fast_ms = FAST_MS if self.slowdown(now) == 1 else 0
+        fast_ms = FAST_MS if self.slowdown(now) == 1 and not self.frugal else 0
         while not stop.requested:
             now = clock()
             remaining = deadline - now
