@@ -125,9 +125,10 @@ def test_quick_suite_reports_every_section(
     positive(results, "idle", "transactions_per_s")
     assert len(results["idle"]["samples"]) == 2
     fleet = results["fleet"]  # 5 outboxes, two relays; one database dropped
-    for run in ("single", "all", "others_before", "others_after"):
+    runs = ("single", "all", "others_after", "single_low", "all_low", "others_after_low")
+    for run in (*runs, "others_before", "others_before_low"):
         positive(results, "fleet", run, "p99_ms")
-    for run in ("single", "all", "others_after"):
+    for run in runs:
         assert fleet[run]["missing"] == 0, (run, fleet[run])
     assert fleet["idle"]["lone"]["events"] == 5
     positive(results, "fleet", "idle", "lone", "p99_ms")
