@@ -404,6 +404,34 @@ def test_each_outbox_database_has_only_its_relays_sessions(
     assert sum(len(sessions[d]) for d in ours) <= 2 * len(outboxes) + 2
 
 
+def test_a_busy_outbox_given_two_relays_is_spread_over_both_by_its_shards(
+    dbs: Databases, relays: Relays, pg_server: str, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """An outbox listed with ``relays = 2``: both relays of the fleet serve it, its shards are
+    split between them, and its events are all delivered in key order."""
+    busy = dbs.create("busy")
+    topic = create_topic(kafka_bootstrap)
+    listed = write_list(tmp_path / "outboxes.toml", [busy], relays=2)
+    logs = [relays.start(fleet_args(listed, kafka_bootstrap), f"relay-{i}")[1] for i in (1, 2)]
+
+    def owned(log: Path) -> int:
+        lines = log_lines(log, "shards.rebalanced", outbox=busy.name)
+        return int(lines[-1]["owned"]) if lines else 0
+
+    wait_until(
+        lambda: (
+            all(served(log) == {busy.name} for log in logs)
+            and owned(logs[0]) + owned(logs[1]) == 256
+            and min(owned(logs[0]), owned(logs[1])) > 0
+        ),
+        timeout=30,
+    )
+    assert len(relay_ids(relay_sessions(pg_server)[busy.database])) == 2
+    ids = write_events(busy.url, topic, 300, keys=30)
+    wait_until(lambda: all_published(busy), timeout=30)
+    assert_delivered(read_topic(kafka_bootstrap, topic, expect_ids=set(ids)), ids)
+
+
 def relay_ids(application_names: list[str]) -> set[str]:
     """The relays behind sessions named ``outbox-relay <role> <relay id>``."""
     return {name.split(" ", 2)[2] for name in application_names}
