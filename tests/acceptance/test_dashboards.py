@@ -273,6 +273,7 @@ def operands(expr: str) -> list[str]:
     parts = re.split(r"\s+(?:and|unless|or)\s+", " ".join(expr.split()))
     answerable = []
     for part in parts:
+        part = re.sub(r"^(?:on|ignoring)\s*\([^)]*\)\s*", "", part)  # the operator's matching
         inner = re.fullmatch(r"absent\((.*)\)", part)
         part = inner.group(1) if inner else part
         answerable.append(COMPARISON.sub(r"\1 bool", part, count=1))
@@ -282,6 +283,10 @@ def operands(expr: str) -> list[str]:
 def test_operands_are_split_and_asked_with_bool() -> None:
     assert operands('absent(up{job="x"} == 1)') == ['up{job="x"} == bool 1']
     assert operands("sum(a) > 0\n  unless sum(b) > 0") == ["sum(a) > bool 0", "sum(b) > bool 0"]
+    assert operands("max by (o) (a) unless on (o) max by (o) (b)") == [
+        "max by (o) (a)",
+        "max by (o) (b)",
+    ]
 
 
 def test_every_alert_expression_can_be_answered(stack: Stack) -> None:
