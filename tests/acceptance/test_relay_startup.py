@@ -41,6 +41,7 @@ SETTING_VARIABLES = {
     "batch_size": ["OUTBOX_BATCH_SIZE"],
     "batch_max_bytes": ["OUTBOX_BATCH_MAX_BYTES"],
     "poll_interval": ["OUTBOX_POLL_INTERVAL"],
+    "idle_tick": ["OUTBOX_IDLE_TICK"],
     "backoff_base": ["OUTBOX_BACKOFF_BASE"],
     "backoff_cap": ["OUTBOX_BACKOFF_CAP"],
     "max_attempts": ["OUTBOX_MAX_ATTEMPTS"],
@@ -329,3 +330,6 @@ def test_run_help_lists_every_environment_variable() -> None:
         if variable not in result.stdout
     ]
     assert missing == []
+    # And the options that name the outboxes of a fleet, which are not settings of one relay.
+    assert "OUTBOX_OUTBOXES" in result.stdout
+    assert "OUTBOX_FLEET_DATABASE_URL" in result.stdout
