@@ -161,7 +161,10 @@ class Fleet:
         if members is not None:
             self._members = members
         spread = {name: entry.relays for name, entry in self.entries.items()}
-        given = assignment(spread, self._members, self.membership.member_id)
+        if self.membership.member_id:
+            given = assignment(spread, self._members, self.membership.member_id)
+        else:  # no fleet session (its database is unreachable): keep what is served and listed
+            given = frozenset(self.workers) & frozenset(self.entries)
         if not self.settings.exit_when_idle:  # a worker that ended on its own is started again
             for name in [name for name, worker in self.workers.items() if worker.done]:
                 self._leaving[name] = self.workers.pop(name)

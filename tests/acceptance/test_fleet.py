@@ -222,6 +222,32 @@ def test_a_list_gone_wrong_is_logged_once_and_the_last_good_one_kept(
     assert proc.poll() is None
 
 
+def test_a_relay_keeps_its_outboxes_while_the_fleet_database_is_gone(
+    dbs: Databases, relays: Relays, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """The fleet database is dropped under a running relay: it logs that once, lets go of no
+    outbox, and keeps publishing what is written to them."""
+    fleet_db = dbs.create("fleet", schema=False)
+    outboxes = [dbs.create(name) for name in ("kept1", "kept2")]
+    topic = create_topic(kafka_bootstrap)
+    listed = write_list(tmp_path / "outboxes.toml", outboxes)
+    args = fleet_args(listed, kafka_bootstrap, "--fleet-database-url", fleet_db.url)
+    proc, log = relays.start(args, "relay")
+    names = {db.name for db in outboxes}
+    wait_until(lambda: served(log) == names, timeout=30)
+
+    dbs.drop(fleet_db)
+    wait_until(lambda: bool(log_lines(log, "fleet.database_unavailable")), timeout=15)
+    time.sleep(2.0)  # several passes with the fleet database gone
+    for db in outboxes:
+        write_events(db.url, topic, 20, keys=4)
+    wait_until(lambda: all_published(*outboxes), timeout=30)
+    assert not log_lines(log, "fleet.outbox_released"), "an outbox was let go"
+    assert served(log) == names
+    assert len(log_lines(log, "fleet.database_unavailable")) == 1
+    assert proc.poll() is None
+
+
 def test_a_killed_relays_outboxes_are_taken_over_with_nothing_lost(
     dbs: Databases, relays: Relays, kafka_bootstrap: str, tmp_path: Path
 ) -> None:
