@@ -174,7 +174,10 @@ def relays() -> Iterator[list[Relay]]:
             relay.proc.wait()
 
 
-_FAILURES = re.compile(r'^outbox_relay_delivery_failures_total\{reason="(\w+)"\} (\S+)$', re.M)
+#: A sample of the counter, whatever its other labels (the relay labels it with its outbox too).
+_FAILURES = re.compile(
+    r'^outbox_relay_delivery_failures_total\{(?:[^}]*,)?reason="(\w+)"[^}]*\} (\S+)$', re.M
+)
 
 
 def delivery_failures(relay: Relay) -> Counter[str]:
