@@ -32,10 +32,8 @@ started with ``max_connections`` raised, otherwise as the suite's. ``--quick``: 
 
 from __future__ import annotations
 
-import array
 import contextlib
 import math
-import multiprocessing
 import os
 import random
 import subprocess
@@ -249,40 +247,17 @@ def write(
     receiver: load.Receiver,
     relays: Sequence[common.Relay],
 ) -> load.Load:
-    """Run the writers to the end (``load._run_writers`` with single-event commits)."""
+    """Run the writers to the end (``load.run_processes``), each event committed alone."""
     writers = max(1, math.ceil(plan.rate / COMMITS_PER_WRITER))
-    ctx = multiprocessing.get_context("spawn")
     plan.start_at = time.time() + 2.0  # every writer started and connected by then
     receiver.following.set()
     args = (tuple(urls), plan.topics, plan.rotate_s, plan.rate / writers, plan.seconds)
-    procs, pipes = [], []
-    for index in range(writers):
-        receive, send = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_writer, args=(*args, index, writers, plan.start_at, send))
-        proc.start()
-        send.close()
-        procs.append(proc)
-        pipes.append(receive)
-    commits = []
-    try:
-        for proc, pipe in zip(procs, pipes, strict=True):
-            while not pipe.poll(0.5):
-                for relay in relays:
-                    relay.check()
-                if not proc.is_alive():
-                    break
-            with contextlib.suppress(EOFError):
-                times = array.array("d")
-                times.frombytes(pipe.recv_bytes())
-                commits.append(times)
-            proc.join()
-            if proc.exitcode != 0:
-                raise RuntimeError(f"writer exited with code {proc.exitcode}")
-    finally:
-        for proc in procs:
-            if proc.is_alive():
-                proc.terminate()
-                proc.join()
+
+    def check() -> None:
+        for relay in relays:
+            relay.check()
+
+    commits = load.run_processes(_writer, args, writers, plan.start_at, check)
     return load.Load(plan.rate, plan.seconds, writers, 1, plan.start_at, commits, len(plan.topics))
 
 

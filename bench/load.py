@@ -351,14 +351,29 @@ def _run_writers(
 ) -> Load:
     rate, seconds = plan.rate, plan.seconds
     writers, per_commit = shape(rate)
-    ctx = multiprocessing.get_context("spawn")
     plan.start_at = time.time() + 1.0  # every writer started and connected by then
     receiver.following.set()
-    procs, pipes = [], []
     args = (address, plan.topics, plan.rotate_s, rate / writers, seconds, per_commit)
-    for index in range(writers):
+    commits = run_processes(target, args, writers, plan.start_at, check)
+    return Load(rate, seconds, writers, per_commit, plan.start_at, commits, len(plan.topics))
+
+
+def run_processes(
+    target: Callable[..., None],
+    args: tuple[object, ...],
+    count: int,
+    start_at: float,
+    check: Callable[[], None],
+) -> list[array.array[float]]:
+    """Run ``count`` processes of ``target`` (each called with ``*args, index, count,
+    start_at`` and the sending end of a pipe) to the end; the times each sent back, in index
+    order. ``check`` is called while waiting (it raises to stop them all); a process that exits
+    with an error raises too."""
+    ctx = multiprocessing.get_context("spawn")
+    procs, pipes = [], []
+    for index in range(count):
         receive, send = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=target, args=(*args, index, writers, plan.start_at, send))
+        proc = ctx.Process(target=target, args=(*args, index, count, start_at, send))
         proc.start()
         send.close()
         procs.append(proc)
@@ -385,7 +400,7 @@ def _run_writers(
             if proc.is_alive():
                 proc.terminate()
                 proc.join()
-    return Load(rate, seconds, writers, per_commit, plan.start_at, commits, len(plan.topics))
+    return commits
 
 
 def summary(
