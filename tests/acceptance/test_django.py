@@ -85,6 +85,7 @@ def test_migrate_installs_the_outbox_and_schema_check_passes(django_database: st
             ("0002_relay_registry",),
             ("0003_relay_retention",),
             ("0004_published_partitions",),
+            ("0005_scheduled_events",),
         ]
 
 

@@ -283,6 +283,7 @@ def test_custom_schema_and_prefix_leave_public_untouched(
             settings.name("relays"),
             settings.name("published"),
             settings.name("published_default"),
+            settings.name("scheduled"),
         }
         assert _columns(conn, settings, "events") == EVENTS_COLUMNS
         assert _tables(conn, "public") == public_before
