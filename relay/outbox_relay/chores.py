@@ -1,13 +1,14 @@
 """The relay's periodic chores, each a task of the loop's :class:`~.schedule.Schedule`.
 
-Rebalancing the shards, purging published rows past their retention, refreshing the backlog
-gauges, sampling the scan floor and logging progress. Each returns when it is next due. They
-use the pipeline's current ``source`` connection, so the loop runs them only while that
-connection holds no claim.
+Rebalancing the shards, releasing scheduled events that fell due, purging published rows past
+their retention, refreshing the backlog gauges, sampling the scan floor and logging progress.
+Each returns when it is next due. They use the pipeline's current ``source`` connection, so the
+loop runs them only while that connection holds no claim.
 
-The purge and the gauges are housekeeping: when one fails and the connection is still good (a
-statement or lock timeout, a missing privilege), the chore logs ``relay.chore_failed``, rolls
-back and tries again later, and the claims go on. Only a broken connection is an outage.
+The release, the purge and the gauges are housekeeping: when one fails and the connection is
+still good (a statement or lock timeout, a missing privilege), the chore logs
+``relay.chore_failed``, rolls back and tries again later, and the claims go on. Only a broken
+connection is an outage.
 """
 
 from __future__ import annotations
@@ -39,6 +40,12 @@ PURGING_SHARD = 0
 BACKLOG_EVERY = 5.0
 #: Seconds before a housekeeping chore that failed is tried again.
 CHORE_RETRY = 30.0
+#: The longest a relay goes without releasing due scheduled events (seconds): a writer may
+#: schedule a row due sooner than the next due time the relay knew, and it is seen within this.
+RELEASE_LOOK = 1.0
+#: Seconds before a release that left a due row behind tries again (the row was locked: a
+#: ``cancel`` not committed yet, or it fell due during the release).
+RELEASE_SOON = 0.05
 
 
 @dataclass
@@ -72,8 +79,11 @@ class Chores:
     _published_at_progress: int = 0
 
     def schedule(self) -> Schedule:
-        """The tasks; a rebalance and a purge pass end a wait when due."""
-        tasks = [Task("rebalance", self.rebalance, ends_wait=True)]
+        """The tasks; a rebalance, a release and a purge pass end a wait when due."""
+        tasks = [
+            Task("rebalance", self.rebalance, ends_wait=True),
+            Task("release", self.housekeeping("release", self.release_due), ends_wait=True),
+        ]
         if self.purge is not None:
             purge = functools.partial(self.purge_pass, self.purge)
             tasks.append(Task("purge", self.housekeeping("purge", purge), ends_wait=True))
@@ -122,6 +132,22 @@ class Chores:
         # A quiet outbox rebalances more slowly too; events bring the next one forward.
         return now + self.settings.rebalance_interval * self.slowdown(now)
 
+    def release_due(self, now: float) -> float:
+        """Move the scheduled events that fell due into the outbox; due again at once after a
+        full batch, else when the next one falls due, and within ``RELEASE_LOOK`` anyway.
+
+        Any relay of the outbox releases, whatever shards it owns: no relay has to be there or
+        take over for events to fall due, and a release already under way elsewhere makes the
+        others skip their turn (``OutboxSource.release_due``), so batches never interleave.
+        """
+        batch = self.settings.batch_size
+        done = self.batches.source.release_due(batch)
+        if done.released >= batch:
+            return now
+        if done.next_due_in is None:
+            return now + RELEASE_LOOK
+        return now + min(RELEASE_LOOK, max(RELEASE_SOON, done.next_due_in))
+
     def purge_pass(self, purge: Purge, now: float) -> float:
         """A pass of the purge, by the owner of ``PURGING_SHARD`` only; due again at once
         while it is behind."""
@@ -140,7 +166,9 @@ class Chores:
         return now + PURGE_EVERY if done.caught_up else now
 
     def refresh_backlog(self, now: float) -> float:
-        self.metrics.set_backlog(*self.batches.source.backlog())
+        source = self.batches.source
+        self.metrics.set_backlog(*source.backlog())
+        self.metrics.set_scheduled(*source.scheduled())
         return now + BACKLOG_EVERY
 
     def sample_floor(self, now: float) -> float:

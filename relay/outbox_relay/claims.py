@@ -25,6 +25,7 @@ from outbox_relay.floor import FloorSample
 from outbox_relay.pg import relay_connect
 from outbox_relay.ports import ClaimedRow, Outcome, Ownership, Result
 from outbox_relay.retention import Expiry, PurgeStep
+from outbox_relay.shards import lock_class
 
 # The claim: rows of the shards this relay holds (none once its ownership session is gone), and
 # only a row with no earlier unpublished row of its key outside this batch or the one in flight,
@@ -240,6 +241,20 @@ SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)::float
 FROM {events} WHERE published_at IS NULL AND dead_lettered_at IS NULL
 """
 
+# Delayed events (migration 0009): the release moves due rows into the outbox. One relay at a
+# time: a release that finds another under way skips its turn, so that two releases never
+# interleave their inserts and the events of one key keep their due order across batches.
+# The time until the next due event is measured on the database's clock, like the due times.
+_RELEASE_TURN = "SELECT pg_try_advisory_xact_lock(%s, 0)"
+_RELEASE_DUE = """
+SELECT r.released, extract(epoch FROM r.next_due - clock_timestamp())::float8
+FROM {release_due}(%s) AS r
+"""
+# For the schedule's gauges, at the backlog's pace: rows waiting, the next due time (unix).
+_SCHEDULED_SUMMARY = """
+SELECT s.waiting, extract(epoch FROM s.next_due)::float8 FROM {scheduled_summary}() AS s
+"""
+
 
 _by_id = operator.itemgetter(0)
 
@@ -259,6 +274,16 @@ def _purge_sql(expired: str, settings: OutboxSettings) -> str:
     """The purge's step deleting the rows ``expired`` names (a condition on ``{events}``)."""
     condition = pg_sql.SQL(settings.sql(expired, events="events"))
     return settings.sql(_PURGE_CHUNK, events="events", expired=condition)
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """What one release of due events did: rows moved into the outbox, and seconds until the
+    next scheduled row falls due by the database's clock (None: none is scheduled, or another
+    relay was releasing; at most 0: one is due already)."""
+
+    released: int
+    next_due_in: float | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,6 +349,9 @@ class OutboxSource:
         self._backlog_sql = _sql(_BACKLOG, events)
         self._floor_view_sql = _sql(_FLOOR_VIEW, events)
         self._bound_sql = events.sql(_SEQUENCE_BOUND, last_id="last_id")
+        self._release_sql = events.sql(_RELEASE_DUE, release_due="release_due")
+        self._release_class = lock_class(events, "release")
+        self._scheduled_sql = events.sql(_SCHEDULED_SUMMARY, scheduled_summary="scheduled_summary")
         self._conn: psycopg.Connection[Any] | None = None
 
     @property
@@ -437,6 +465,26 @@ class OutboxSource:
         row = self.connection.execute(self._backlog_sql).fetchone()
         self.connection.rollback()
         return (int(row[0]), float(row[1])) if row else (0, 0.0)
+
+    def release_due(self, batch: int) -> Release:
+        """Move up to ``batch`` due scheduled events into the outbox and commit; nothing when
+        another relay is releasing right now."""
+        conn = self.connection
+        turn = conn.execute(_RELEASE_TURN, (self._release_class,)).fetchone()
+        if not (turn and turn[0]):
+            conn.rollback()
+            return Release(0, None)
+        row = conn.execute(self._release_sql, (batch,)).fetchone()
+        conn.commit()
+        if row is None:  # pragma: no cover - always a row
+            raise RuntimeError("release_due returned no row")
+        return Release(int(row[0]), row[1])
+
+    def scheduled(self) -> tuple[int, float | None]:
+        """Scheduled events waiting, and the next one's due time in unix seconds (None: none)."""
+        row = self.connection.execute(self._scheduled_sql).fetchone()
+        self.connection.rollback()
+        return (int(row[0]), row[1]) if row else (0, None)
 
     def purge_chunk(self, from_id: int, rows: int, retention: float) -> PurgeStep:
         """One step of the purge (``outbox_relay.retention``), in a transaction of its own."""

@@ -203,6 +203,18 @@ class RelayMetrics:
             "Age of the oldest unpublished, not dead-lettered event (0 when none).",
             OUTBOX,
         )
+        self.scheduled = new.gauge(
+            "scheduled_events",
+            "Events scheduled for later delivery (deliver_at, delay) that have not fallen due"
+            " and been moved into the outbox yet; not part of backlog_events.",
+            OUTBOX,
+        )
+        self.next_due = new.gauge(
+            "next_due_timestamp_seconds",
+            "Unix time at which the next scheduled event falls due; absent while none is"
+            " scheduled.",
+            OUTBOX,
+        )
         self.shards_owned = new.gauge("shards_owned", "Shards this relay owns (of 256).", OUTBOX)
         self.circuit_breaker_state = new.gauge(
             "circuit_breaker_state",
@@ -232,6 +244,8 @@ class RelayMetrics:
             self.batch_duration,
             self.backlog,
             self.oldest_unpublished_age,
+            self.scheduled,
+            self.next_due,
             self.shards_owned,
             self.circuit_breaker_state,
         )
@@ -305,6 +319,7 @@ class OutboxMetrics:
         self._batch_duration = relay.batch_duration.labels(name)
         self._backlog = relay.backlog.labels(name)
         self._oldest_age = relay.oldest_unpublished_age.labels(name)
+        self._scheduled = relay.scheduled.labels(name)
         self._shards_owned = relay.shards_owned.labels(name)
         self._breaker = relay.circuit_breaker_state.labels(name)
         self._failures = {
@@ -351,6 +366,17 @@ class OutboxMetrics:
     def set_backlog(self, events: int, oldest_age: float) -> None:
         self._backlog.set(events)
         self._oldest_age.set(max(0.0, oldest_age))
+
+    def set_scheduled(self, events: int, next_due: float | None) -> None:
+        self._scheduled.set(events)
+        with self._lock:  # a series removed by ``detach`` stays removed
+            if self._detached:
+                return
+            if next_due is None:  # no value rather than a made-up one: the series goes
+                with contextlib.suppress(KeyError):
+                    self._relay.next_due.remove(self.name)
+            else:
+                self._relay.next_due.labels(self.name).set(next_due)
 
     def set_breaker(self, state: BreakerState) -> None:
         self._breaker.set(breaker_state_value(state))

@@ -103,6 +103,10 @@ class Metrics(Protocol):
 
     def set_backlog(self, events: int, oldest_age: float) -> None: ...
 
+    def set_scheduled(self, events: int, next_due: float | None) -> None:
+        """Scheduled events waiting to fall due, and the next one's due time (unix seconds;
+        None when nothing is scheduled)."""
+
     def dead_lettered(self, count: int) -> None: ...
 
     def purged(self, count: int) -> None: ...
@@ -137,6 +141,9 @@ class NoMetrics:
         pass
 
     def set_backlog(self, events: int, oldest_age: float) -> None:
+        pass
+
+    def set_scheduled(self, events: int, next_due: float | None) -> None:
         pass
 
     def dead_lettered(self, count: int) -> None:

@@ -39,6 +39,8 @@ DOCUMENTED = {
     "outbox_relay_batch_duration_seconds",
     "outbox_relay_backlog_events",
     "outbox_relay_oldest_unpublished_age_seconds",
+    "outbox_relay_scheduled_events",
+    "outbox_relay_next_due_timestamp_seconds",
     "outbox_relay_shards_owned",
     "outbox_relay_circuit_breaker_state",
     "outbox_relay_purged_rows",
@@ -123,6 +125,7 @@ def test_every_documented_metric_is_exposed_on_a_registry_of_its_own() -> None:
     orders.observe_batch(rows, [Outcome(1, Result.DELIVERED), Outcome(2, Result.PERMANENT)], 0.2)
     orders.dead_lettered(1)
     orders.set_backlog(7, 12.5)
+    orders.set_scheduled(4, 1_900_000_000.5)
     orders.set_shards_owned(256)
     orders.set_breaker(BreakerState.OPEN)
     orders.partitions_dropped(2, overdue=30.0)
@@ -213,6 +216,26 @@ def test_the_listed_outboxes_follow_the_list_not_what_the_relay_serves() -> None
     metrics.set_listed(["billing"])  # orders removed from the list
     found = {labels for (name, labels) in samples(metrics) if name == listed}
     assert found == {(("outbox", "billing"),)}
+
+
+def test_the_next_due_time_is_absent_while_nothing_is_scheduled() -> None:
+    """The schedule's gauges: the count is always there; the next due time only while an event
+    is scheduled (no made-up value), and a forgotten outbox does not get it back."""
+    metrics = RelayMetrics()
+    orders = metrics.for_outbox("orders")
+    next_due = ("outbox_relay_next_due_timestamp_seconds", ())
+    orders.set_scheduled(0, None)
+    values = of(samples(metrics), "orders")
+    assert values[("outbox_relay_scheduled_events", ())] == 0
+    assert next_due not in values
+    orders.set_scheduled(2, 1_900_000_000.0)
+    assert of(samples(metrics), "orders")[next_due] == 1_900_000_000.0
+    orders.set_scheduled(0, None)
+    assert next_due not in of(samples(metrics), "orders")
+    orders.set_scheduled(1, 1_900_000_001.0)
+    metrics.forget_outbox("orders")
+    orders.set_scheduled(1, 1_900_000_002.0)
+    assert of(samples(metrics), "orders") == {}
 
 
 def test_forget_outbox_removes_its_series_and_leaves_the_others() -> None:
