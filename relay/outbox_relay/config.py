@@ -120,6 +120,9 @@ def option_of(name: str) -> Option | None:
     return found if isinstance(found, Option) else None
 
 
+#: What each event becomes on Kafka (``outbox_relay.records``).
+RECORD_FORMATS = ("native", "debezium", "cloudevents-binary", "cloudevents-structured")
+
 _DEAD_LETTER_POLICY = {"proceed": False, "block": True}
 
 
@@ -202,6 +205,25 @@ class RelaySettings:
         "published in the last minute.",
         minimum=0,
     )
+    record_format: str = setting(
+        "native",
+        choices={f: f for f in RECORD_FORMATS},
+        help="What each event becomes on Kafka: native (the payload, the event's headers and "
+        "event_id), debezium (as Debezium's Outbox Event Router: the id in the header `id`), "
+        "cloudevents-binary (CloudEvents 1.0, attributes in ce_ headers) or "
+        "cloudevents-structured (the whole CloudEvent as application/cloudevents+json).",
+    )
+    cloudevents_source: str = setting(
+        "",
+        help="CloudEvents source of the events whose writer set no ce_source header "
+        "(a URI-reference).",
+        shown_default="/outbox/<database name>",
+    )
+    cloudevents_type: str = setting(
+        "",
+        help="CloudEvents type of the events whose writer set no ce_type header.",
+        shown_default="the event's topic",
+    )
     connect_timeout: float = setting(
         10.0,
         help="How long to wait for PostgreSQL to accept the connection.",
@@ -280,6 +302,16 @@ class RelaySettings:
                 "OUTBOX_KAFKA_BOOTSTRAP_SERVERS (for example localhost:9092)"
             )
         check_kafka_config(self.kafka_config)
+        if self.record_format not in RECORD_FORMATS:
+            raise ConfigurationError(
+                f"record_format must be one of {', '.join(RECORD_FORMATS)}, "
+                f"got {self.record_format!r}"
+            )
+        if any(c.isspace() for c in self.cloudevents_source):
+            raise ConfigurationError(
+                "cloudevents_source must be a URI-reference (no whitespace), "
+                f"got {self.cloudevents_source!r}"
+            )
         for each in fields(self):
             option = each.metadata.get(OPTION)
             if isinstance(option, Option):

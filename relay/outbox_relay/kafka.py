@@ -21,6 +21,7 @@ from outbox.errors import ConfigurationError, OutboxError
 from outbox_relay.config import GUARANTEED_KAFKA_SETTINGS, RelaySettings
 from outbox_relay.logs import LIBRDKAFKA_LOGGER
 from outbox_relay.ports import ClaimedRow, Outcome, Result
+from outbox_relay.records import Headers, Shape, shaper_of
 
 log = structlog.get_logger("relay.kafka")
 
@@ -84,9 +85,6 @@ _POLL_EVERY = 100
 #: third of the cost, for one outcome per row at the full rate.
 _new_outcome = cast("Callable[[type[Outcome], tuple[int, Result, str]], Outcome]", tuple.__new__)
 
-#: Message headers as confluent-kafka takes them.
-Headers = list[tuple[str, str | bytes | None]]
-
 
 class Report(NamedTuple):
     """A failed delivery as librdkafka reports it: the message's topic, key and payload."""
@@ -115,13 +113,14 @@ def describe(error: KafkaError) -> str:
 
 
 def failures_by_row(
-    rows: Sequence[ClaimedRow], reports: Sequence[Report]
+    rows: Sequence[ClaimedRow], reports: Sequence[Report], shape: Shape | None = None
 ) -> tuple[dict[int, Outcome], bool]:
     """The failure reports of a batch as outcomes by row id (pure), and whether some report
     matched no row (then no row can be taken as delivered).
 
-    A report is matched by topic, key and payload. Rows alike in all three (rare: the same
-    event written twice) all take the failure: one of them may in fact have been delivered,
+    A report is matched by topic, key and value (the payload, or what ``shape`` made of the
+    row: shapes are pure, so the record is made again alike). Rows alike in all three (rare:
+    the same event written twice) all take the failure: one of them may in fact have been delivered,
     and is sent again (a duplicate, never a loss; the same bytes to the same partition fail
     alike). A report that matches no row is a late one of an earlier batch that ran out of time
     (one more batch is sent again), or is not understood: either way nothing is assumed.
@@ -130,7 +129,8 @@ def failures_by_row(
         return {}, False
     by_content: dict[tuple[object, object, object], list[int]] = {}
     for row in rows:
-        by_content.setdefault((row.topic, row.key, row.payload), []).append(row.id)
+        value = row.payload if shape is None else shape(row)[0]
+        by_content.setdefault((row.topic, row.key, value), []).append(row.id)
     failed: dict[int, Outcome] = {}
     unmatched = False
     for report in reports:
@@ -247,6 +247,9 @@ class KafkaPublisher:
         self._reports: list[Report] = []
         #: Whether messages were produced that Kafka has not answered for yet.
         self._outstanding = False
+        #: What a row becomes on Kafka in ``--record-format`` (None: native, built inline).
+        self._shape = shaper_of(settings)
+        self._produce_all = self._produce_native if self._shape is None else self._produce_shaped
         self._producer = self._new_producer()
 
     def _new_producer(self) -> Producer:
@@ -303,38 +306,69 @@ class KafkaPublisher:
         self._outstanding = left > 0
         return left == 0
 
-    def _produce_all(self, rows: Sequence[ClaimedRow], deadline: float) -> dict[int, Outcome]:
+    def _produce_native(self, rows: Sequence[ClaimedRow], deadline: float) -> dict[int, Outcome]:
         """Hand every row to the producer, in order; the outcomes of those it refused, and of
-        the later rows of their keys (not produced)."""
+        the later rows of their keys (not produced). Native records: the payload, the row's
+        headers and ``event_id``, built here (the full-rate path: no call per row)."""
         refused: dict[int, Outcome] = {}
         refused_keys: set[bytes] = set()
         produce, poll = self._producer.produce, self._producer.poll
         for n, row in enumerate(rows, 1):
             if row.key is not None and row.key in refused_keys:
-                refused[row.id] = Outcome(
-                    row.id, Result.NOT_SENT, "an earlier row of its key failed"
-                )
+                refused[row.id] = Outcome(row.id, Result.NOT_SENT, _AFTER_REFUSED)
                 continue
             event_id = (EVENT_ID_HEADER, row.event_id.encode())
             headers: Headers = [*row.headers, event_id] if row.header_names else [event_id]
             try:
                 produce(row.topic, row.payload, row.key, headers=headers)
             except (BufferError, KafkaException):
-                failure = self._produce_slowly(row, headers, deadline)
-                if failure is not None:
-                    refused[row.id] = failure
-                    if row.key is not None:
-                        refused_keys.add(row.key)
+                self._refused(row, row.payload, headers, deadline, refused, refused_keys)
             if n % _POLL_EVERY == 0:
                 poll(0)  # serve error reports and global callbacks as they come
         return refused
+
+    def _produce_shaped(self, rows: Sequence[ClaimedRow], deadline: float) -> dict[int, Outcome]:
+        """As :meth:`_produce_native`, each row shaped by ``--record-format``."""
+        refused: dict[int, Outcome] = {}
+        refused_keys: set[bytes] = set()
+        produce, poll, shape = self._producer.produce, self._producer.poll, self._shape
+        assert shape is not None
+        for n, row in enumerate(rows, 1):
+            if row.key is not None and row.key in refused_keys:
+                refused[row.id] = Outcome(row.id, Result.NOT_SENT, _AFTER_REFUSED)
+                continue
+            value, headers = shape(row)
+            try:
+                produce(row.topic, value, row.key, headers=headers)
+            except (BufferError, KafkaException):
+                self._refused(row, value, headers, deadline, refused, refused_keys)
+            if n % _POLL_EVERY == 0:
+                poll(0)
+        return refused
+
+    def _refused(
+        self,
+        row: ClaimedRow,
+        value: bytes,
+        headers: Headers,
+        deadline: float,
+        refused: dict[int, Outcome],
+        refused_keys: set[bytes],
+    ) -> None:
+        """A row the producer did not take at once: try again slowly; if it still fails, its
+        outcome, and its key's later rows held back."""
+        failure = self._produce_slowly(row, value, headers, deadline)
+        if failure is not None:
+            refused[row.id] = failure
+            if row.key is not None:
+                refused_keys.add(row.key)
 
     def _outcomes(
         self, rows: Sequence[ClaimedRow], refused: dict[int, Outcome], *, unanswered: bool
     ) -> list[Outcome]:
         """One outcome per row, from the refusals, the failure reports and whether Kafka
         answered for the whole batch in time."""
-        failed, unmatched = failures_by_row(rows, self._reports)
+        failed, unmatched = failures_by_row(rows, self._reports, self._shape)
         why_not_delivered = (
             "no delivery report in time"
             if unanswered
@@ -357,12 +391,14 @@ class KafkaPublisher:
         ]
         return hold_back_after_failures(rows, outcomes)
 
-    def _produce_slowly(self, row: ClaimedRow, headers: Headers, deadline: float) -> Outcome | None:
+    def _produce_slowly(
+        self, row: ClaimedRow, value: bytes, headers: Headers, deadline: float
+    ) -> Outcome | None:
         """Produce one row whose first attempt failed: wait while the local queue is full,
         classify any other refusal. None once it is enqueued."""
         while True:
             try:
-                self._producer.produce(row.topic, value=row.payload, key=row.key, headers=headers)
+                self._producer.produce(row.topic, value=value, key=row.key, headers=headers)
                 return None
             except BufferError:  # the local queue is full: serve reports, then try again
                 if time.monotonic() > deadline:
