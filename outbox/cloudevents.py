@@ -107,6 +107,11 @@ def _millis_text(millis: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{rest:03d}Z"
 
 
+def is_structured(content_type: str) -> bool:
+    """Whether a message's content type is structured mode's (``application/cloudevents+json``)."""
+    return content_type.partition(";")[0].strip().lower() == STRUCTURED
+
+
 def is_json(content_type: str) -> bool:
     """Whether a media type is JSON: ``application/json``, ``text/json``, ``*/*+json``."""
     media = content_type.partition(";")[0].strip().lower()
@@ -262,7 +267,7 @@ def from_message(message: KafkaMessage) -> CloudEvent | None:
         if content_type:
             found["datacontenttype"] = content_type
         return CloudEvent(found, body)
-    if content_type.partition(";")[0].strip().lower() != STRUCTURED:
+    if not is_structured(content_type):
         return None
     document = json.loads(body)
     if "data_base64" in document:

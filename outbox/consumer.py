@@ -41,7 +41,7 @@ from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartit
 from prometheus_client import CollectorRegistry
 from sqlalchemy.orm import Session
 
-from outbox import dedup, tracing
+from outbox import cloudevents, dedup, tracing
 from outbox.client_logs import ClientLog
 from outbox.consumer_core import (
     C,
@@ -96,13 +96,38 @@ def header_pairs(message: Message) -> list[tuple[str, str | bytes | None]]:
     return list(headers.items()) if isinstance(headers, dict) else list(headers)
 
 
+#: The id header of records from Debezium's Outbox Event Router (``--record-format debezium``).
+_DEBEZIUM_ID_HEADER = "id"
+
+
 def event_id_or_position(message: Message) -> str:
-    """The ``event_id`` header set by the relay; for messages from other producers, the
-    message's topic, partition and offset (which recognises redeliveries by Kafka only)."""
-    for name, value in header_pairs(message):
+    """The message's event id: the ``event_id`` header set by the relay; else CloudEvents'
+    ``ce_id`` header (binary mode); else, for an ``application/cloudevents+json`` value
+    (structured mode), its ``id``; else the ``id`` header of Debezium's Outbox Event Router.
+    For messages with none of them, the message's topic, partition and offset (which
+    recognises redeliveries by Kafka only)."""
+    pairs = header_pairs(message)
+    for name, value in pairs:  # the common case first: the relay's own records
         if name == EVENT_ID_HEADER and value:
-            return value.decode() if isinstance(value, bytes) else str(value)
+            return _text(value)
+    found: dict[str, str | bytes] = {}
+    for name, value in pairs:
+        if value and name not in found:
+            found[name] = value
+    if cloudevents.ID_HEADER in found:
+        return _text(found[cloudevents.ID_HEADER])
+    content_type = found.get(cloudevents.CONTENT_TYPE_HEADER)
+    if content_type and cloudevents.is_structured(_text(content_type)):
+        event_id = cloudevents.structured_id(message.value())
+        if event_id:
+            return event_id
+    if _DEBEZIUM_ID_HEADER in found:
+        return _text(found[_DEBEZIUM_ID_HEADER])
     return f"{message.topic()}/{message.partition()}/{message.offset()}"
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 @dataclass(frozen=True, slots=True)

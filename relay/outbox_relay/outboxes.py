@@ -11,6 +11,7 @@ while the relays run::
     table_prefix = "outbox_"                          # optional, as --table-prefix
     relays = 2                                        # optional: relays serving it (default 1)
     retention = "7d"                                  # optional: --retention for this one
+    record_format = "cloudevents-binary"              # optional: --record-format for this one
 
 ``${NAME}`` in a URL is read from the environment, so passwords need not be in the file. Pure
 parsing, apart from :class:`OutboxFile`, which reads the file.
@@ -30,13 +31,15 @@ from typing import Any
 from outbox import urls
 from outbox.errors import ConfigurationError
 from outbox.settings import OutboxSettings
-from outbox_relay.config import RelaySettings
+from outbox_relay.config import RECORD_FORMATS, RelaySettings
 from outbox_relay.durations import seconds
 
 #: What an outbox's name may be: it is a metric label and a word on the command line.
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-_KEYS = frozenset({"name", "database_url", "schema", "table_prefix", "relays", "retention"})
+_KEYS = frozenset(
+    {"name", "database_url", "schema", "table_prefix", "relays", "retention", "record_format"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,12 +53,17 @@ class OutboxEntry:
     relays: int = 1
     #: ``--retention`` for this outbox; None: the relays' own.
     retention: float | None = None
+    #: ``--record-format`` for this outbox; None: the relays' own.
+    record_format: str | None = None
 
     def settings(self, base: RelaySettings) -> RelaySettings:
         """The relays' settings, serving this outbox."""
-        retention = base.retention if self.retention is None else self.retention
         return dataclasses.replace(
-            base, database_url=self.database_url, outbox=self.location, retention=retention
+            base,
+            database_url=self.database_url,
+            outbox=self.location,
+            retention=base.retention if self.retention is None else self.retention,
+            record_format=self.record_format or base.record_format,
         )
 
     @property
@@ -134,7 +142,10 @@ def _entry(number: int, table: Any, environ: Mapping[str, str]) -> OutboxEntry:
     relays = table.get("relays", 1)
     if isinstance(relays, bool) or not isinstance(relays, int) or relays < 1:
         raise ConfigurationError(f"{where}: relays must be a whole number of at least 1")
-    return OutboxEntry(name, url, location, relays, _retention(table.get("retention"), where))
+    retention = _retention(table.get("retention"), where)
+    return OutboxEntry(
+        name, url, location, relays, retention, _record_format(table.get("record_format"), where)
+    )
 
 
 def _expand(url: str, environ: Mapping[str, str], where: str) -> str:
@@ -157,6 +168,16 @@ def _retention(value: object, where: str) -> float | None:
     if isinstance(value, bool) or found < 0:
         raise ConfigurationError(f"{where}: retention {value!r} is not a duration like 7d or 0")
     return found
+
+
+def _record_format(value: object, where: str) -> str | None:
+    if value is None:
+        return None
+    if value not in RECORD_FORMATS:
+        raise ConfigurationError(
+            f"{where}: record_format {value!r} is not one of {', '.join(RECORD_FORMATS)}"
+        )
+    return str(value)
 
 
 def _checked(entries: Iterable[OutboxEntry], *, hint: str) -> tuple[OutboxEntry, ...]:
