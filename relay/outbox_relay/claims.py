@@ -242,13 +242,14 @@ FROM {events} WHERE published_at IS NULL AND dead_lettered_at IS NULL
 """
 
 # Delayed events (migration 0009): the release moves due rows into the outbox. One relay at a
-# time: a release that finds another under way skips its turn, so that two releases never
-# interleave their inserts and the events of one key keep their due order across batches.
-# The time until the next due event is measured on the database's clock, like the due times.
-_RELEASE_TURN = "SELECT pg_try_advisory_xact_lock(%s, 0)"
+# time: a release that finds another under way (its try-lock taken) moves nothing, so that two
+# releases never interleave their inserts and the events of one key keep their due order
+# across batches. LATERAL: the lock is tried before the function runs. The time until the next
+# due event is measured on the database's clock, like the due times.
 _RELEASE_DUE = """
-SELECT r.released, extract(epoch FROM r.next_due - clock_timestamp())::float8
-FROM {release_due}(%s) AS r
+SELECT t.mine, r.released, extract(epoch FROM r.next_due - clock_timestamp())::float8
+FROM (SELECT pg_try_advisory_xact_lock(%(turn)s, 0) AS mine) AS t,
+     LATERAL {release_due}(CASE WHEN t.mine THEN %(batch)s ELSE 0 END) AS r
 """
 # For the schedule's gauges, at the backlog's pace: rows waiting, the next due time (unix).
 _SCHEDULED_SUMMARY = """
@@ -470,15 +471,13 @@ class OutboxSource:
         """Move up to ``batch`` due scheduled events into the outbox and commit; nothing when
         another relay is releasing right now."""
         conn = self.connection
-        turn = conn.execute(_RELEASE_TURN, (self._release_class,)).fetchone()
-        if not (turn and turn[0]):
-            conn.rollback()
-            return Release(0, None)
-        row = conn.execute(self._release_sql, (batch,)).fetchone()
+        params = {"turn": self._release_class, "batch": batch}
+        row = conn.execute(self._release_sql, params).fetchone()
         conn.commit()
         if row is None:  # pragma: no cover - always a row
             raise RuntimeError("release_due returned no row")
-        return Release(int(row[0]), row[1])
+        mine, released, next_due_in = row
+        return Release(int(released), next_due_in if mine else None)
 
     def scheduled(self) -> tuple[int, float | None]:
         """Scheduled events waiting, and the next one's due time in unix seconds (None: none)."""

@@ -53,6 +53,11 @@ WHERE e.published_at IS NULL AND e.dead_lettered_at IS NULL AND e.key IS NOT NUL
       AND ((b.attempts > 0 AND b.dead_lettered_at IS NULL)
            OR (%(dead_letters_block)s AND b.dead_lettered_at IS NOT NULL)))
 """
+# The events scheduled for later delivery (migration 0009), which the backlog does not count.
+_SCHEDULED = """
+SELECT s.waiting, s.next_due, extract(epoch FROM s.next_due - now())
+FROM {scheduled_summary}() AS s
+"""
 # The live relays (membership locks), with what each does with published rows (the registry).
 _RELAYS = """
 SELECT a.application_name, a.pid, a.client_addr::text,
@@ -94,6 +99,12 @@ class Status:
     #: (the oldest row kept is at most that old).
     kept_partitions: int = 0
     kept_since_seconds: float | None = None
+    #: Events scheduled for later delivery, not yet fallen due and moved into the outbox.
+    scheduled: int = 0
+    #: When the next of them falls due (ISO 8601), and in how many seconds (below 0: overdue,
+    #: which a running relay does not let last more than a second or so).
+    next_due_at: str | None = None
+    next_due_in_seconds: float | None = None
     backlog_by_topic: list[tuple[str, int, float]] = field(default_factory=list)
     backlog_by_shard: dict[int, int] = field(default_factory=dict)
     relays: list[Relay] = field(default_factory=list)
@@ -191,6 +202,9 @@ def read(
         blocked, oldest_blocked = conn.execute(
             settings.sql(_BLOCKED, events="events"), {"dead_letters_block": dead_letters_block}
         ).fetchone() or (0, None)
+        scheduled, next_due, next_due_in = conn.execute(
+            settings.sql(_SCHEDULED, scheduled_summary="scheduled_summary")
+        ).fetchone() or (0, None, None)
         by_topic = conn.execute(settings.sql(_BACKLOG_BY_TOPIC, events="events")).fetchall()
         by_shard = conn.execute(settings.sql(_BACKLOG_BY_SHARD, events="events")).fetchall()
         relays = [
@@ -224,6 +238,9 @@ def read(
         published_last_minute=int(last_minute) if retention_kept else None,
         kept_partitions=int(kept),
         kept_since_seconds=_seconds(kept_since),
+        scheduled=int(scheduled),
+        next_due_at=None if next_due is None else next_due.isoformat(),
+        next_due_in_seconds=_seconds(next_due_in),
         backlog_by_topic=[(t, int(n), _seconds(age) or 0.0) for t, n, age in by_topic],
         backlog_by_shard={int(s): int(n) for s, n in by_shard},
         relays=relays,
@@ -248,6 +265,16 @@ def _keeps(retention_seconds: float | None) -> str:
     return _age(retention_seconds) if retention_seconds > 0 else "no"
 
 
+def _next_due(status: Status) -> str:
+    """When the next scheduled event falls due, after the count."""
+    seconds = status.next_due_in_seconds
+    if seconds is None:
+        return ""
+    if seconds < 0:
+        return f" (the next was due {_age(-seconds)} ago at {status.next_due_at})"
+    return f" (the next due in {_age(seconds)}, at {status.next_due_at})"
+
+
 def render(status: Status) -> str:
     """The human-readable table."""
     published = (
@@ -269,6 +296,7 @@ def render(status: Status) -> str:
             f"published events kept          in {status.kept_partitions} partitions, the oldest"
             f" from {_age(status.kept_since_seconds)} ago"
         )
+    lines.append(f"scheduled for later            {status.scheduled}{_next_due(status)}")
     lines += [
         "",
         f"{'topic':40} {'backlog':>9} {'oldest':>10}",

@@ -12,9 +12,13 @@ from typing import Any
 import psycopg
 import pytest
 
+from outbox_relay import status
 from outbox_relay.claims import OutboxSource
 from outbox_relay.config import RelaySettings
+from outbox_relay.loop import Relay
 from outbox_relay.shards import ShardOwner, lock_class
+from outbox_relay.signals import StopSignal
+from tests.integration.test_retention import DeliverAll, relay_settings
 
 
 @pytest.fixture
@@ -190,3 +194,56 @@ def test_a_long_schedule_is_not_scanned(
         source.release()
     finally:
         owner.close()
+
+
+def test_a_relay_step_releases_what_fell_due_and_publishes_it(database_url: str) -> None:
+    """The loop's release chore: a relay stepping (a publisher that delivers everything)
+    releases a due event before it claims, so the same step publishes it; an event due in
+    a moment is released by a later step (the wait ends when it falls due); one due in an hour
+    stays scheduled."""
+    settings = relay_settings(database_url, batch_size=10)
+    stop = StopSignal()
+    relay = Relay(settings, DeliverAll(), stop)
+    relay.connect()
+    try:
+        schedule(database_url, [-1.0])
+        [_soon, later] = schedule(database_url, [0.3, 3600.0])
+        relay.step()  # rebalance, release, claim: the due event goes
+        assert relay.totals.published == 1
+        started = time.monotonic()
+        while relay.totals.published < 2 and time.monotonic() - started < 10:
+            relay.step()
+        assert relay.totals.published == 2
+        assert scheduled_count(database_url) == 1
+    finally:
+        relay.leave()
+        relay.shutdown()
+        stop.close()
+    assert outbox_ids(database_url) == []  # published rows are deleted (no --retention)
+    with psycopg.connect(database_url) as conn:
+        left = conn.execute("SELECT event_id::text FROM outbox_scheduled").fetchall()
+    assert [r[0] for r in left] == [later]
+
+
+def test_status_shows_the_schedule(database_url: str) -> None:
+    """`status`: the scheduled events beside the backlog (which counts none of them), and when
+    the next falls due; an overdue one says how long ago."""
+    conn_settings = RelaySettings(database_url=database_url, kafka_bootstrap_servers="unused:9092")
+
+    def read() -> status.Status:
+        with psycopg.connect(database_url) as conn:
+            return status.read(
+                conn, conn_settings.outbox, dead_letters_block=False, retention_kept=False
+            )
+
+    empty = read()
+    assert (empty.scheduled, empty.next_due_at, empty.next_due_in_seconds) == (0, None, None)
+    schedule(database_url, [120.0, 600.0])
+    found = read()
+    assert (found.scheduled, found.backlog) == (2, 0)
+    assert found.next_due_in_seconds is not None
+    assert 100 < found.next_due_in_seconds <= 120
+    assert found.as_json()["next_due_at"] == found.next_due_at
+    assert "scheduled for later            2 (the next due in 0:0" in status.render(found)
+    schedule(database_url, [-90.0])
+    assert "(the next was due 0:01:30 ago at" in status.render(read())
