@@ -39,7 +39,10 @@ Shape: TypeAlias = Callable[[ClaimedRow], Record]
 def debezium_record(row: ClaimedRow) -> Record:
     """Debezium's Outbox Event Router's record: the value as stored, the event id (its UUID
     text) in the header ``id``, then the row's own headers."""
-    return row.payload, [(DEBEZIUM_ID_HEADER, row.event_id.encode()), *row.headers]
+    headers: Headers = [(DEBEZIUM_ID_HEADER, row.event_id.encode())]
+    if row.header_names:
+        headers.extend(zip(row.header_names, row.header_values, strict=True))
+    return row.payload, headers
 
 
 def default_source(database_url: str) -> str:
@@ -56,12 +59,15 @@ def default_source(database_url: str) -> str:
 def cloudevents_binary(source: str, type: str | None) -> Shape:
     """Binary mode: the payload as the value, the attributes as ``ce_`` headers. ``source`` and
     ``type`` (None: the row's topic) for rows without their own ``ce_source``/``ce_type``."""
+    source_bytes = source.encode()
+    type_bytes = type.encode() if type else None
+    binary_headers = cloudevents.binary_headers
 
     def shape(row: ClaimedRow) -> Record:
-        headers = cloudevents.binary_headers(
-            row.event_id, row.headers, source=source, type=type or row.topic
-        )
-        return row.payload, headers
+        headers = row.headers if row.header_names else ()
+        event_type = type_bytes or row.topic.encode()
+        found = binary_headers(row.event_id, headers, source=source_bytes, type=event_type)
+        return row.payload, found
 
     return shape
 
