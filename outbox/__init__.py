@@ -12,6 +12,7 @@ The event is committed if and only if your transaction commits. A separate relay
 
 from __future__ import annotations
 
+import datetime as dt
 import uuid
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -32,6 +33,7 @@ from outbox.errors import (
     InvalidHeaderError,
     InvalidIdentifierError,
     InvalidKeyError,
+    InvalidScheduleError,
     InvalidTopicError,
     OutboxError,
     PayloadSerializationError,
@@ -59,6 +61,7 @@ __all__ = [
     "InvalidHeaderError",
     "InvalidIdentifierError",
     "InvalidKeyError",
+    "InvalidScheduleError",
     "InvalidTopicError",
     "Outbox",
     "OutboxError",
@@ -75,6 +78,8 @@ __all__ = [
     "add_async",
     "add_many",
     "add_many_async",
+    "cancel",
+    "cancel_async",
     "configure",
     "dedup",
     "json_serializer",
@@ -102,13 +107,28 @@ def add(
     key: Key | None = None,
     headers: Headers | None = None,
     serializer: Serializer | None = None,
+    deliver_at: dt.datetime | None = None,
+    delay: dt.timedelta | None = None,
 ) -> uuid.UUID:
     """Write one event in ``db``'s current transaction and return its event id.
 
     ``db`` is a SQLAlchemy ``Session`` or ``Connection``, or a psycopg ``Connection``. ``payload``
     is sent as is when ``bytes``, as UTF-8 when ``str``, and JSON-encoded otherwise. Never commits.
+
+    To deliver it later, give ``deliver_at`` (an aware ``datetime``) or ``delay`` (a
+    ``timedelta`` >= 0 counted on the database server's clock from this statement), not both: the
+    event waits in the scheduled table until then, and :func:`cancel` can still take it back.
     """
-    return default().add(db, topic, payload, key=key, headers=headers, serializer=serializer)
+    return default().add(
+        db,
+        topic,
+        payload,
+        key=key,
+        headers=headers,
+        serializer=serializer,
+        deliver_at=deliver_at,
+        delay=delay,
+    )
 
 
 def add_many(
@@ -126,10 +146,19 @@ async def add_async(
     key: Key | None = None,
     headers: Headers | None = None,
     serializer: Serializer | None = None,
+    deliver_at: dt.datetime | None = None,
+    delay: dt.timedelta | None = None,
 ) -> uuid.UUID:
     """Async :func:`add`, for SQLAlchemy ``AsyncSession``/``AsyncConnection`` and psycopg's."""
     return await default().add_async(
-        db, topic, payload, key=key, headers=headers, serializer=serializer
+        db,
+        topic,
+        payload,
+        key=key,
+        headers=headers,
+        serializer=serializer,
+        deliver_at=deliver_at,
+        delay=delay,
     )
 
 
@@ -138,3 +167,19 @@ async def add_many_async(
 ) -> list[uuid.UUID]:
     """Async :func:`add_many`."""
     return await default().add_many_async(db, events, serializer=serializer)
+
+
+def cancel(db: SyncDB, event_id: uuid.UUID | str) -> bool:
+    """Take back an event written with ``deliver_at`` or ``delay`` that has not fallen due yet:
+    delete it from the scheduled table in ``db``'s current transaction. Never commits.
+
+    True if it deleted it; False if no such event waits there (already released into the
+    outbox, cancelled, or never scheduled). The release skips a row whose cancel is still in an
+    open transaction; a cancel that rolls back leaves the event to go out at the next release.
+    """
+    return default().cancel(db, event_id)
+
+
+async def cancel_async(db: AsyncDB, event_id: uuid.UUID | str) -> bool:
+    """Async :func:`cancel`."""
+    return await default().cancel_async(db, event_id)

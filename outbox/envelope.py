@@ -22,6 +22,7 @@ from typing import Any, TypeAlias
 from outbox.errors import (
     InvalidHeaderError,
     InvalidKeyError,
+    InvalidScheduleError,
     InvalidTopicError,
     PayloadSerializationError,
     PayloadTooLargeError,
@@ -44,12 +45,16 @@ Serializer: TypeAlias = Callable[[Any], bytes]
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    """An event to write with :func:`outbox.add_many`: topic, payload, optional key and headers."""
+    """An event to write with :func:`outbox.add_many`: topic, payload, optional key and headers,
+    and, to deliver it later, either ``deliver_at`` (an aware datetime) or ``delay`` (counted on
+    the database server's clock from the INSERT)."""
 
     topic: str
     payload: Any
     key: Key | None = None
     headers: Headers | None = None
+    deliver_at: dt.datetime | None = None
+    delay: dt.timedelta | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +66,16 @@ class Envelope:
     key: bytes | None
     payload: bytes
     headers: tuple[tuple[str, bytes], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledEnvelope(Envelope):
+    """An envelope to deliver later: it waits in the scheduled table until it falls due, at
+    ``deliver_at`` or ``delay`` after the INSERT on the database server's clock (one is set).
+    A subclass, so that an event sent now builds no more than it did before scheduling."""
+
+    deliver_at: dt.datetime | None
+    delay: dt.timedelta | None
 
 
 def new_event_id() -> uuid.UUID:
@@ -157,6 +172,61 @@ def _encode_header(name: object, value: object) -> tuple[str, bytes]:
     )
 
 
+def check_schedule(
+    deliver_at: object, delay: object
+) -> tuple[dt.datetime | None, dt.timedelta | None]:
+    """Return ``(deliver_at, delay)`` if they say when to deliver, else raise
+    InvalidScheduleError: an aware datetime or a timedelta >= 0, not both (neither: now)."""
+    if deliver_at is None and delay is None:
+        return None, None
+    if deliver_at is not None and delay is not None:
+        raise InvalidScheduleError("give deliver_at or delay, not both")
+    if delay is None:
+        return _check_deliver_at(deliver_at), None
+    return None, _check_delay(delay)
+
+
+def _check_deliver_at(deliver_at: object) -> dt.datetime:
+    if not isinstance(deliver_at, dt.datetime):
+        raise InvalidScheduleError(
+            f"deliver_at must be a datetime.datetime, got {type(deliver_at).__name__}"
+        )
+    if deliver_at.utcoffset() is None:
+        raise InvalidScheduleError(
+            f"deliver_at {deliver_at.isoformat()} is a naive datetime, which names no instant: "
+            "give it a time zone (datetime.now(datetime.UTC) + ...), or pass delay= instead"
+        )
+    return deliver_at
+
+
+def _check_delay(delay: object) -> dt.timedelta:
+    if not isinstance(delay, dt.timedelta):
+        raise InvalidScheduleError(
+            f"delay must be a datetime.timedelta, got {type(delay).__name__}"
+        )
+    if delay < dt.timedelta(0):
+        raise InvalidScheduleError(f"delay must not be negative, got {delay}")
+    try:  # a due time Python could not read back; the server's clock is near enough for this
+        dt.datetime.now(dt.UTC) + delay
+    except OverflowError:
+        raise InvalidScheduleError(f"delay {delay} puts the due time past the year 9999") from None
+    return delay
+
+
+def parse_event_id(event_id: object) -> uuid.UUID:
+    """``event_id`` as a UUID (a ``uuid.UUID``, or a ``str`` parsed), else InvalidScheduleError."""
+    if isinstance(event_id, uuid.UUID):
+        return event_id
+    if not isinstance(event_id, str):
+        raise InvalidScheduleError(
+            f"event_id must be a uuid.UUID or str, got {type(event_id).__name__}"
+        )
+    try:
+        return uuid.UUID(event_id)
+    except ValueError:
+        raise InvalidScheduleError(f"event_id {event_id!r:.80} is not a UUID") from None
+
+
 def encode_payload(payload: object, serializer: Serializer) -> bytes:
     """``bytes`` as is, ``str`` as UTF-8, anything else through the serializer."""
     if isinstance(payload, bytes):
@@ -193,4 +263,7 @@ def seal(event: Event, *, settings: OutboxSettings, serializer: Serializer) -> E
     payload = encode_payload(event.payload, serializer)
     if len(payload) > settings.max_payload_bytes:
         raise PayloadTooLargeError(len(payload), settings.max_payload_bytes)
-    return Envelope(new_event_id(), topic, key, payload, headers)
+    if event.deliver_at is None and event.delay is None:
+        return Envelope(new_event_id(), topic, key, payload, headers)
+    deliver_at, delay = check_schedule(event.deliver_at, event.delay)
+    return ScheduledEnvelope(new_event_id(), topic, key, payload, headers, deliver_at, delay)

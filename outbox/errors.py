@@ -50,6 +50,11 @@ class PayloadSerializationError(InvalidEventError):
     """The serializer could not turn the payload into bytes."""
 
 
+class InvalidScheduleError(InvalidEventError):
+    """A ``deliver_at`` or ``delay`` that cannot say when to deliver (a naive datetime, a negative
+    delay, both at once, a wrong type), or an event id to cancel that is not a UUID."""
+
+
 class PayloadTooLargeError(InvalidEventError):
     """The encoded payload is larger than the configured maximum."""
 
