@@ -27,6 +27,8 @@ Sections (``--only`` takes a comma-separated list of them):
             on one PostgreSQL and one Apache Kafka broker: drain, latency at 200 and 2,000/s,
             CPU and memory; the relay on Apache Kafka against on the suite's broker (needs
             Java and Maven; skipped without them);
+* schedule: the drain, the claim and the release beside 100,000 events scheduled for later
+            and none (bench/schedule.py);
 * memory:   the relay's peak RSS, from the drain, latency, scale and soak runs (no runs of
             its own: it shows what those sections measured).
 
@@ -62,6 +64,7 @@ import limits
 import peers
 import retention
 import scale
+import schedule
 import soak
 import writer
 import writers
@@ -81,6 +84,7 @@ SECTIONS = (
     "writer",
     "consumer",
     "peers",
+    "schedule",
     "memory",
 )
 DEFAULT_JSON = Path(__file__).resolve().parent / "results.json"
@@ -201,6 +205,7 @@ def main() -> int:
             "writer": writer.measure,
             "consumer": consumer.measure,
             "peers": peers.measure,
+            "schedule": schedule.measure,
         }
         for name, measure in steps.items():
             if name in selected:
@@ -227,6 +232,7 @@ def main() -> int:
         "writer": (writer.rows, writer.targets),
         "consumer": (consumer.rows, consumer.targets),
         "peers": (peers.rows, peers.targets),
+        "schedule": (schedule.rows, schedule.targets),
         "memory": (memory_rows, memory_targets),
     }
     for name, (to_rows, to_targets) in shown.items():
