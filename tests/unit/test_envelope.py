@@ -12,7 +12,17 @@ from typing import Any
 import pytest
 
 import outbox
-from outbox.envelope import Envelope, Event, Serializer, json_serializer, new_event_id, seal
+from outbox.envelope import (
+    Envelope,
+    Event,
+    ScheduledEnvelope,
+    Serializer,
+    check_schedule,
+    json_serializer,
+    new_event_id,
+    parse_event_id,
+    seal,
+)
 
 
 def sealed(
@@ -269,6 +279,84 @@ def test_each_sealed_event_gets_a_fresh_id() -> None:
     assert sealed().event_id != sealed().event_id
 
 
+# --- schedules (deliver later) ------------------------------------------------------------------
+
+LATER = dt.datetime(2030, 1, 2, 3, 4, 5, tzinfo=dt.timezone(dt.timedelta(hours=-5)))
+PAST = dt.datetime(1999, 1, 1, tzinfo=dt.UTC)
+
+
+def sealed_when(**when: object) -> Envelope:
+    """Seal one event with these schedule fields."""
+    event = Event("orders", b"{}", **when)  # type: ignore[arg-type]
+    return seal(event, settings=outbox.OutboxSettings(), serializer=json_serializer)
+
+
+def test_an_event_without_a_schedule_seals_to_a_plain_envelope() -> None:
+    """Neither field: an Envelope for the outbox table, as before scheduling existed."""
+    assert type(sealed_when()) is Envelope
+    assert check_schedule(None, None) == (None, None)
+
+
+@pytest.mark.parametrize(
+    ("when", "expected"),
+    [
+        pytest.param({"deliver_at": LATER}, (LATER, None), id="deliver-at"),
+        pytest.param({"deliver_at": PAST}, (PAST, None), id="past"),
+        pytest.param(
+            {"delay": dt.timedelta(minutes=5)}, (None, dt.timedelta(minutes=5)), id="delay"
+        ),
+        pytest.param({"delay": dt.timedelta(0)}, (None, dt.timedelta(0)), id="zero-delay"),
+    ],
+)
+def test_a_valid_schedule_seals_to_a_scheduled_envelope(
+    when: dict[str, object], expected: tuple[object, object]
+) -> None:
+    """The envelope keeps the due time or the delay as given; a time in the past is fine."""
+    envelope = sealed_when(**when)
+    assert isinstance(envelope, ScheduledEnvelope)
+    assert (envelope.deliver_at, envelope.delay) == expected
+    assert (envelope.topic, envelope.payload) == ("orders", b"{}")
+
+
+@pytest.mark.parametrize(
+    ("when", "message"),
+    [
+        pytest.param({"deliver_at": dt.datetime(2030, 1, 1)}, "is a naive datetime", id="naive"),
+        pytest.param({"delay": dt.timedelta(microseconds=-1)}, "must not be negative", id="neg"),
+        pytest.param({"deliver_at": LATER, "delay": dt.timedelta(0)}, "not both", id="both"),
+        pytest.param({"deliver_at": 1893456000}, "datetime.datetime, got int", id="epoch"),
+        pytest.param({"deliver_at": dt.date(2030, 1, 1)}, "datetime.datetime, got date", id="date"),
+        pytest.param({"delay": 5.0}, "datetime.timedelta, got float", id="float-delay"),
+        pytest.param({"delay": dt.timedelta.max}, "past the year 9999", id="overflow"),
+    ],
+)
+def test_an_invalid_schedule_is_rejected(when: dict[str, object], message: str) -> None:
+    """InvalidScheduleError, naming the problem, before any I/O."""
+    with pytest.raises(outbox.InvalidScheduleError, match=message):
+        sealed_when(**when)
+
+
+def test_a_naive_time_is_rejected_with_a_way_out() -> None:
+    """The message says how to fix it: a time zone, or delay= instead."""
+    with pytest.raises(outbox.InvalidScheduleError) as caught:
+        sealed_when(deliver_at=dt.datetime(2030, 1, 1, 12))
+    assert "2030-01-01T12:00:00" in str(caught.value)
+    assert "time zone" in str(caught.value)
+    assert "delay=" in str(caught.value)
+
+
+def test_event_ids_to_cancel_are_parsed() -> None:
+    """A UUID as is, a str in any form uuid.UUID reads; anything else refused."""
+    event_id = new_event_id()
+    assert parse_event_id(event_id) is event_id
+    assert parse_event_id(str(event_id)) == event_id
+    assert parse_event_id(str(event_id).upper().replace("-", "")) == event_id
+    with pytest.raises(outbox.InvalidScheduleError, match="'nope' is not a UUID"):
+        parse_event_id("nope")
+    with pytest.raises(outbox.InvalidScheduleError, match="got bytes"):
+        parse_event_id(event_id.bytes)
+
+
 # --- exception hierarchy ------------------------------------------------------------------------
 
 
@@ -281,6 +369,7 @@ def test_each_sealed_event_gets_a_fresh_id() -> None:
         outbox.InvalidHeaderError,
         outbox.PayloadSerializationError,
         outbox.PayloadTooLargeError,
+        outbox.InvalidScheduleError,
     ],
 )
 def test_invalid_event_errors_are_value_errors_and_outbox_errors(error: type) -> None:
