@@ -9,6 +9,7 @@ time is made on the database's clock, and an event released twice would show as 
 
 from __future__ import annotations
 
+import datetime as dt
 import signal
 import subprocess
 import time
@@ -43,26 +44,20 @@ LATE_BOUND = 5.0
 def schedule(
     database_url: str, topic: str, due_in: Sequence[float], keys: Sequence[str | None]
 ) -> list[str]:
-    """One scheduled event per entry of ``due_in`` (seconds from now on the database's clock),
-    of the matching key, in that order; returns their event ids."""
+    """One event per entry of ``due_in`` (seconds from now on the database's clock), of the
+    matching key, scheduled with ``outbox.add_many`` in that order; returns their event ids."""
+    events = [
+        outbox.Event(topic, {"n": n}, key=key, delay=dt.timedelta(seconds=due))
+        for n, (due, key) in enumerate(zip(due_in, keys, strict=True))
+    ]
     with psycopg.connect(database_url) as conn:
-        rows = conn.execute(
-            "INSERT INTO outbox_scheduled (event_id, topic, key, payload, due_at)"
-            " SELECT gen_random_uuid(), %s, convert_to(k, 'UTF8'),"
-            "        convert_to(json_build_object('n', n)::text, 'UTF8'),"
-            "        now() + make_interval(secs => d)"
-            " FROM unnest(%s::float8[], %s::text[]) WITH ORDINALITY AS u(d, k, n) ORDER BY n"
-            " RETURNING event_id::text",
-            (topic, list(due_in), list(keys)),
-        ).fetchall()
-    return [r[0] for r in rows]
+        return [str(i) for i in outbox.add_many(conn, events)]
 
 
 def cancel(database_url: str, event_id: str) -> bool:
-    """Take a scheduled event back before it falls due."""
+    """Take a scheduled event back before it falls due (``outbox.cancel``)."""
     with psycopg.connect(database_url) as conn:
-        gone = conn.execute("DELETE FROM outbox_scheduled WHERE event_id = %s", (event_id,))
-        return gone.rowcount == 1
+        return outbox.cancel(conn, event_id)
 
 
 def write_now(database_url: str, topic: str, key: str, count: int) -> list[str]:
