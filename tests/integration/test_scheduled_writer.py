@@ -339,6 +339,26 @@ def test_an_outbox_instance_cancels_in_its_own_settings(database_url: str) -> No
     assert scheduled(database_url) == []
 
 
+def test_the_documented_grants_are_enough(database_url: str) -> None:
+    """A role with only the grants docs/writing-events.md lists writes, schedules and cancels."""
+    role = f"outbox_app_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(database_url, autocommit=True) as admin:
+        admin.execute(f"CREATE ROLE {role} LOGIN")
+        try:
+            admin.execute(f"GRANT USAGE ON SCHEMA public TO {role}")
+            admin.execute(f"GRANT INSERT ON outbox_events TO {role}")
+            admin.execute(f"GRANT INSERT, DELETE, SELECT (event_id) ON outbox_scheduled TO {role}")
+            with psycopg.connect(database_url, user=role) as app:
+                outbox.add(app, "t", b"now")
+                event_id = outbox.add(app, "t", b"later", delay=HOUR)
+                assert outbox.cancel(app, event_id) is True
+        finally:
+            admin.execute(f"DROP OWNED BY {role}")
+            admin.execute(f"DROP ROLE {role}")
+    assert [r[3] for r in events(database_url)] == [b"now"]
+    assert scheduled(database_url) == []
+
+
 # --- the release, and cancel's races with it ----------------------------------------------------
 
 
