@@ -10,10 +10,12 @@ full header list. Needs Java 17+ (and Maven the first time, for the jars).
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +56,8 @@ PAYLOADS: tuple[Any, ...] = (
     {"float": 1.5, "int": 2**70, "neg": -3, "nested": {"list": [{"a": 1}, {"b": [None]}]}},
 )
 EVENTS = 64
-SINGLY = 16  # of them written with add, the others with add_many
+#: Written with add, add_async, add_many_async and add_many, a quarter each.
+QUARTER = EVENTS // 4
 #: Connect starts in 10 to 20 s on two busy cores; the whole test stays under two minutes.
 DEBEZIUM_TIMEOUT = 90
 
@@ -97,6 +100,24 @@ def _fields(event: debezium.DebeziumEvent) -> dict[str, Any]:
     return {
         f: getattr(event, f) for f in ("aggregate_type", "aggregate_id", "event_type", "payload")
     }
+
+
+def write_through_api(
+    database_url: str, events: Sequence[debezium.DebeziumEvent]
+) -> list[uuid.UUID]:
+    """The events through every entry point of outbox.debezium, in order; their ids."""
+    one, two, three = QUARTER, 2 * QUARTER, 3 * QUARTER
+    with psycopg.connect(database_url) as conn:
+        ids = [debezium.add(conn, **_fields(e)) for e in events[:one]]
+
+    async def write_async() -> list[uuid.UUID]:
+        async with await psycopg.AsyncConnection.connect(database_url) as conn:
+            written = [await debezium.add_async(conn, **_fields(e)) for e in events[one:two]]
+            return written + await debezium.add_many_async(conn, events[two:three])
+
+    ids += asyncio.run(write_async())
+    with psycopg.connect(database_url) as conn:
+        return ids + debezium.add_many(conn, events[three:])
 
 
 def create_topics(bootstrap: str, topics: Sequence[str]) -> None:
@@ -243,9 +264,7 @@ def test_relay_records_are_debeziums_byte_for_byte(
     events = logical_events(prefix)
     topics = sorted({debezium.topic_of(e.aggregate_type) for e in events})
     create_topics(kafka_bootstrap, topics)
-    with psycopg.connect(database_url) as conn:  # one by one, then many in one statement
-        first = [debezium.add(conn, **_fields(e)) for e in events[:SINGLY]]
-        ids = [str(i) for i in [*first, *debezium.add_many(conn, events[SINGLY:])]]
+    ids = [str(i) for i in write_through_api(database_url, events)]
     reader = TopicReader(kafka_bootstrap, topics)
 
     with kafka_connect.replicated_database(
