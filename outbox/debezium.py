@@ -130,7 +130,10 @@ def json_text(payload: object) -> bytes:
     checked as they are (jsonb normalizes them in the INSERT)."""
     raw = encode_payload(payload, json_serializer)
     try:
-        value = json.loads(raw, parse_constant=_no_constant, parse_float=decimal.Decimal)
+        # Decimal for every number: jsonb holds numeric, and int() refuses over 4,300 digits.
+        value = json.loads(
+            raw, parse_constant=_no_constant, parse_float=decimal.Decimal, parse_int=decimal.Decimal
+        )
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise PayloadSerializationError(f"payload is not JSON text: {exc}") from exc
     _check_value(value)

@@ -124,6 +124,13 @@ def test_what_jsonb_refuses_is_refused_before_any_io(payload: object, reason: st
         debezium.seal_event(event(payload=payload), SETTINGS)
 
 
+def test_numbers_as_long_as_numeric_takes_are_taken() -> None:
+    """jsonb stores numbers as numeric (131,072 digits before the point): an integer longer
+    than Python's int() parses by default still goes through."""
+    sealed = debezium.seal_event(event(payload="9" * 5000), SETTINGS)
+    assert sealed.payload == b"9" * 5000
+
+
 def test_the_size_limit_applies() -> None:
     """As for every event: the settings' max_payload_bytes."""
     with pytest.raises(PayloadTooLargeError):
