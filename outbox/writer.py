@@ -103,14 +103,14 @@ def cancel_sql(settings: OutboxSettings) -> str:
     return settings.sql(_CANCEL, scheduled="scheduled")
 
 
-E = TypeVar("E", bound=Envelope)
+_E = TypeVar("_E", bound=Envelope)
 
 
 def _chunks(
     settings: OutboxSettings,
-    envelopes: Sequence[E],
+    envelopes: Sequence[_E],
     sql: Callable[[OutboxSettings, int], str],
-    params: Callable[[Sequence[E]], list[object]],
+    params: Callable[[Sequence[_E]], list[object]],
 ) -> Iterator[tuple[str, list[object]]]:
     for start in range(0, len(envelopes), MAX_ROWS_PER_STATEMENT):
         chunk = envelopes[start : start + MAX_ROWS_PER_STATEMENT]
