@@ -122,8 +122,9 @@ def failures_by_row(
     row: shapes are pure, so the record is made again alike). Rows alike in all three (rare:
     the same event written twice) all take the failure: one of them may in fact have been
     delivered, and is sent again (a duplicate, never a loss; the same bytes to the same
-    partition fail alike). A report that matches no row is a late one of an earlier batch that ran out of time
-    (one more batch is sent again), or is not understood: either way nothing is assumed.
+    partition fail alike). A report that matches no row is a late one of an earlier batch that
+    ran out of time (one more batch is sent again), or is not understood: either way nothing is
+    assumed.
     """
     if not reports:
         return {}, False
