@@ -40,11 +40,14 @@ PURGING_SHARD = 0
 BACKLOG_EVERY = 5.0
 #: Seconds before a housekeeping chore that failed is tried again.
 CHORE_RETRY = 30.0
-#: The longest a relay goes without releasing due scheduled events (seconds): a writer may
-#: schedule a row due sooner than the next due time the relay knew, and it is seen within this.
+#: The longest a busy relay goes without releasing due scheduled events (seconds; times the
+#: quiet slowdown): a writer may schedule a row due sooner than the next due time the relay
+#: knew. An idle relay learns of it sooner, at the end of a call of its wait (``.wakeup``),
+#: which then ends when the row falls due; so the release does not end waits itself.
 RELEASE_LOOK = 1.0
-#: Seconds before a release that left a due row behind tries again (the row was locked: a
-#: ``cancel`` not committed yet, or it fell due during the release).
+#: Seconds before a release that left due rows behind tries again (a row was locked: a
+#: ``cancel`` not committed yet; or another relay was releasing), doubling while it does, up to
+#: ``RELEASE_LOOK``: a ``cancel`` left open does not keep the relay busy.
 RELEASE_SOON = 0.05
 
 
@@ -77,12 +80,17 @@ class Chores:
     #: How many ``FLOOR_EVERY`` apart the floor's samples are (``Relay._floor_spacing``).
     floor_spacing: Callable[[float], float] = lambda _now: 1.0
     _published_at_progress: int = 0
+    #: While due rows are left for the next release (locked, or another relay's turn): when it
+    #: runs, before which finding them due must not end a wait (``Wakeup.wait``). -inf: none.
+    release_hold: float = -math.inf
+    _release_backoff: float = RELEASE_SOON
 
     def schedule(self) -> Schedule:
-        """The tasks; a rebalance, a release and a purge pass end a wait when due."""
+        """The tasks; a rebalance and a purge pass end a wait when due (a release, when its
+        events fall due: ``Wakeup.wait``)."""
         tasks = [
             Task("rebalance", self.rebalance, ends_wait=True),
-            Task("release", self.housekeeping("release", self.release_due), ends_wait=True),
+            Task("release", self.housekeeping("release", self.release_due)),
         ]
         if self.purge is not None:
             purge = functools.partial(self.purge_pass, self.purge)
@@ -134,19 +142,35 @@ class Chores:
 
     def release_due(self, now: float) -> float:
         """Move the scheduled events that fell due into the outbox; due again at once after a
-        full batch, else when the next one falls due, and within ``RELEASE_LOOK`` anyway.
+        full batch, else when the next one falls due, and within ``RELEASE_LOOK`` anyway; when
+        due rows were left behind, after a backoff (``RELEASE_SOON``, doubling).
 
         Any relay of the outbox releases, whatever shards it owns: no relay has to be there or
         take over for events to fall due, and a release already under way elsewhere makes the
         others skip their turn (``OutboxSource.release_due``), so batches never interleave.
         """
         batch = self.settings.batch_size
+        self.release_hold = now + CHORE_RETRY  # stands if it fails: housekeeping retries then
         done = self.batches.source.release_due(batch)
         if done.released >= batch:
+            self._hold(None)
             return now
+        if not done.mine or (done.next_due_in is not None and done.next_due_in <= 0):
+            return self._hold(now + self._release_backoff)  # due rows left for later
+        self._hold(None)
+        look = RELEASE_LOOK * self.slowdown(now)
         if done.next_due_in is None:
-            return now + RELEASE_LOOK
-        return now + min(RELEASE_LOOK, max(RELEASE_SOON, done.next_due_in))
+            return now + look
+        return now + min(look, done.next_due_in)
+
+    def _hold(self, until: float | None) -> float:
+        """Record whether due rows wait for the release at ``until`` (None: none do)."""
+        if until is None:
+            self.release_hold, self._release_backoff = -math.inf, RELEASE_SOON
+            return -math.inf
+        self.release_hold = until
+        self._release_backoff = min(RELEASE_LOOK, 2 * self._release_backoff)
+        return until
 
     def purge_pass(self, purge: Purge, now: float) -> float:
         """A pass of the purge, by the owner of ``PURGING_SHARD`` only; due again at once

@@ -285,6 +285,8 @@ class Release:
 
     released: int
     next_due_in: float | None
+    #: Whether it was this relay's turn (False: another relay was releasing, nothing moved).
+    mine: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -477,7 +479,7 @@ class OutboxSource:
         if row is None:  # pragma: no cover - always a row
             raise RuntimeError("release_due returned no row")
         mine, released, next_due_in = row
-        return Release(int(released), next_due_in if mine else None)
+        return Release(int(released), next_due_in if mine else None, mine=bool(mine))
 
     def scheduled(self) -> tuple[int, float | None]:
         """Scheduled events waiting, and the next one's due time in unix seconds (None: none)."""

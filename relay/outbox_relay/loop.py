@@ -81,7 +81,7 @@ class Relay:
         )
         self.totals = Totals()
         #: Rebalance, purge, gauges, floor samples and progress lines, each when due.
-        self.chores = Chores(
+        self._chores = Chores(
             settings,
             self.batches,
             self.shards,
@@ -92,7 +92,8 @@ class Relay:
             purge=Purge(settings.retention) if settings.retention else None,
             slowdown=self.wakeup.slowdown,
             floor_spacing=self._floor_spacing,
-        ).schedule()
+        )
+        self.chores = self._chores.schedule()
         #: The breaker's changes, as log lines and its gauge.
         self.outage = BreakerReport(self.breaker, self.metrics)
         #: When the first batch's claim began and the last batch committed (``clock``): what
@@ -246,15 +247,20 @@ class Relay:
         return len(delivered) == len(rows)
 
     def _wait(self, timeout: float) -> None:
-        """Until events may be waiting (``.wakeup``), a stop, the timeout or a chore that
-        cannot wait (a rebalance, a purge pass)."""
+        """Until events may be waiting (``.wakeup``), a stop, the timeout, a chore that cannot
+        wait (a rebalance, a purge pass), or a scheduled event falling due (then released at
+        the next step)."""
+        hold = self._chores.release_hold
         self._woken = self.wakeup.wait(
             self.shards.connection,
             min(timeout, self._until_chores()),
             floor=self.floor.value,
             stop=self.stop,
             clock=self.clock,
+            due_not_before=hold,
         )
+        if self.wakeup.due_at is not None:
+            self.chores.bring_forward("release", max(self.wakeup.due_at, hold))
 
     def _pause(self, timeout: float) -> None:
         """Until a stop, the timeout or a chore that cannot wait, whatever commits meanwhile."""

@@ -8,10 +8,17 @@ than that, a late row is found through its writer: the look also names the trans
 were writing to the outbox table, and the wait returns once one of them has ended. A look is
 always read before the claim that follows it, so whatever the claim missed makes the next wait
 return. Details and costs: the design page, "How an idle relay wakes up".
+
+Each call also reads when the next event scheduled for later falls due (migration 0009's
+``next_due``, after the wait, in the same statement): a wait ends when that event falls due, so
+the relay moves it into the outbox then, and an event scheduled while the relay waits is known
+at the end of the call (a quarter of a second; longer for a quiet outbox of a frugal relay)
+without a statement of its own.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -55,7 +62,8 @@ SELECT w.woken, w.new_bound, w.new_seen,
                     AND l.database = (SELECT oid FROM pg_database
                                       WHERE datname = current_database())
                     AND w.new_seen IS NOT NULL)
-       END
+       END,
+       extract(epoch FROM {next_due}() - clock_timestamp())::float8
 FROM {wait}(%(bound)s, %(seen)s::bigint[], %(floor)s, %(timeout_ms)s, %(fast_ms)s,
             %(max_tick_ms)s) AS w
 """
@@ -86,7 +94,7 @@ class Wakeup:
     """Waits for claimable events on a connection of its own (autocommit)."""
 
     def __init__(self, settings: OutboxSettings, *, idle_tick: float = MAX_TICK_MS / 1000) -> None:
-        self._sql = settings.sql(_WAIT, wait="wait_for_events")
+        self._sql = settings.sql(_WAIT, wait="wait_for_events", next_due="next_due")
         self._events = settings.events_table
         self._look: Look | None = None
         self._polling_reported = False
@@ -98,6 +106,9 @@ class Wakeup:
         #: When events last woke a wait or the relay last sent a batch (``clock``); None until
         #: the first wait.
         self._active_at: float | None = None
+        #: When the next scheduled event falls due (``clock``), as the last call read it; None:
+        #: nothing is scheduled, or no call read it yet.
+        self.due_at: float | None = None
 
     def active(self, now: float) -> None:
         """The relay sent a batch: the outbox is not quiet."""
@@ -122,14 +133,18 @@ class Wakeup:
         floor: int,
         stop: StopSignal,
         clock: Callable[[], float] = time.monotonic,
+        due_not_before: float = -math.inf,
     ) -> bool:
-        """Sleep until events may be waiting, a stop is requested, or ``seconds`` pass.
+        """Sleep until events may be waiting, a stop is requested, ``seconds`` pass, or a
+        scheduled event falls due (:attr:`due_at`), though not before ``due_not_before`` (the
+        caller's next release when due events are left for it: locked, or another relay's).
 
         Returns True when woken by events. Either way, when it returns without a stop the
         caller claims next, and the look taken last stands for that claim.
         """
         if self._look is None:  # nothing to compare with yet: look now, and claim
-            self._look = self._call(conn, Look(None, None), floor, 0, 0, MAX_TICK_MS)[1]
+            _, self._look, due_in = self._call(conn, Look(None, None), floor, 0, 0, MAX_TICK_MS)
+            self.due_at = None if due_in is None else clock() + due_in
             return True
         now = clock()
         deadline = now + seconds
@@ -146,10 +161,14 @@ class Wakeup:
                 WRITERS_SECONDS if self._look.writers else CALL_SECONDS * tick_ms / MAX_TICK_MS
             )
             timeout_ms = max(0, round(min(remaining, longest) * 1000))
-            woken, fresh = self._call(conn, self._look, floor, timeout_ms, fast_ms, tick_ms)
+            woken, fresh, due_in = self._call(conn, self._look, floor, timeout_ms, fast_ms, tick_ms)
+            after = clock()
             if woken:
-                self._active_at = clock()
-            if woken or remaining <= longest:
+                self._active_at = after
+            self.due_at = None if due_in is None else after + due_in
+            if self.due_at is not None:  # a scheduled event falls due first: end the wait then
+                deadline = min(deadline, max(self.due_at, due_not_before))
+            if woken or remaining <= longest or after >= deadline:
                 self._look = fresh
                 return woken
             fast_ms = 0
@@ -163,7 +182,9 @@ class Wakeup:
         timeout_ms: int,
         fast_ms: int,
         max_tick_ms: int,
-    ) -> tuple[bool, Look]:
+    ) -> tuple[bool, Look, float | None]:
+        """One call of the wait: whether events woke it, the fresh look, and the seconds until
+        the next scheduled event falls due (None: none is scheduled)."""
         params = {
             "bound": look.bound,
             "seen": look.seen,
@@ -178,14 +199,15 @@ class Wakeup:
         row = conn.execute(self._sql, params).fetchone()
         if row is None:  # pragma: no cover - the function always returns one row
             raise RuntimeError("wait_for_events returned no row")
-        woken, new_bound, new_seen, writers = row
+        woken, new_bound, new_seen, writers, due_in = row
         if new_bound is None:
             self._report_polling()
         seen = list(new_seen or ())
         # A writer of the look that is gone has committed (or rolled back) its rows.
         ended = writers is not None and not set(look.writers) <= set(writers)
         deep = len(seen) >= LOOK_DEPTH and writers is not None
-        return bool(woken) or ended, Look(new_bound, seen, tuple(writers) if deep else ())
+        look = Look(new_bound, seen, tuple(writers) if deep else ())
+        return bool(woken) or ended, look, due_in
 
     def _report_polling(self) -> None:
         if not self._polling_reported:

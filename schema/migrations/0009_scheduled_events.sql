@@ -62,9 +62,12 @@ BEGIN
 END;
 $$;
 
--- The next due time alone, for a relay that only looks (NULL: nothing is scheduled).
+-- The next due time alone (NULL: nothing is scheduled), which an idle relay reads after each
+-- call of wait_for_events, in the same statement. VOLATILE, so that it reads the schedule as it
+-- is when the wait ends, rows committed during the wait included, not as it was when the
+-- statement began.
 CREATE FUNCTION {{schema}}.{{p:next_due}}() RETURNS timestamptz
-    LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 SELECT s.due_at FROM {{schema}}.{{p:scheduled}} AS s ORDER BY s.due_at, s.id LIMIT 1;
 $$;
 

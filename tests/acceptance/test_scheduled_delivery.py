@@ -36,8 +36,9 @@ pytestmark = pytest.mark.kafka
 
 #: Keep published rows (their publication time and due time) for the checks.
 KEEP = ("--retention", "3600")
-#: The release looks every second at most; the rest is a claim and a publish. Generous, since
-#: timed assertions must not be tight on a shared machine.
+#: A wait ends when a scheduled event falls due, and a busy relay looks every second; the rest
+#: is a claim and a publish. Generous, since timed assertions must not be tight on a shared
+#: machine.
 LATE_BOUND = 5.0
 
 
@@ -134,6 +135,28 @@ def test_due_events_go_out_after_their_due_time_and_soon_after(
     received = read_topic(kafka_bootstrap, topic, expect_ids=set(ids))
     assert {r.event_id for r in received} == set(ids)
     assert scheduled(database_url) == 0
+
+
+def test_an_idle_relay_releases_an_event_scheduled_while_it_waits_on_time(
+    database_url: str, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """A relay idle for a while (its waits under way) when events are scheduled 1.5 and 2.5 s
+    ahead: its wait learns of them and ends when each falls due: published at or after its
+    due time and soon after, by the database's clock."""
+    topic = create_topic(kafka_bootstrap)
+    log = tmp_path / "relay.log"
+    relay = start_relay(database_url, kafka_bootstrap, *KEEP, log=log)
+    try:
+        wait_until(lambda: log_events(log.read_text(), "relay.started") != [], 15)
+        time.sleep(1.0)  # idle: waiting for events
+        ids = schedule(database_url, topic, [1.5, 2.5], ["k", "k"])
+        wait_until(lambda: published(database_url) == len(ids), 20)
+    finally:
+        assert stop(relay) == 0, log.read_text()
+    late = dict(lateness(database_url))
+    assert set(late) == set(ids)
+    assert min(late.values()) >= 0, "published before it fell due"
+    assert max(late.values()) < LATE_BOUND, late
 
 
 def test_a_waiting_event_holds_back_nothing_and_goes_after_its_key_once_due(

@@ -11,7 +11,9 @@ belongs to the benchmark (``bench/idle.py``).
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -214,3 +216,39 @@ def test_rows_waiting_for_a_retry_do_not_keep_waking_the_wait(
         assert wakeup.wait(waiter, 0.5, floor=0, stop=stop) is False
         late.commit()
     assert wakeup.wait(waiter, 20, floor=0, stop=stop) is True
+
+
+def test_an_event_scheduled_during_a_wait_ends_it_when_it_falls_due(
+    database_url: str, waiter: psycopg.Connection[Any], stop: StopSignal
+) -> None:
+    """An idle relay learns of a scheduled event at the end of a call of its wait (no statement
+    of its own), and the wait then ends when the event falls due, not at its timeout, nor at
+    once: so the relay releases it on time, and does nothing in between."""
+    wakeup = Wakeup(DEFAULT)
+    wakeup.wait(waiter, 0, floor=0, stop=stop)  # the look
+    assert wakeup.due_at is None  # nothing scheduled
+    with psycopg.connect(database_url) as writer:
+        outbox.add(writer, "orders", {}, key="k", delay=dt.timedelta(seconds=1.5))
+    started = time.monotonic()
+    assert wakeup.wait(waiter, 20, floor=0, stop=stop) is False  # not woken by events
+    waited = time.monotonic() - started
+    assert wakeup.due_at is not None
+    assert 1.3 < waited < 5.0, waited  # generous: ended by the due time, not the 20 s
+    assert wakeup.due_at <= time.monotonic() + 0.05
+
+
+def test_due_rows_left_for_later_do_not_end_a_wait_before_the_hold(
+    database_url: str, waiter: psycopg.Connection[Any], stop: StopSignal
+) -> None:
+    """A due row the relay could not release (locked by a cancel not yet committed, say) would
+    end every wait at once: with the relay's hold, the wait lasts until then instead."""
+    with psycopg.connect(database_url) as writer:
+        outbox.add(writer, "orders", {}, key="k", delay=dt.timedelta(0))
+    wakeup = Wakeup(DEFAULT)
+    wakeup.wait(waiter, 0, floor=0, stop=stop)  # the look
+    started = time.monotonic()
+    assert wakeup.wait(waiter, 20, floor=0, stop=stop) is False
+    assert time.monotonic() - started < 1.0  # due already: the wait ends at once
+    started = time.monotonic()
+    wakeup.wait(waiter, 20, floor=0, stop=stop, due_not_before=started + 0.8)
+    assert 0.7 < time.monotonic() - started < 5.0

@@ -3,6 +3,7 @@ scheduled events, and that a failing release leaves the claims alone."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -71,7 +72,8 @@ def chores(*answers: Release | Exception) -> tuple[Chores, FakeSource]:
         (Release(10, -0.5), NOW),  # a full batch: more may be due, at once
         (Release(3, 0.2), NOW + 0.2),  # the next falls due before the look
         (Release(0, 30.0), NOW + RELEASE_LOOK),  # far ahead: a writer may schedule sooner
-        (Release(0, None), NOW + RELEASE_LOOK),  # nothing scheduled, or another relay's turn
+        (Release(0, None), NOW + RELEASE_LOOK),  # nothing scheduled
+        (Release(0, None, mine=False), NOW + RELEASE_SOON),  # another relay's turn
         (Release(2, -0.01), NOW + RELEASE_SOON),  # a due row was locked (a cancel under way)
     ],
 )
@@ -81,13 +83,32 @@ def test_the_release_is_due_again_by_what_it_found(answer: Release, due: float) 
     assert source.batches == [10]  # a batch is the relay's --batch-size
 
 
-def test_the_release_ends_an_idle_wait_and_its_failure_is_housekeeping() -> None:
-    """The release is a task that ends a wait for events when due; one that fails with a good
-    connection is logged, rolled back and tried again later, and the loop goes on."""
+def test_due_rows_left_behind_hold_waits_off_and_back_off_until_released() -> None:
+    """While due rows are left for later (locked by a cancel not committed, or another relay
+    releasing), the next release backs off (doubling up to the look) and a wait may not end
+    for those rows before it; a release that leaves none lifts the hold."""
+    left = Release(0, -1.0)
+    made, _ = chores(left, left, left, left, left, left, Release(1, 20.0))
+    hold = [made.release_due(NOW) - NOW for _ in range(6)]
+    assert hold == pytest.approx([0.05, 0.1, 0.2, 0.4, 0.8, RELEASE_LOOK])
+    assert made.release_hold == pytest.approx(NOW + RELEASE_LOOK)
+    assert made.release_due(NOW) == NOW + RELEASE_LOOK
+    assert made.release_hold == -math.inf
+    made, _ = chores(left, Release(0, None))
+    made.release_due(NOW)
+    made.release_due(NOW)
+    assert made._release_backoff == RELEASE_SOON  # starts over after a release that was free
+
+
+def test_the_release_does_not_end_waits_and_its_failure_is_housekeeping() -> None:
+    """The release does not end a wait by itself (the wait ends when scheduled events fall
+    due); one that fails with a good connection is logged, rolled back and tried again later,
+    the loop goes on, and waits are not ended for due rows before that retry."""
     made, source = chores(psycopg.errors.QueryCanceled("statement timeout"))
     [task] = [t for t in made.schedule()._tasks.values() if t.name == "release"]
-    assert task.ends_wait
+    assert not task.ends_wait
     assert task.run(NOW) == NOW + CHORE_RETRY
+    assert made.release_hold == NOW + CHORE_RETRY
     assert source.connection.rollbacks == 1
 
 
