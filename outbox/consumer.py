@@ -97,15 +97,18 @@ def header_pairs(message: Message) -> list[tuple[str, str | bytes | None]]:
 
 
 #: The id header of records from Debezium's Outbox Event Router (``--record-format debezium``).
-_DEBEZIUM_ID_HEADER = "id"
+DEBEZIUM_ID_HEADER = "id"
 
 
 def event_id_or_position(message: Message) -> str:
     """The message's event id: the ``event_id`` header set by the relay; else CloudEvents'
     ``ce_id`` header (binary mode); else, for an ``application/cloudevents+json`` value
-    (structured mode), its ``id``; else the ``id`` header of Debezium's Outbox Event Router.
-    For messages with none of them, the message's topic, partition and offset (which
-    recognises redeliveries by Kafka only)."""
+    (structured mode), its ``id``. For messages with none of them, the message's topic,
+    partition and offset (which recognises redeliveries by Kafka only).
+
+    A header named ``id`` is not read: other producers use that name for what is not unique
+    (an order's id), and taking it as the message id would skip their messages as duplicates.
+    For Debezium's records use :func:`debezium_id_or_position`."""
     pairs = header_pairs(message)
     for name, value in pairs:  # the common case first: the relay's own records
         if name == EVENT_ID_HEADER and value:
@@ -121,9 +124,18 @@ def event_id_or_position(message: Message) -> str:
         event_id = cloudevents.structured_id(message.value())
         if event_id:
             return event_id
-    if _DEBEZIUM_ID_HEADER in found:
-        return _text(found[_DEBEZIUM_ID_HEADER])
     return f"{message.topic()}/{message.partition()}/{message.offset()}"
+
+
+def debezium_id_or_position(message: Message) -> str:
+    """For consumers of Debezium's Outbox Event Router and of ``--record-format debezium``:
+    the ``id`` header (the event's id), else :func:`event_id_or_position`. Opt in with
+    ``message_id=debezium_id_or_position`` only where every producer of the topics means the
+    event's id by that header."""
+    for name, value in header_pairs(message):
+        if name == DEBEZIUM_ID_HEADER and value:
+            return _text(value)
+    return event_id_or_position(message)
 
 
 def _text(value: str | bytes) -> str:
@@ -317,7 +329,9 @@ class _Loop(Generic[H]):
             not commit.
         :param session_factory: makes each transaction's session (a ``sessionmaker``).
         :param message_id: the id the dedup table records; by default the relay's ``event_id``
-            header, else topic/partition/offset (:func:`event_id_or_position`).
+            header, else a CloudEvent's id, else topic/partition/offset
+            (:func:`event_id_or_position`); for Debezium's records,
+            :func:`debezium_id_or_position`.
         :param registry: a Prometheus registry to record the loop's metrics into; see
             :mod:`outbox.consumer_metrics`.
         """

@@ -27,7 +27,7 @@ from confluent_kafka import Consumer, Message, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from outbox import apache_kafka, debezium, kafka_connect, testing
-from outbox.consumer import event_id_or_position
+from outbox.consumer import debezium_id_or_position, event_id_or_position
 from tests.acceptance.relay_harness import run_relay
 
 pytestmark = pytest.mark.kafka
@@ -70,8 +70,10 @@ class Record:
     key: bytes | None
     value: bytes | None
     headers: tuple[tuple[str, bytes | None], ...]
-    #: What the consume loop's default message id reads (not compared).
+    #: What a consume loop reads as the message id with debezium_id_or_position (not compared).
     message_id: str
+    #: ... and with its default, event_id_or_position, which does not read a header named id.
+    default_message_id: str
 
     @property
     def event_id(self) -> str:
@@ -208,6 +210,7 @@ def _record(message: Message) -> Record:
         message.key(),
         message.value(),
         headers,
+        debezium_id_or_position(message),
         event_id_or_position(message),
     )
 
@@ -298,6 +301,7 @@ def test_relay_records_are_debeziums_byte_for_byte(
     assert (
         b'{"exp": 1000, "price": 1.50, "small": 0.000010, "negexp": -250, "neg_zero": 0}' in values
     )
-    # A consumer deduplicates both producers' records on the same id, unchanged.
+    # A consume loop told to read Debezium's id deduplicates both producers' records on it.
     assert [r.message_id for r in ours] == [r.event_id for r in ours]
     assert [r.message_id for r in theirs] == [r.event_id for r in theirs]
+    assert all(r.default_message_id.startswith(r.topic + "/") for r in [*ours, *theirs])
