@@ -234,10 +234,16 @@ def _json_text(payload: bytes) -> str | None:
     """The payload as JSON text to embed as it is (None: it is not UTF-8 JSON)."""
     try:
         text = payload.decode("utf-8")
-        json.loads(text)
+        json.loads(text, parse_constant=_refuse_constant)
     except ValueError:  # UnicodeDecodeError and JSONDecodeError alike
         return None
     return text
+
+
+def _refuse_constant(name: str) -> Any:
+    """NaN and Infinity, which Python's parser takes and JSON does not: embedded in the event,
+    they would make the whole structured value unreadable to a strict parser."""
+    raise ValueError(f"{name} is not JSON")
 
 
 def structured_id(value: bytes | str | None) -> str | None:
