@@ -8,7 +8,9 @@ import sys
 
 OUTBOX_MODULES = [
     "outbox",
+    "outbox.cloudevents",
     "outbox.connections",
+    "outbox.debezium",
     "outbox.envelope",
     "outbox.errors",
     "outbox.settings",
