@@ -16,7 +16,12 @@ on a fresh database, the two cases interleaved (in turn first):
 * claim: the relay's claim statement (``OutboxSource.claim``, 500 rows) in milliseconds, the
   median of 20 claims of the drain's backlog;
 * release: ``OutboxSource.release_due(1000)`` on 1,000 due rows, in milliseconds (median of
-  20, the rows put back between them), beside none and ``FUTURE`` future rows.
+  20, the rows put back between them), beside none and ``FUTURE`` future rows;
+* on time: a relay idle for a few seconds (its waits under way) while ``ON_TIME`` events are
+  scheduled to fall due 1 to 3 s later, one by one: from each one's due time to its
+  publication, by the database's clock (``--retention`` keeps ``published_at``; a released
+  event's ``created_at`` is its due time), p50 and max over the runs; the wake-up this bench
+  watches, since an idle relay's wait is what ends at a due time.
 
     .venv/bin/python bench/schedule.py [--events 100000] [--runs 3] [--quick] [--json out.json]
 """
@@ -24,6 +29,7 @@ on a fresh database, the two cases interleaved (in turn first):
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -32,6 +38,7 @@ import common
 import drain
 import psycopg
 
+import outbox
 from outbox.settings import SHARD_COUNT
 from outbox_relay.claims import OutboxSource
 from outbox_relay.config import RelaySettings
@@ -45,6 +52,8 @@ CLAIM_ROWS = 500
 REPEATS = 20
 #: An advisory lock standing for a relay's membership in the claim timing (as limits.py does).
 MEMBER = (4242, 1)
+#: Events scheduled, one statement each, while a relay is idle, in the on-time measure.
+ON_TIME = 20
 
 _SCHEDULE = """
 INSERT INTO outbox_scheduled (event_id, topic, key, payload, due_at)
@@ -170,6 +179,37 @@ def drain_case(env: common.Env, events: int, scheduled: int, *, released: bool) 
     }
 
 
+def on_time(env: common.Env, scheduled: int) -> list[float]:
+    """Seconds from falling due to being published of ``ON_TIME`` events scheduled while a
+    relay is idle, beside ``scheduled`` future ones (the database's clock)."""
+    with env.database() as url, env.topic() as topic:
+        future(url, topic, scheduled)
+        relay = common.Relay(env, url, "--retention", "3600")
+        try:
+            time.sleep(3.0)  # started, then idle: waiting for events
+            with psycopg.connect(url, autocommit=True) as conn:
+                for n in range(ON_TIME):
+                    due = 1.0 + 2.0 * n / ON_TIME
+                    outbox.add(conn, topic, {"n": n}, key=f"k{n}", delay=dt.timedelta(seconds=due))
+            deadline = time.monotonic() + 30
+            while True:
+                with psycopg.connect(url) as conn:
+                    rows = conn.execute(
+                        "SELECT extract(epoch FROM published_at - created_at)::float8"
+                        " FROM outbox_published"
+                    ).fetchall()
+                if len(rows) >= ON_TIME:
+                    break
+                relay.check()
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{len(rows)} of {ON_TIME} due events published in 30 s")
+                time.sleep(0.2)
+        finally:
+            relay.stop()
+        relay.check()
+    return [float(r[0]) for r in rows]
+
+
 def measure(env: common.Env, opts: common.Options) -> dict[str, Any]:
     events = 1_000 if opts.quick else max(opts.events // 5, 1_000)
     cases = {"empty": 0, "future": FUTURE}
@@ -186,7 +226,20 @@ def measure(env: common.Env, opts: common.Options) -> dict[str, Any]:
                     f"schedule run {run + 1}/{opts.runs}, {kind}, {scheduled:,} future:"
                     f" {result['events_per_s']:,.0f}/s"
                 )
+    late: dict[str, list[float]] = {case: [] for case in cases}
+    for _run in range(opts.runs):
+        for case, scheduled in cases.items():
+            late[case] += on_time(env, scheduled)
     out: dict[str, Any] = {"events": events, "future": FUTURE, "cases": {}}
+    out["on_time"] = {
+        case: {
+            "p50_ms": 1000 * common.median(found),
+            "max_ms": 1000 * max(found),
+            "min_ms": 1000 * min(found),
+            "events": len(found),
+        }
+        for case, found in late.items()
+    }
     for kind, by_case in runs.items():
         for case, results in by_case.items():
             out["cases"][f"{kind}/{case}"] = {
@@ -268,12 +321,38 @@ def rows(result: dict[str, Any]) -> list[common.Row]:
                 ratio,
             )
         )
+    for case, beside in (("empty", "no other row"), ("future", f"{many} future")):
+        r = result["on_time"][case]
+        out.append(
+            common.Row(
+                "schedule",
+                f"due to published, idle relay, {beside}: p50 / max",
+                f"{common.num(r['p50_ms'], 1)} / {common.num(r['max_ms'], 1)}",
+                "ms",
+                f"{r['events']} events; earliest {r['min_ms']:.1f} ms (never before due)",
+            )
+        )
     return out
 
 
 def targets(result: dict[str, Any]) -> list[common.Target]:
+    on_time = result["on_time"]
     return [
         common.Target("drain beside 100,000 future / none", result["outbox_ratio"], ">=", 0.8),
+        common.Target(
+            "due to published beside 100,000 future, max",
+            on_time["future"]["max_ms"],
+            "<",
+            1000.0,
+            "ms",
+        ),
+        common.Target(
+            "never published before due: earliest",
+            min(c["min_ms"] for c in on_time.values()),
+            ">=",
+            0.0,
+            "ms",
+        ),
         common.Target("release beside 100,000 future / none", result["release_ratio"], "<=", 2.0),
     ]
 
