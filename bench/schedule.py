@@ -190,7 +190,9 @@ def on_time(env: common.Env, scheduled: int) -> list[float]:
             with psycopg.connect(url, autocommit=True) as conn:
                 for n in range(ON_TIME):
                     due = 1.0 + 2.0 * n / ON_TIME
-                    outbox.add(conn, topic, {"n": n}, key=f"k{n}", delay=dt.timedelta(seconds=due))
+                    with conn.transaction():  # one event a transaction, as a service writes
+                        delay = dt.timedelta(seconds=due)
+                        outbox.add(conn, topic, {"n": n}, key=f"k{n}", delay=delay)
             deadline = time.monotonic() + 30
             while True:
                 with psycopg.connect(url) as conn:

@@ -79,6 +79,10 @@ class Chores:
     slowdown: Callable[[float], float] = lambda _now: 1.0
     #: How many ``FLOOR_EVERY`` apart the floor's samples are (``Relay._floor_spacing``).
     floor_spacing: Callable[[float], float] = lambda _now: 1.0
+    #: Told, after each release, when the next scheduled event falls due (the loop's clock;
+    #: None: none is, or another relay's turn): ``Wakeup.expect_due``, so that a wait begun
+    #: after a release ends when the next event falls due, not at the end of its first call.
+    expect_due: Callable[[float | None], None] = lambda _at: None
     _published_at_progress: int = 0
     #: While due rows are left for the next release (locked, or another relay's turn): when it
     #: runs, before which finding them due must not end a wait (``Wakeup.wait``). -inf: none.
@@ -152,6 +156,7 @@ class Chores:
         batch = self.settings.batch_size
         self.release_hold = now + CHORE_RETRY  # stands if it fails: housekeeping retries then
         done = self.batches.source.release_due(batch)
+        self.expect_due(None if done.next_due_in is None else now + done.next_due_in)
         if done.released >= batch:
             self._hold(None)
             return now

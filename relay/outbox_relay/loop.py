@@ -92,6 +92,7 @@ class Relay:
             purge=Purge(settings.retention) if settings.retention else None,
             slowdown=self.wakeup.slowdown,
             floor_spacing=self._floor_spacing,
+            expect_due=self.wakeup.expect_due,
         )
         self.chores = self._chores.schedule()
         #: The breaker's changes, as log lines and its gauge.

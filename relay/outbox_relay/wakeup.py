@@ -110,6 +110,11 @@ class Wakeup:
         #: nothing is scheduled, or no call read it yet.
         self.due_at: float | None = None
 
+    def expect_due(self, at: float | None) -> None:
+        """What the relay's own release found: the next scheduled event falls due ``at``
+        (``clock``; None: nothing is scheduled). The next wait ends then, from its start."""
+        self.due_at = at
+
     def active(self, now: float) -> None:
         """The relay sent a batch: the outbox is not quiet."""
         self._active_at = now
@@ -148,6 +153,8 @@ class Wakeup:
             return True
         now = clock()
         deadline = now + seconds
+        if self.due_at is not None:  # known already: the first call must not outlast it
+            deadline = min(deadline, max(self.due_at, due_not_before))
         if self._active_at is None:
             self._active_at = now
         # The first call only, and only after recent activity: later ones follow a quiet stretch.

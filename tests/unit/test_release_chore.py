@@ -117,3 +117,14 @@ def test_a_broken_connection_is_the_loops_outage() -> None:
     source.connection.broken = True
     with pytest.raises(psycopg.OperationalError):
         made.housekeeping("release", made.release_due)(NOW)
+
+
+def test_each_release_tells_the_wait_when_the_next_event_falls_due() -> None:
+    """So that a wait begun after a release ends at the next due time from its start, rather
+    than when its first call returns (a quarter of a second later, at worst)."""
+    made, _ = chores(Release(2, 0.1), Release(0, None), Release(0, None, mine=False))
+    told: list[float | None] = []
+    made.expect_due = told.append
+    for _ in range(3):
+        made.release_due(NOW)
+    assert told == [pytest.approx(NOW + 0.1), None, None]
