@@ -37,11 +37,16 @@ CREATE INDEX {{p:scheduled_due_idx}} ON {{schema}}.{{p:scheduled}} (due_at, id);
 CREATE FUNCTION {{schema}}.{{p:release_due}}(
     batch integer, OUT released integer, OUT next_due timestamptz)
     LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    -- A value, not clock_timestamp() in the condition: a volatile call can only filter the
+    -- index scan, which then reads every future row whenever fewer than `batch` rows are due;
+    -- a value bounds it, and the scan stops at the first row not due.
+    until constant timestamptz := clock_timestamp();
 BEGIN
     WITH due AS (
         DELETE FROM {{schema}}.{{p:scheduled}} AS s
         WHERE s.id IN (SELECT d.id FROM {{schema}}.{{p:scheduled}} AS d
-                       WHERE d.due_at <= clock_timestamp()
+                       WHERE d.due_at <= until
                        ORDER BY d.due_at, d.id
                        LIMIT batch
                        FOR UPDATE SKIP LOCKED)

@@ -168,11 +168,14 @@ def test_a_long_schedule_is_not_scanned(
     with psycopg.connect(database_url) as conn:
         selection = plan(
             conn,
-            "SELECT d.id FROM outbox_scheduled AS d WHERE d.due_at <= clock_timestamp()"
+            # The release's selection, its bound a value as in the function (statement_timestamp
+            # stands for it here: stable, so it bounds the scan as the function's variable does)
+            "SELECT d.id FROM outbox_scheduled AS d WHERE d.due_at <= statement_timestamp()"
             " ORDER BY d.due_at, d.id LIMIT 1000 FOR UPDATE SKIP LOCKED",
         )
         scans = [n for n in nodes(selection) if "Scan" in n["Node Type"]]
         assert [n["Index Name"] for n in scans] == ["outbox_scheduled_due_idx"]
+        assert "due_at <=" in scans[0]["Index Cond"]  # bounded, not filtered
         assert scans[0]["Actual Rows"] == 1000  # the first due entries, none of the future
         first = plan(
             conn, "SELECT s.due_at FROM outbox_scheduled AS s ORDER BY s.due_at, s.id LIMIT 1"
@@ -194,6 +197,33 @@ def test_a_long_schedule_is_not_scanned(
         source.release()
     finally:
         owner.close()
+
+
+def test_a_release_with_few_rows_due_reads_no_future_row(
+    database_url: str, source: OutboxSource
+) -> None:
+    """One row due, 100,000 in the future, a batch of 500: the release stops at the first
+    future entry of the due index instead of reading every future row to fill its batch (it
+    did: ``clock_timestamp()`` in the condition could not bound the index scan, only filter
+    it). Counted by the index's own statistics of the transaction."""
+    with psycopg.connect(database_url) as conn:
+        conn.execute(
+            "INSERT INTO outbox_scheduled (event_id, topic, key, payload, due_at)"
+            " SELECT gen_random_uuid(), 'orders', NULL, '{}'::bytea,"
+            "        now() + interval '1 hour' + n * interval '1 ms'"
+            " FROM generate_series(1, 100000) AS n"
+        )
+        conn.execute("ANALYZE outbox_scheduled")
+    schedule(database_url, [-1.0])
+    with psycopg.connect(database_url) as conn:
+        released, _ = conn.execute("SELECT * FROM outbox_release_due(500)").fetchone() or (0, 0)
+        read = conn.execute(
+            "SELECT pg_stat_get_xact_tuples_returned('outbox_scheduled_due_idx'::regclass)"
+        ).fetchone()
+        conn.rollback()
+    assert released == 1
+    assert read is not None
+    assert read[0] < 100, f"{read[0]} entries of the due index read for one due row"
 
 
 def test_a_relay_step_releases_what_fell_due_and_publishes_it(database_url: str) -> None:
