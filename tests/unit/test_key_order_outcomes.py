@@ -132,7 +132,10 @@ def test_outcomes_without_failures_are_returned_as_they_are() -> None:
     assert hold_back_after_failures(BATCH, outcomes) == outcomes
 
 
-class _Message:
+class ReportedMessage:
+    """What a failure report carries of a message: its topic, key and value (as
+    confluent-kafka's ``Message`` gives them); shared with ``test_records``."""
+
     def __init__(self, topic: str, key: bytes | None, value: bytes) -> None:
         self._topic, self._key, self._value = topic, key, value
 
@@ -152,10 +155,10 @@ class _Producer:
 
     def __init__(self, report: Callable[[KafkaError, Any], None], fail: dict[int, int]) -> None:
         self._report, self._fail = report, fail
-        self.produced: list[_Message] = []
+        self.produced: list[ReportedMessage] = []
 
     def produce(self, topic: str, value: bytes, key: bytes | None, **_: Any) -> None:
-        self.produced.append(_Message(topic, key, value))
+        self.produced.append(ReportedMessage(topic, key, value))
 
     def poll(self, _timeout: float) -> int:
         return 0

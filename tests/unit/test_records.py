@@ -20,6 +20,7 @@ from outbox_relay.config import RECORD_FORMATS, RelaySettings
 from outbox_relay.kafka import KafkaPublisher
 from outbox_relay.outboxes import parse
 from outbox_relay.ports import ClaimedRow, Result
+from tests.unit.test_key_order_outcomes import ReportedMessage
 
 #: A UUIDv7 written at 2026-12-06T21:30:00.123Z.
 EVENT_ID = "01a24d43-843b-7abc-8def-0123456789ab"
@@ -191,20 +192,6 @@ def test_an_outbox_of_the_list_may_have_its_own_format() -> None:
         parse(text.replace("cloudevents-structured", "avro"))
 
 
-class _Message:
-    def __init__(self, topic: str, key: bytes | None, value: bytes) -> None:
-        self._topic, self._key, self._value = topic, key, value
-
-    def topic(self) -> str:
-        return self._topic
-
-    def key(self) -> bytes | None:
-        return self._key
-
-    def value(self) -> bytes:
-        return self._value
-
-
 class _Producer:
     """Takes every message; at the flush, reports the first one failed (UNKNOWN_TOPIC)."""
 
@@ -223,7 +210,7 @@ class _Producer:
         if self.fail_first and self.produced:
             topic, value, key, _ = self.produced[0]
             error = KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART)
-            self._report(error, _Message(topic, key, value))  # type: ignore[arg-type]
+            self._report(error, ReportedMessage(topic, key, value))  # type: ignore[arg-type]
         self.fail_first = False
         return 0
 
